@@ -1,0 +1,6 @@
+//! catalog-cache: a sidecar that keeps a durable mirror of a Backstage
+//! catalog and answers the catalog API from it, through upstream outages.
+// (architecture map is written once the modules land)
+
+pub mod entity;
+pub mod metrics;
