@@ -4,3 +4,5 @@
 
 pub mod entity;
 pub mod metrics;
+pub mod config;
+pub mod mirror;

@@ -1,0 +1,140 @@
+//! The hot cache: a bounded in-memory (moka) cache of what the upstream told
+//! the sidecar since the last sync — entities fetched or revalidated by
+//! reads, upstream 404s (for `freshness.negative_ttl`, so miss storms stay
+//! local) and read-through answers the mirror cannot compute.
+//!
+//! It sits in front of the current mirror generation for entity reads; the
+//! sync loop invalidates the entries of entities a new generation changed or
+//! removed and keeps the rest.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use moka::sync::Cache;
+use moka::Expiry;
+
+use crate::entity::Entity;
+use crate::mirror::StoredAnswer;
+
+/// What a hot-cache entry is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HotKey {
+    /// An entity by `metadata.uid`.
+    Uid(Arc<str>),
+    /// An entity by lower-cased `kind:namespace/name`.
+    Ref(Arc<str>),
+    /// A read-through answer or negative result, by upstream path and query.
+    Path(Arc<str>),
+}
+
+/// A hot-cache entry.
+#[derive(Debug, Clone)]
+pub enum HotEntry {
+    /// An entity the upstream returned, and when.
+    Entity {
+        /// The entity.
+        entity: Arc<Entity>,
+        /// When the upstream confirmed it.
+        confirmed_at: SystemTime,
+    },
+    /// The upstream said 404 (kept for `negative_ttl`).
+    Missing {
+        /// The upstream's 404 body.
+        body: Bytes,
+        /// When.
+        at: SystemTime,
+    },
+    /// A read-through answer.
+    Answer(Arc<StoredAnswer>),
+}
+
+struct NegativeExpiry {
+    negative_ttl: Duration,
+}
+
+impl Expiry<HotKey, HotEntry> for NegativeExpiry {
+    fn expire_after_create(&self, _key: &HotKey, value: &HotEntry, _now: Instant) -> Option<Duration> {
+        match value {
+            HotEntry::Missing { .. } => Some(self.negative_ttl),
+            _ => None,
+        }
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &HotKey,
+        value: &HotEntry,
+        now: Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, value, now)
+    }
+}
+
+/// The hot cache.
+#[derive(Clone)]
+pub struct HotCache {
+    inner: Cache<HotKey, HotEntry>,
+}
+
+impl HotCache {
+    /// A cache holding at most `max_entries`, forgetting 404s after `negative_ttl`.
+    pub fn new(max_entries: u64, negative_ttl: Duration) -> Self {
+        Self {
+            inner: Cache::builder()
+                .max_capacity(max_entries)
+                .expire_after(NegativeExpiry { negative_ttl })
+                .build(),
+        }
+    }
+
+    /// The entry for `key`.
+    pub fn get(&self, key: &HotKey) -> Option<HotEntry> {
+        self.inner.get(key)
+    }
+
+    /// Stores an entity under both its uid and its reference.
+    pub fn put_entity(&self, entity: Arc<Entity>, confirmed_at: SystemTime) {
+        let entry = HotEntry::Entity {
+            entity: entity.clone(),
+            confirmed_at,
+        };
+        self.inner.insert(HotKey::Uid(entity.uid.clone()), entry.clone());
+        self.inner.insert(HotKey::Ref(entity.entity_ref.clone()), entry);
+    }
+
+    /// Remembers an upstream 404 for `path`.
+    pub fn put_missing(&self, path: &str, body: Bytes) {
+        self.inner.insert(
+            HotKey::Path(path.into()),
+            HotEntry::Missing {
+                body,
+                at: SystemTime::now(),
+            },
+        );
+    }
+
+    /// Stores a read-through answer for `path`.
+    pub fn put_answer(&self, path: &str, answer: Arc<StoredAnswer>) {
+        self.inner
+            .insert(HotKey::Path(path.into()), HotEntry::Answer(answer));
+    }
+
+    /// Forgets one key.
+    pub fn invalidate(&self, key: &HotKey) {
+        self.inner.invalidate(key);
+    }
+
+    /// Forgets an entity under both its keys.
+    pub fn invalidate_entity(&self, uid: &Arc<str>, entity_ref: &Arc<str>) {
+        self.inner.invalidate(&HotKey::Uid(uid.clone()));
+        self.inner.invalidate(&HotKey::Ref(entity_ref.clone()));
+    }
+
+    /// Entries currently held (approximate, as moka counts).
+    pub fn entry_count(&self) -> u64 {
+        self.inner.run_pending_tasks();
+        self.inner.entry_count()
+    }
+}

@@ -1,0 +1,868 @@
+//! Configuration: the one place that knows the file format, the defaults,
+//! the environment overlay and what a valid value is.
+//!
+//! Precedence: built-in defaults < TOML file < `CATALOG_CACHE_<SECTION>_<KEY>`
+//! environment variables < CLI flags (applied by `main`). Run-time operator
+//! overrides (breaker mode, stale policy) live in the mirror database and win
+//! over all of these; see `state`. An invalid value is refused with its key,
+//! the value and what is allowed, never with a panic.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The file read when `--config` is not given (absent: defaults apply).
+pub const DEFAULT_CONFIG_PATH: &str = "config/catalog-cache.toml";
+/// Prefix of every environment override.
+pub const ENV_PREFIX: &str = "CATALOG_CACHE_";
+/// Environment variable naming the config file.
+pub const ENV_CONFIG: &str = "CATALOG_CACHE_CONFIG";
+/// Environment variable with the admin URL the CLI talks to.
+pub const ENV_ADMIN_URL: &str = "CATALOG_CACHE_ADMIN_URL";
+
+/// Default upstream: the demo catalog's address.
+pub const DEFAULT_UPSTREAM_URL: &str = "http://127.0.0.1:7007/api/catalog";
+/// Default limit for one upstream request.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default TCP connect limit for the upstream.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default catalog API listener.
+pub const DEFAULT_LISTEN_PROXY: &str = "127.0.0.1:7070";
+/// Default admin listener (health, metrics, status, operator API).
+pub const DEFAULT_LISTEN_ADMIN: &str = "127.0.0.1:7071";
+/// Default mirror database.
+pub const DEFAULT_MIRROR_PATH: &str = "data/catalog-cache.db";
+/// Default time between full syncs.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(60);
+/// Default relative jitter on the sync interval.
+pub const DEFAULT_SYNC_JITTER: f64 = 0.1;
+/// Default entities per sync page.
+pub const DEFAULT_PAGE_SIZE: u32 = 500;
+/// Default mass-deletion guard: the largest share of entities a sync may remove.
+pub const DEFAULT_MAX_DELETE_RATIO: f64 = 0.2;
+/// Default freshness horizon: younger data is served locally as fresh.
+pub const DEFAULT_FRESH_FOR: Duration = Duration::from_secs(90);
+/// Default longest wait of a read on the upstream.
+pub const DEFAULT_REVALIDATE_BUDGET: Duration = Duration::from_millis(250);
+/// Default lifetime of a cached upstream 404.
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(10);
+/// Default age beyond which data is never served.
+pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(24 * 3600);
+/// Default hot-cache capacity.
+pub const DEFAULT_HOT_CACHE_MAX_ENTRIES: u64 = 20_000;
+/// Default admin token file.
+pub const DEFAULT_ADMIN_TOKEN_FILE: &str = "data/admin.token";
+/// Default largest request body the proxy accepts.
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 1024 * 1024;
+
+const SECTIONS: &[&str] = &[
+    "upstream",
+    "listen",
+    "mirror",
+    "freshness",
+    "stale",
+    "breaker",
+    "hot_cache",
+    "admin",
+    "proxy",
+    "log",
+];
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[upstream]`: the Backstage catalog behind the sidecar.
+    pub upstream: UpstreamConfig,
+    /// `[listen]`: the two listeners.
+    pub listen: ListenConfig,
+    /// `[mirror]`: the SQLite mirror and its sync loop.
+    pub mirror: MirrorConfig,
+    /// `[freshness]`: when local data is fresh, and how long a read may wait.
+    pub freshness: FreshnessConfig,
+    /// `[stale]`: the stale-data flag.
+    pub stale: StaleConfig,
+    /// `[breaker]`: the upstream circuit breaker.
+    pub breaker: BreakerSection,
+    /// `[hot_cache]`: the in-memory cache of upstream answers.
+    pub hot_cache: HotCacheConfig,
+    /// `[admin]`: the operator API's credentials.
+    pub admin: AdminConfig,
+    /// `[proxy]`: the catalog API listener's limits and client auth.
+    pub proxy: ProxyConfig,
+    /// `[log]`: log format and level.
+    pub log: LogConfig,
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Backstage catalog base URL, e.g. `https://backstage.example.com/api/catalog`.
+    pub url: String,
+    /// File holding the bearer token for the upstream; empty for none.
+    pub token_file: PathBuf,
+    /// Limit for one upstream request (one sync page, one revalidation).
+    pub timeout: Dur,
+    /// TCP connect limit.
+    pub connect_timeout: Dur,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_UPSTREAM_URL.into(),
+            token_file: PathBuf::new(),
+            timeout: Dur(DEFAULT_UPSTREAM_TIMEOUT),
+            connect_timeout: Dur(DEFAULT_UPSTREAM_CONNECT_TIMEOUT),
+        }
+    }
+}
+
+/// `[listen]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Catalog API listener.
+    pub proxy: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            proxy: DEFAULT_LISTEN_PROXY.parse().expect("constant address"),
+            admin: DEFAULT_LISTEN_ADMIN.parse().expect("constant address"),
+        }
+    }
+}
+
+/// `[mirror]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// SQLite database file (WAL mode).
+    pub path: PathBuf,
+    /// Time between full syncs.
+    pub sync_interval: Dur,
+    /// Relative jitter on the interval, 0 to <1.
+    pub sync_jitter: f64,
+    /// Entities per sync page.
+    pub page_size: u32,
+    /// A sync removing more than this share of entities is held.
+    pub max_delete_ratio: f64,
+    /// A peer sidecar's admin URL to seed an empty mirror from; empty for none.
+    pub seed_from: String,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        Self {
+            path: DEFAULT_MIRROR_PATH.into(),
+            sync_interval: Dur(DEFAULT_SYNC_INTERVAL),
+            sync_jitter: DEFAULT_SYNC_JITTER,
+            page_size: DEFAULT_PAGE_SIZE,
+            max_delete_ratio: DEFAULT_MAX_DELETE_RATIO,
+            seed_from: String::new(),
+        }
+    }
+}
+
+/// `[freshness]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FreshnessConfig {
+    /// Younger than this: served locally as fresh.
+    pub fresh_for: Dur,
+    /// Longest a read waits on the upstream.
+    pub revalidate_budget: Dur,
+    /// Lifetime of a cached upstream 404.
+    pub negative_ttl: Dur,
+    /// Older than this is never served.
+    pub max_stale: Dur,
+}
+
+impl Default for FreshnessConfig {
+    fn default() -> Self {
+        Self {
+            fresh_for: Dur(DEFAULT_FRESH_FOR),
+            revalidate_budget: Dur(DEFAULT_REVALIDATE_BUDGET),
+            negative_ttl: Dur(DEFAULT_NEGATIVE_TTL),
+            max_stale: Dur(DEFAULT_MAX_STALE),
+        }
+    }
+}
+
+/// The stale-data flag: may data the upstream could not confirm be served?
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StalePolicy {
+    /// Serve mirror data up to `freshness.max_stale` old, marked stale.
+    #[default]
+    Serve,
+    /// Answer 503 instead of stale data.
+    Refuse,
+}
+
+impl StalePolicy {
+    /// The policy's name as written in config and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Serve => "serve",
+            Self::Refuse => "refuse",
+        }
+    }
+}
+
+impl FromStr for StalePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "serve" => Ok(Self::Serve),
+            "refuse" => Ok(Self::Refuse),
+            other => Err(format!("'{other}' is not a stale policy (serve | refuse)")),
+        }
+    }
+}
+
+impl fmt::Display for StalePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[stale]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct StaleConfig {
+    /// `serve` or `refuse`.
+    pub policy: StalePolicy,
+}
+
+/// Breaker mode as configured: `auto`, `open` or `closed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfiguredBreakerMode {
+    /// The state machine decides.
+    #[default]
+    Auto,
+    /// Never call the upstream.
+    Open,
+    /// Always call the upstream.
+    Closed,
+}
+
+/// `[breaker]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerSection {
+    /// `auto`, `open` or `closed`.
+    pub mode: ConfiguredBreakerMode,
+    /// Consecutive failures that open the breaker.
+    pub consecutive_failures: u32,
+    /// Failure share over `window` that opens the breaker.
+    pub failure_rate: f64,
+    /// Calls needed in `window` before the rate counts.
+    pub min_calls: u32,
+    /// Rolling window of the failure rate.
+    pub window: Dur,
+    /// First open period.
+    pub open_for: Dur,
+    /// Longest open period (the period doubles on repeated failures).
+    pub max_open: Dur,
+    /// Calls let through while half-open.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerSection {
+    fn default() -> Self {
+        Self {
+            mode: ConfiguredBreakerMode::Auto,
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            min_calls: 10,
+            window: Dur(Duration::from_secs(30)),
+            open_for: Dur(Duration::from_secs(5)),
+            max_open: Dur(Duration::from_secs(60)),
+            half_open_probes: 1,
+        }
+    }
+}
+
+/// `[hot_cache]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HotCacheConfig {
+    /// Most entries held.
+    pub max_entries: u64,
+}
+
+impl Default for HotCacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: DEFAULT_HOT_CACHE_MAX_ENTRIES,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin bearer token file; generated (0600) at first start when absent.
+    pub token_file: PathBuf,
+    /// The admin token itself (normally from `CATALOG_CACHE_ADMIN_TOKEN`);
+    /// wins over the file. Never printed.
+    #[serde(skip_serializing)]
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            token_file: DEFAULT_ADMIN_TOKEN_FILE.into(),
+            token: None,
+        }
+    }
+}
+
+/// `[proxy]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// File of accepted client bearer tokens, one per line; empty: no client auth.
+    pub client_tokens_file: PathBuf,
+    /// Largest request body accepted, e.g. `1MiB`.
+    pub max_request_body: ByteSize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            client_tokens_file: PathBuf::new(),
+            max_request_body: ByteSize(DEFAULT_MAX_REQUEST_BODY),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `catalog_cache=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A duration written as `250ms`, `90s`, `24h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    /// The duration.
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+            format!("'{s}' is not a duration ({e}); write a number and a unit, like 250ms, 90s or 24h")
+        })
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A size in bytes written as `512KiB`, `1MiB` or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let text = s.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let multiplier = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            _ => return Err(format!("'{s}' is not a size; write e.g. 512KiB, 1MiB or 1048576")),
+        };
+        number
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(multiplier))
+            .map(ByteSize)
+            .ok_or_else(|| format!("'{s}' is not a size; write e.g. 512KiB, 1MiB or 1048576"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 % (1 << 20) == 0 && self.0 > 0 {
+            write!(f, "{}MiB", self.0 >> 20)
+        } else if self.0 % (1 << 10) == 0 && self.0 > 0 {
+            write!(f, "{}KiB", self.0 >> 10)
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {reason}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The file is not TOML.
+    #[error("config file {path} is not valid TOML: {reason}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        reason: String,
+    },
+    /// A key has a value of the wrong shape, or the key does not exist.
+    #[error("invalid config: {key}: {reason}")]
+    Shape {
+        /// Dotted key, e.g. `breaker.window`.
+        key: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+    /// A value has the right shape but is out of range.
+    #[error("invalid config: {key} = {value}: {allowed}")]
+    Invalid {
+        /// Dotted key.
+        key: String,
+        /// The value given.
+        value: String,
+        /// What is allowed.
+        allowed: String,
+    },
+    /// An environment variable with our prefix names no setting.
+    #[error("unknown environment variable {name}: no such setting (settings are CATALOG_CACHE_<SECTION>_<KEY>, sections: {sections})")]
+    UnknownEnv {
+        /// The variable's name.
+        name: String,
+        /// The valid sections.
+        sections: String,
+    },
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then `path` (or the default file if
+    /// it exists), then the `CATALOG_CACHE_*` variables in `env`, then validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (file, text) = match path {
+            Some(p) => (p.to_path_buf(), Some(read(p)?)),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+                let text = if p.exists() { Some(read(&p)?) } else { None };
+                (p, text)
+            }
+        };
+        let mut table = match text {
+            Some(text) => toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Syntax {
+                path: file.clone(),
+                reason: e.message().to_string(),
+            })?,
+            None => toml::Table::new(),
+        };
+        overlay_env(&mut table, env)?;
+        Self::from_table(table)
+    }
+
+    /// Parses a TOML document (no environment overlay), then validates.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let table = toml::from_str::<toml::Table>(text).map_err(|e| ConfigError::Syntax {
+            path: PathBuf::from("<inline>"),
+            reason: e.message().to_string(),
+        })?;
+        Self::from_table(table)
+    }
+
+    fn from_table(table: toml::Table) -> Result<Self, ConfigError> {
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Shape {
+                key: e.path().to_string(),
+                reason: e.inner().to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and cross-field rules that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, value: &dyn fmt::Display, allowed: &str| ConfigError::Invalid {
+            key: key.into(),
+            value: value.to_string(),
+            allowed: allowed.into(),
+        };
+        let url = &self.upstream.url;
+        match url.parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.authority().is_some()
+                    && uri.query().is_none() => {}
+            _ => {
+                return Err(invalid(
+                    "upstream.url",
+                    url,
+                    "an absolute http:// or https:// URL without a query, e.g. https://backstage.example.com/api/catalog",
+                ))
+            }
+        }
+        let positive = [
+            ("upstream.timeout", self.upstream.timeout),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("mirror.sync_interval", self.mirror.sync_interval),
+            ("freshness.revalidate_budget", self.freshness.revalidate_budget),
+            ("freshness.max_stale", self.freshness.max_stale),
+            ("breaker.window", self.breaker.window),
+            ("breaker.open_for", self.breaker.open_for),
+            ("breaker.max_open", self.breaker.max_open),
+        ];
+        for (key, value) in positive {
+            if value.0.is_zero() {
+                return Err(invalid(key, &value, "a duration greater than zero"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.mirror.sync_jitter) {
+            return Err(invalid(
+                "mirror.sync_jitter",
+                &self.mirror.sync_jitter,
+                "a fraction from 0 up to (not including) 1",
+            ));
+        }
+        if !(1..=10_000).contains(&self.mirror.page_size) {
+            return Err(invalid(
+                "mirror.page_size",
+                &self.mirror.page_size,
+                "a whole number from 1 to 10000",
+            ));
+        }
+        if !(self.mirror.max_delete_ratio > 0.0 && self.mirror.max_delete_ratio <= 1.0) {
+            return Err(invalid(
+                "mirror.max_delete_ratio",
+                &self.mirror.max_delete_ratio,
+                "a fraction greater than 0 and at most 1 (1 disables the guard)",
+            ));
+        }
+        if !self.mirror.seed_from.is_empty() {
+            match self.mirror.seed_from.parse::<http::Uri>() {
+                Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) => {}
+                _ => {
+                    return Err(invalid(
+                        "mirror.seed_from",
+                        &self.mirror.seed_from,
+                        "empty, or a peer sidecar's admin URL like http://peer:7071",
+                    ))
+                }
+            }
+        }
+        if self.freshness.fresh_for > self.freshness.max_stale {
+            return Err(invalid(
+                "freshness.fresh_for",
+                &self.freshness.fresh_for,
+                &format!(
+                    "at most freshness.max_stale ({})",
+                    self.freshness.max_stale
+                ),
+            ));
+        }
+        if !(self.breaker.failure_rate > 0.0 && self.breaker.failure_rate <= 1.0) {
+            return Err(invalid(
+                "breaker.failure_rate",
+                &self.breaker.failure_rate,
+                "a fraction greater than 0 and at most 1",
+            ));
+        }
+        for (key, value) in [
+            ("breaker.consecutive_failures", self.breaker.consecutive_failures),
+            ("breaker.min_calls", self.breaker.min_calls),
+            ("breaker.half_open_probes", self.breaker.half_open_probes),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, &value, "a whole number of at least 1"));
+            }
+        }
+        if self.breaker.open_for > self.breaker.max_open {
+            return Err(invalid(
+                "breaker.open_for",
+                &self.breaker.open_for,
+                &format!("at most breaker.max_open ({})", self.breaker.max_open),
+            ));
+        }
+        if self.hot_cache.max_entries == 0 {
+            return Err(invalid(
+                "hot_cache.max_entries",
+                &self.hot_cache.max_entries,
+                "a whole number of at least 1",
+            ));
+        }
+        if self.proxy.max_request_body.0 == 0 {
+            return Err(invalid(
+                "proxy.max_request_body",
+                &self.proxy.max_request_body,
+                "a size greater than zero, e.g. 1MiB",
+            ));
+        }
+        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+            return Err(invalid(
+                "log.level",
+                &self.log.level,
+                "a log filter such as info, debug or catalog_cache=debug,warn",
+            ));
+        }
+        if self.listen.proxy == self.listen.admin {
+            return Err(invalid(
+                "listen.admin",
+                &self.listen.admin,
+                "an address different from listen.proxy",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML (secrets left out).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// Directory holding the mirror and, by default, the admin token.
+    pub fn data_dir(&self) -> PathBuf {
+        self.mirror
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Applies `CATALOG_CACHE_<SECTION>_<KEY>=value` pairs onto the parsed file.
+/// Values are read as TOML scalars when they are one (`5`, `0.5`, `true`),
+/// else as strings (`90s`, `http://…`), so one rule serves every key.
+fn overlay_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if name == ENV_CONFIG || name == ENV_ADMIN_URL {
+            continue;
+        }
+        let lower = rest.to_ascii_lowercase();
+        let Some((section, key)) = SECTIONS.iter().find_map(|s| {
+            lower
+                .strip_prefix(s)
+                .and_then(|k| k.strip_prefix('_'))
+                .filter(|k| !k.is_empty())
+                .map(|k| (*s, k))
+        }) else {
+            return Err(ConfigError::UnknownEnv {
+                name,
+                sections: SECTIONS.join(", "),
+            });
+        };
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .filter(|v| !v.is_table() && !v.is_array())
+            .unwrap_or(toml::Value::String(value));
+        let entry = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section_table) = entry.as_table_mut() else {
+            return Err(ConfigError::Shape {
+                key: section.into(),
+                reason: "must be a table".into(),
+            });
+        };
+        section_table.insert(key.to_string(), parsed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn shipped_file_documents_exactly_the_defaults() {
+        let text = include_str!("../config/catalog-cache.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn env_overrides_file_with_typed_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[breaker]\nconsecutive_failures = 3\n").unwrap();
+        let config = Config::load(
+            Some(&file),
+            env(&[
+                ("CATALOG_CACHE_UPSTREAM_URL", "https://backstage.example.com/api/catalog"),
+                ("CATALOG_CACHE_BREAKER_FAILURE_RATE", "0.25"),
+                ("CATALOG_CACHE_HOT_CACHE_MAX_ENTRIES", "7"),
+                ("CATALOG_CACHE_FRESHNESS_FRESH_FOR", "30s"),
+                ("CATALOG_CACHE_STALE_POLICY", "refuse"),
+                ("CATALOG_CACHE_ADMIN_TOKEN", "s3cret"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.breaker.consecutive_failures, 3);
+        assert_eq!(config.breaker.failure_rate, 0.25);
+        assert_eq!(config.hot_cache.max_entries, 7);
+        assert_eq!(config.freshness.fresh_for, Dur(Duration::from_secs(30)));
+        assert_eq!(config.stale.policy, StalePolicy::Refuse);
+        assert_eq!(config.admin.token.as_deref(), Some("s3cret"));
+        assert_eq!(config.upstream.url, "https://backstage.example.com/api/catalog");
+        assert!(!config.to_toml().contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_values_name_the_key_the_value_and_what_is_allowed() {
+        let err = Config::from_toml("[freshness]\nfresh_for = \"soon\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("freshness.fresh_for"), "{text}");
+        assert!(text.contains("soon") && text.contains("250ms"), "{text}");
+
+        let err = Config::from_toml("[mirror]\nmax_delete_ratio = 1.5\n").unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::Invalid {
+                key: "mirror.max_delete_ratio".into(),
+                value: "1.5".into(),
+                allowed: "a fraction greater than 0 and at most 1 (1 disables the guard)".into(),
+            }
+        );
+
+        let err = Config::from_toml("[mirror]\npage_sise = 5\n").unwrap_err();
+        assert!(err.to_string().contains("page_sise"), "{err}");
+
+        let err = Config::from_toml("[upstream]\nurl = \"ftp://x\"\n").unwrap_err();
+        assert!(err.to_string().contains("upstream.url"), "{err}");
+
+        let err = Config::from_toml("[listen]\nproxy = \"nowhere\"\n").unwrap_err();
+        assert!(err.to_string().contains("listen.proxy"), "{err}");
+
+        let err = Config::from_toml("[breaker]\nopen_for = \"2m\"\n").unwrap_err();
+        assert!(err.to_string().contains("breaker.max_open"), "{err}");
+
+        let err = Config::from_toml("[stale]\npolicy = \"maybe\"\n").unwrap_err();
+        assert!(err.to_string().contains("stale.policy"), "{err}");
+
+        let err = Config::load(None, env(&[("CATALOG_CACHE_UPSTREEM_URL", "x")])).unwrap_err();
+        assert!(matches!(err, ConfigError::UnknownEnv { .. }), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_durations_round_trip() {
+        assert_eq!("1MiB".parse::<ByteSize>().unwrap(), ByteSize(1 << 20));
+        assert_eq!("512KiB".parse::<ByteSize>().unwrap().to_string(), "512KiB");
+        assert!("1 parsec".parse::<ByteSize>().is_err());
+        assert_eq!("250ms".parse::<Dur>().unwrap().to_string(), "250ms");
+        let text = Config::default().to_toml();
+        assert_eq!(Config::from_toml(&text).unwrap(), Config::default());
+    }
+}

@@ -1,0 +1,287 @@
+//! The operator's flags: the breaker mode override and the stale-data flag.
+//!
+//! A flag set at run time (CLI, admin API, status page) is persisted in the
+//! mirror database with who set it, why and until when, and wins over the
+//! config file until it is set back or expires. Every change writes an audit
+//! entry in the same transaction. The read path and readiness ask this
+//! module, and only this module, what the stale policy is.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use crate::breaker::BreakerMode;
+use crate::config::{Config, ConfiguredBreakerMode, StalePolicy};
+use crate::mirror::{AuditRecord, Mirror, MirrorError, StoredFlag};
+
+const BREAKER_FLAG: &str = "breaker_mode";
+const STALE_FLAG: &str = "stale_policy";
+const MAX_STALE_FLAG: &str = "max_stale";
+
+/// The breaker mode in force and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModeSetting {
+    /// The mode.
+    pub mode: BreakerMode,
+    /// Why (the operator's reason), if set at run time.
+    pub reason: Option<String>,
+    /// Who set it (`config` when it is the file's).
+    pub actor: String,
+    /// When it returns to `auto` by itself.
+    #[serde(skip)]
+    pub expires_at: Option<SystemTime>,
+}
+
+/// The stale policy in force.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StaleSetting {
+    /// `serve` or `refuse`.
+    pub policy: StalePolicy,
+    /// The oldest data ever served.
+    #[serde(skip)]
+    pub max_stale: Duration,
+    /// Who set it.
+    pub actor: String,
+    /// Why.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Current {
+    mode: ModeSetting,
+    stale: StaleSetting,
+}
+
+/// The flags, cached in memory and persisted in the mirror.
+pub struct Flags {
+    configured_mode: BreakerMode,
+    configured_policy: StalePolicy,
+    configured_max_stale: Duration,
+    current: Mutex<Current>,
+}
+
+impl Flags {
+    /// Loads the persisted flags over the configured ones.
+    pub fn load(config: &Config, mirror: &Mirror) -> Result<Self, MirrorError> {
+        let configured_mode = match config.breaker.mode {
+            ConfiguredBreakerMode::Auto => BreakerMode::Auto,
+            ConfiguredBreakerMode::Open => BreakerMode::Open,
+            ConfiguredBreakerMode::Closed => BreakerMode::Closed,
+        };
+        let configured_policy = config.stale.policy;
+        let configured_max_stale = config.freshness.max_stale.get();
+        let mut mode = ModeSetting {
+            mode: configured_mode,
+            reason: None,
+            actor: "config".into(),
+            expires_at: None,
+        };
+        if let Some(flag) = mirror.flag(BREAKER_FLAG)? {
+            if let Ok(m) = flag.value.parse::<BreakerMode>() {
+                mode = ModeSetting {
+                    mode: m,
+                    reason: flag.reason,
+                    actor: flag.actor,
+                    expires_at: flag.expires_at,
+                };
+            }
+        }
+        let mut stale = StaleSetting {
+            policy: configured_policy,
+            max_stale: configured_max_stale,
+            actor: "config".into(),
+            reason: None,
+        };
+        if let Some(flag) = mirror.flag(STALE_FLAG)? {
+            if let Ok(p) = flag.value.parse::<StalePolicy>() {
+                stale.policy = p;
+                stale.actor = flag.actor;
+                stale.reason = flag.reason;
+            }
+        }
+        if let Some(flag) = mirror.flag(MAX_STALE_FLAG)? {
+            if let Ok(d) = humantime::parse_duration(&flag.value) {
+                stale.max_stale = d;
+            }
+        }
+        Ok(Self {
+            configured_mode,
+            configured_policy,
+            configured_max_stale,
+            current: Mutex::new(Current { mode, stale }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The breaker mode in force (an expired override counts as gone; call
+    /// [`Flags::expire`] to persist and audit the return).
+    pub fn mode(&self) -> ModeSetting {
+        self.lock().mode.clone()
+    }
+
+    /// The stale policy in force.
+    pub fn stale(&self) -> StaleSetting {
+        self.lock().stale.clone()
+    }
+
+    /// Sets the breaker mode, optionally for a limited time. Returns the new setting.
+    pub fn set_mode(
+        &self,
+        mirror: &Mirror,
+        mode: BreakerMode,
+        reason: Option<&str>,
+        for_: Option<Duration>,
+        actor: &str,
+    ) -> Result<ModeSetting, MirrorError> {
+        let mut current = self.lock();
+        let now = SystemTime::now();
+        let setting = ModeSetting {
+            mode,
+            reason: reason.map(str::to_string),
+            actor: actor.to_string(),
+            expires_at: for_.map(|d| now + d),
+        };
+        let stored = StoredFlag {
+            value: mode.as_str().to_string(),
+            reason: setting.reason.clone(),
+            actor: actor.to_string(),
+            set_at: now,
+            expires_at: setting.expires_at,
+        };
+        let reason_text = match for_ {
+            Some(d) => Some(format!(
+                "{} (for {})",
+                reason.unwrap_or("no reason given"),
+                humantime::format_duration(d)
+            )),
+            None => reason.map(str::to_string),
+        };
+        // Setting the configured mode with no time limit clears the override.
+        let persisted = (mode != self.configured_mode || for_.is_some()).then_some(&stored);
+        mirror.set_flag(
+            BREAKER_FLAG,
+            persisted,
+            &AuditRecord {
+                actor,
+                subject: "breaker_mode",
+                from: Some(current.mode.mode.as_str()),
+                to: mode.as_str(),
+                reason: reason_text.as_deref(),
+            },
+        )?;
+        current.mode = setting.clone();
+        tracing::warn!(
+            from = current.mode.mode.as_str(),
+            to = mode.as_str(),
+            actor,
+            reason = reason.unwrap_or(""),
+            "breaker mode changed"
+        );
+        Ok(setting)
+    }
+
+    /// Returns an expired breaker override to the configured mode (persisted
+    /// and audited). Returns the new mode when something expired.
+    pub fn expire(&self, mirror: &Mirror) -> Result<Option<BreakerMode>, MirrorError> {
+        let expired = {
+            let current = self.lock();
+            matches!(current.mode.expires_at, Some(t) if t <= SystemTime::now())
+        };
+        if !expired {
+            return Ok(None);
+        }
+        let mode = self.configured_mode;
+        let mut current = self.lock();
+        let from = current.mode.mode;
+        mirror.set_flag(
+            BREAKER_FLAG,
+            None,
+            &AuditRecord {
+                actor: "expiry",
+                subject: "breaker_mode",
+                from: Some(from.as_str()),
+                to: mode.as_str(),
+                reason: Some("the operator's time limit ran out"),
+            },
+        )?;
+        current.mode = ModeSetting {
+            mode,
+            reason: None,
+            actor: "config".into(),
+            expires_at: None,
+        };
+        tracing::warn!(from = from.as_str(), to = mode.as_str(), "breaker override expired");
+        Ok(Some(mode))
+    }
+
+    /// Sets the stale policy and, optionally, the oldest data ever served.
+    pub fn set_stale(
+        &self,
+        mirror: &Mirror,
+        policy: StalePolicy,
+        max_stale: Option<Duration>,
+        reason: Option<&str>,
+        actor: &str,
+    ) -> Result<StaleSetting, MirrorError> {
+        let mut current = self.lock();
+        let now = SystemTime::now();
+        let from = current.stale.clone();
+        let stored = StoredFlag {
+            value: policy.as_str().to_string(),
+            reason: reason.map(str::to_string),
+            actor: actor.to_string(),
+            set_at: now,
+            expires_at: None,
+        };
+        let persisted = (policy != self.configured_policy).then_some(&stored);
+        mirror.set_flag(
+            STALE_FLAG,
+            persisted,
+            &AuditRecord {
+                actor,
+                subject: "stale_policy",
+                from: Some(from.policy.as_str()),
+                to: policy.as_str(),
+                reason,
+            },
+        )?;
+        let mut max = from.max_stale;
+        if let Some(d) = max_stale {
+            let text = humantime::format_duration(d).to_string();
+            let stored = StoredFlag {
+                value: text.clone(),
+                ..stored.clone()
+            };
+            let persisted = (d != self.configured_max_stale).then_some(&stored);
+            let from_text = humantime::format_duration(from.max_stale).to_string();
+            mirror.set_flag(
+                MAX_STALE_FLAG,
+                persisted,
+                &AuditRecord {
+                    actor,
+                    subject: "max_stale",
+                    from: Some(&from_text),
+                    to: &text,
+                    reason,
+                },
+            )?;
+            max = d;
+        }
+        current.stale = StaleSetting {
+            policy,
+            max_stale: max,
+            actor: actor.to_string(),
+            reason: reason.map(str::to_string),
+        };
+        tracing::warn!(
+            from = from.policy.as_str(),
+            to = policy.as_str(),
+            max_stale = %humantime::format_duration(max),
+            actor,
+            "stale policy changed"
+        );
+        Ok(current.stale.clone())
+    }
+}

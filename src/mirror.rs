@@ -1,0 +1,727 @@
+//! The durable mirror: one SQLite file (WAL) holding the last applied
+//! generation of the catalog, the operator's persisted flags and their audit
+//! trail, and the read-through store for answers the mirror cannot compute.
+//!
+//! Invariants: a generation is applied in one transaction, so a reader (or a
+//! process killed with SIGKILL) sees the old generation or the new one, never
+//! a mix; an unchanged entity (same `metadata.etag`) is never rewritten; a
+//! corrupt file is moved aside, never deleted. Called by `sync` (apply),
+//! `read` (revalidated entities, read-through), `flags` and `snapshot`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use crate::entity::Entity;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entities (
+    uid          TEXT PRIMARY KEY,
+    entity_ref   TEXT NOT NULL,
+    etag         TEXT NOT NULL,
+    body         BLOB NOT NULL,
+    confirmed_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS entities_by_ref ON entities (entity_ref);
+CREATE TABLE IF NOT EXISTS generations (
+    id         INTEGER PRIMARY KEY,
+    synced_ms  INTEGER NOT NULL,
+    entities   INTEGER NOT NULL,
+    added      INTEGER NOT NULL,
+    changed    INTEGER NOT NULL,
+    removed    INTEGER NOT NULL,
+    source     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS flags (
+    name       TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    reason     TEXT,
+    actor      TEXT NOT NULL,
+    set_ms     INTEGER NOT NULL,
+    expires_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms      INTEGER NOT NULL,
+    actor      TEXT NOT NULL,
+    subject    TEXT NOT NULL,
+    from_value TEXT,
+    to_value   TEXT NOT NULL,
+    reason     TEXT
+);
+CREATE TABLE IF NOT EXISTS read_through (
+    key          TEXT PRIMARY KEY,
+    status       INTEGER NOT NULL,
+    content_type TEXT,
+    body         BLOB NOT NULL,
+    stored_ms    INTEGER NOT NULL
+);
+";
+
+/// What went wrong with the mirror database.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// SQLite refused an operation.
+    #[error("mirror database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The file could not be created, moved or read.
+    #[error("mirror file error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A stored entity no longer parses (the file was edited by hand?).
+    #[error("stored entity {uid} is unreadable: {reason}")]
+    BadRow {
+        /// The row's uid.
+        uid: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// The file is a SQLite database of some other program or version.
+    #[error("{path} is not a catalog-cache mirror (schema {found:?})")]
+    Foreign {
+        /// The file.
+        path: PathBuf,
+        /// The schema version found, if any.
+        found: Option<i64>,
+    },
+}
+
+/// Metadata of the generation currently stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationMeta {
+    /// Increases by one with every applied sync (or import).
+    pub id: u64,
+    /// When the upstream confirmed this generation (wall clock, persisted).
+    pub synced_at: SystemTime,
+    /// Entities in it.
+    pub entities: usize,
+}
+
+/// What applying a generation changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ApplyStats {
+    /// Entities new in this generation.
+    pub added: usize,
+    /// Entities whose etag changed.
+    pub changed: usize,
+    /// Entities no longer present.
+    pub removed: usize,
+    /// Entities left untouched.
+    pub unchanged: usize,
+    /// Entity rows SQLite actually wrote (0 for an unchanged catalog).
+    pub rows_written: usize,
+}
+
+/// A stored, loaded generation: its metadata and entities.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The generation's metadata; `None` for an empty, never-synced mirror.
+    pub meta: Option<GenerationMeta>,
+    /// Its entities.
+    pub entities: Vec<Arc<Entity>>,
+    /// Per-entity confirmation times newer than the generation (revalidations).
+    pub confirmed: HashMap<Arc<str>, SystemTime>,
+}
+
+/// One persisted operator flag (breaker mode, stale policy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFlag {
+    /// The value, e.g. `open`.
+    pub value: String,
+    /// Why it was set.
+    pub reason: Option<String>,
+    /// Who set it.
+    pub actor: String,
+    /// When.
+    pub set_at: SystemTime,
+    /// When it returns to the configured value by itself.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// One audit trail entry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    /// When (RFC 3339).
+    pub at: String,
+    /// Who: `cli`, `config`, `admin-token`, `breaker`.
+    pub actor: String,
+    /// What: `breaker_mode`, `breaker_state`, `stale_policy`, `deletions`.
+    pub subject: String,
+    /// Previous value.
+    pub from: Option<String>,
+    /// New value.
+    pub to: String,
+    /// Why.
+    pub reason: Option<String>,
+}
+
+/// A stored read-through answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
+    /// HTTP status the upstream gave.
+    pub status: u16,
+    /// Its content type.
+    pub content_type: Option<String>,
+    /// Its body.
+    pub body: Bytes,
+    /// When it was fetched.
+    pub stored_at: SystemTime,
+}
+
+/// The mirror database. Cheap to share behind an `Arc`; every method is
+/// blocking and short, callers on the async runtime use `spawn_blocking`
+/// for the long ones (`load`, `apply`, `snapshot`).
+pub struct Mirror {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+/// What `open` found on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenOutcome {
+    /// A healthy existing file (or none yet: a new one was created).
+    Healthy,
+    /// The file was corrupt and was moved to the path given; a new one was created.
+    MovedAside(PathBuf),
+}
+
+impl Mirror {
+    /// Opens (or creates) the mirror at `path`. A file that fails SQLite's
+    /// integrity check, or is not a database, is renamed to
+    /// `<path>.corrupt-<unix seconds>` with its WAL, and a fresh mirror is
+    /// created in its place.
+    pub fn open(path: &Path) -> Result<(Self, OpenOutcome), MirrorError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        match Self::open_checked(path) {
+            Ok(mirror) => Ok((mirror, OpenOutcome::Healthy)),
+            Err(err @ MirrorError::Foreign { .. }) => Err(err),
+            Err(MirrorError::Sqlite(_)) | Err(MirrorError::BadRow { .. }) => {
+                let aside = move_aside(path)?;
+                let mirror = Self::open_checked(path)?;
+                Ok((mirror, OpenOutcome::MovedAside(aside)))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    fn open_checked(path: &Path) -> Result<Self, MirrorError> {
+        let writer = connect(path)?;
+        let ok: String = writer.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        if ok != "ok" {
+            return Err(MirrorError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                Some(ok),
+            )));
+        }
+        writer.execute_batch(SCHEMA)?;
+        let version: Option<String> = writer
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0))
+            .optional()?;
+        match version.map(|v| v.parse::<i64>().ok()) {
+            None => {
+                writer.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
+                    [SCHEMA_VERSION.to_string()],
+                )?;
+            }
+            Some(Some(SCHEMA_VERSION)) => {}
+            Some(found) => {
+                return Err(MirrorError::Foreign {
+                    path: path.to_path_buf(),
+                    found,
+                })
+            }
+        }
+        let reader = connect(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Connection> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stored generation's metadata, if any generation was ever applied.
+    pub fn meta(&self) -> Result<Option<GenerationMeta>, MirrorError> {
+        read_meta(&self.reader())
+    }
+
+    /// Reads the whole stored generation, in one read transaction.
+    pub fn load(&self) -> Result<Loaded, MirrorError> {
+        let mut conn = self.reader();
+        let tx = conn.transaction()?;
+        let meta = read_meta(&tx)?;
+        let mut entities = Vec::new();
+        let mut confirmed = HashMap::new();
+        {
+            let mut stmt = tx.prepare("SELECT uid, body, confirmed_ms FROM entities")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let uid: String = row.get(0)?;
+                let body: Vec<u8> = row.get(1)?;
+                let confirmed_ms: Option<i64> = row.get(2)?;
+                let entity = Entity::from_json(Bytes::from(body)).map_err(|e| {
+                    MirrorError::BadRow {
+                        uid: uid.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                if let Some(ms) = confirmed_ms {
+                    confirmed.insert(entity.uid.clone(), from_ms(ms));
+                }
+                entities.push(Arc::new(entity));
+            }
+        }
+        tx.commit()?;
+        Ok(Loaded {
+            meta,
+            entities,
+            confirmed,
+        })
+    }
+
+    /// Applies a complete catalog as the next generation, in one transaction.
+    /// `previous` maps uid → etag of the generation being replaced (the
+    /// caller's in-memory view; it avoids re-reading the table).
+    pub fn apply(
+        &self,
+        entities: &[Arc<Entity>],
+        previous: &HashMap<Arc<str>, Arc<str>>,
+        synced_at: SystemTime,
+        source: &str,
+    ) -> Result<(GenerationMeta, ApplyStats), MirrorError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction()?;
+        let mut stats = ApplyStats::default();
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO entities (uid, entity_ref, etag, body, confirmed_ms) VALUES (?1, ?2, ?3, ?4, NULL)
+                 ON CONFLICT (uid) DO UPDATE SET entity_ref = excluded.entity_ref, etag = excluded.etag,
+                 body = excluded.body, confirmed_ms = NULL",
+            )?;
+            let mut seen = std::collections::HashSet::with_capacity(entities.len());
+            for entity in entities {
+                if !seen.insert(entity.uid.clone()) {
+                    continue;
+                }
+                match previous.get(&entity.uid) {
+                    Some(etag) if *etag == entity.etag => stats.unchanged += 1,
+                    found => {
+                        if found.is_some() {
+                            stats.changed += 1;
+                        } else {
+                            stats.added += 1;
+                        }
+                        stats.rows_written += insert.execute(params![
+                            &*entity.uid,
+                            &*entity.entity_ref,
+                            &*entity.etag,
+                            &entity.body[..]
+                        ])?;
+                    }
+                }
+            }
+            let mut delete = tx.prepare_cached("DELETE FROM entities WHERE uid = ?1")?;
+            for uid in previous.keys() {
+                if !seen.contains(uid) {
+                    stats.removed += 1;
+                    stats.rows_written += delete.execute([&**uid])?;
+                }
+            }
+            // Rows the caller's view did not know of (revalidated entities that
+            // were never part of a generation) are not in `previous`; drop
+            // those the new generation does not hold either.
+            let stray: Vec<String> = {
+                let mut stmt = tx.prepare("SELECT uid FROM entities")?;
+                let uids = stmt.query_map([], |r| r.get::<_, String>(0))?;
+                uids.filter_map(Result::ok)
+                    .filter(|u| !seen.contains(u.as_str()))
+                    .collect()
+            };
+            for uid in stray {
+                stats.rows_written += delete.execute([&uid])?;
+            }
+        }
+        let next = read_meta(&tx)?.map_or(1, |m| m.id + 1);
+        let count = stats.added + stats.changed + stats.unchanged;
+        write_meta(&tx, next, synced_at, count)?;
+        tx.execute(
+            "INSERT INTO generations (id, synced_ms, entities, added, changed, removed, source)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                next as i64,
+                to_ms(synced_at),
+                count as i64,
+                stats.added as i64,
+                stats.changed as i64,
+                stats.removed as i64,
+                source
+            ],
+        )?;
+        tx.execute(
+            "DELETE FROM generations WHERE id <= ?1",
+            [next as i64 - 100],
+        )?;
+        tx.commit()?;
+        Ok((
+            GenerationMeta {
+                id: next,
+                synced_at,
+                entities: count,
+            },
+            stats,
+        ))
+    }
+
+    /// Marks the current generation as confirmed again by the upstream at
+    /// `at` without touching any entity row (an unchanged sync).
+    pub fn confirm(&self, at: SystemTime) -> Result<Option<GenerationMeta>, MirrorError> {
+        let conn = self.writer();
+        let Some(meta) = read_meta(&conn)? else {
+            return Ok(None);
+        };
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('synced_ms', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [to_ms(at).to_string()],
+        )?;
+        Ok(Some(GenerationMeta {
+            synced_at: at,
+            ..meta
+        }))
+    }
+
+    /// Stores one entity the upstream just returned outside a sync (a
+    /// revalidation), with the time it was confirmed.
+    pub fn store_entity(&self, entity: &Entity, confirmed_at: SystemTime) -> Result<(), MirrorError> {
+        self.writer().execute(
+            "INSERT INTO entities (uid, entity_ref, etag, body, confirmed_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (uid) DO UPDATE SET entity_ref = excluded.entity_ref, etag = excluded.etag,
+             body = excluded.body, confirmed_ms = excluded.confirmed_ms",
+            params![
+                &*entity.uid,
+                &*entity.entity_ref,
+                &*entity.etag,
+                &entity.body[..],
+                to_ms(confirmed_at)
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Stores a read-through answer under `key`.
+    pub fn store_answer(&self, key: &str, answer: &StoredAnswer) -> Result<(), MirrorError> {
+        self.writer().execute(
+            "INSERT INTO read_through (key, status, content_type, body, stored_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (key) DO UPDATE SET status = excluded.status, content_type = excluded.content_type,
+             body = excluded.body, stored_ms = excluded.stored_ms",
+            params![
+                key,
+                answer.status,
+                answer.content_type,
+                &answer.body[..],
+                to_ms(answer.stored_at)
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// A stored read-through answer.
+    pub fn answer(&self, key: &str) -> Result<Option<StoredAnswer>, MirrorError> {
+        Ok(self
+            .reader()
+            .query_row(
+                "SELECT status, content_type, body, stored_ms FROM read_through WHERE key = ?1",
+                [key],
+                |r| {
+                    Ok(StoredAnswer {
+                        status: r.get(0)?,
+                        content_type: r.get(1)?,
+                        body: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                        stored_at: from_ms(r.get(3)?),
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// A persisted operator flag.
+    pub fn flag(&self, name: &str) -> Result<Option<StoredFlag>, MirrorError> {
+        Ok(self
+            .reader()
+            .query_row(
+                "SELECT value, reason, actor, set_ms, expires_ms FROM flags WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(StoredFlag {
+                        value: r.get(0)?,
+                        reason: r.get(1)?,
+                        actor: r.get(2)?,
+                        set_at: from_ms(r.get(3)?),
+                        expires_at: r.get::<_, Option<i64>>(4)?.map(from_ms),
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Persists (or, with `None`, clears) a flag and writes its audit entry,
+    /// in one transaction: a flag never changes without its trail.
+    pub fn set_flag(
+        &self,
+        name: &str,
+        flag: Option<&StoredFlag>,
+        audit: &AuditRecord<'_>,
+    ) -> Result<(), MirrorError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction()?;
+        match flag {
+            Some(f) => tx.execute(
+                "INSERT INTO flags (name, value, reason, actor, set_ms, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value, reason = excluded.reason,
+                 actor = excluded.actor, set_ms = excluded.set_ms, expires_ms = excluded.expires_ms",
+                params![
+                    name,
+                    f.value,
+                    f.reason,
+                    f.actor,
+                    to_ms(f.set_at),
+                    f.expires_at.map(to_ms)
+                ],
+            )?,
+            None => tx.execute("DELETE FROM flags WHERE name = ?1", [name])?,
+        };
+        insert_audit(&tx, audit)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Appends an audit entry on its own (breaker state changes, deletions).
+    pub fn audit(&self, record: &AuditRecord<'_>) -> Result<(), MirrorError> {
+        insert_audit(&self.writer(), record)
+    }
+
+    /// The newest `limit` audit entries, newest first.
+    pub fn recent_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, MirrorError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare(
+            "SELECT at_ms, actor, subject, from_value, to_value, reason FROM audit ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(AuditEntry {
+                at: rfc3339(from_ms(r.get(0)?)),
+                actor: r.get(1)?,
+                subject: r.get(2)?,
+                from: r.get(3)?,
+                to: r.get(4)?,
+                reason: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A small persisted value (last sync report, held deletions).
+    pub fn note(&self, key: &str) -> Result<Option<String>, MirrorError> {
+        Ok(self
+            .reader()
+            .query_row("SELECT value FROM meta WHERE key = ?1", [format!("note:{key}")], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    /// Sets (or with `None` clears) a small persisted value.
+    pub fn set_note(&self, key: &str, value: Option<&str>) -> Result<(), MirrorError> {
+        let conn = self.writer();
+        let key = format!("note:{key}");
+        match value {
+            Some(v) => conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, v],
+            )?,
+            None => conn.execute("DELETE FROM meta WHERE key = ?1", [key])?,
+        };
+        Ok(())
+    }
+
+    /// Writes a consistent copy of the whole mirror to `dest` (a new file).
+    pub fn export(&self, dest: &Path) -> Result<(), MirrorError> {
+        if dest.exists() {
+            return Err(MirrorError::Io(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} already exists; not overwriting it", dest.display()),
+            )));
+        }
+        self.reader()
+            .execute("VACUUM INTO ?1", [dest.to_string_lossy().as_ref()])?;
+        Ok(())
+    }
+
+    /// Runs SQLite's full integrity check; `ok` when healthy.
+    pub fn integrity_check(&self) -> Result<String, MirrorError> {
+        Ok(self
+            .reader()
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+    }
+}
+
+/// An audit record to write.
+#[derive(Debug, Clone)]
+pub struct AuditRecord<'a> {
+    /// Who.
+    pub actor: &'a str,
+    /// What.
+    pub subject: &'a str,
+    /// Previous value.
+    pub from: Option<&'a str>,
+    /// New value.
+    pub to: &'a str,
+    /// Why.
+    pub reason: Option<&'a str>,
+}
+
+fn insert_audit(conn: &Connection, r: &AuditRecord<'_>) -> Result<(), MirrorError> {
+    conn.execute(
+        "INSERT INTO audit (at_ms, actor, subject, from_value, to_value, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![to_ms(SystemTime::now()), r.actor, r.subject, r.from, r.to, r.reason],
+    )?;
+    conn.execute(
+        "DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - 10000",
+        [],
+    )?;
+    Ok(())
+}
+
+/// Reads the entities of a snapshot file (made by `export`) without
+/// modifying it, checking it first.
+pub fn read_snapshot(path: &Path) -> Result<Loaded, MirrorError> {
+    if !path.is_file() {
+        return Err(MirrorError::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} is not a file", path.display()),
+        )));
+    }
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    if ok != "ok" {
+        return Err(MirrorError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+            Some(ok),
+        )));
+    }
+    let version: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0))
+        .optional()
+        .unwrap_or(None);
+    if version.as_deref() != Some(&SCHEMA_VERSION.to_string()) {
+        return Err(MirrorError::Foreign {
+            path: path.to_path_buf(),
+            found: version.and_then(|v| v.parse().ok()),
+        });
+    }
+    let snapshot = Mirror {
+        path: path.to_path_buf(),
+        writer: Mutex::new(Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?),
+        reader: Mutex::new(conn),
+    };
+    snapshot.load()
+}
+
+fn connect(path: &Path) -> Result<Connection, MirrorError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // NORMAL is durable across process crashes in WAL mode (only a power
+    // loss may drop the last transactions), which is what a mirror needs.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn read_meta(conn: &Connection) -> Result<Option<GenerationMeta>, MirrorError> {
+    let get = |key: &str| -> Result<Option<i64>, MirrorError> {
+        let v: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?;
+        Ok(v.and_then(|v| v.parse().ok()))
+    };
+    let (Some(id), Some(synced), Some(count)) = (get("generation")?, get("synced_ms")?, get("entities")?)
+    else {
+        return Ok(None);
+    };
+    Ok(Some(GenerationMeta {
+        id: id as u64,
+        synced_at: from_ms(synced),
+        entities: count as usize,
+    }))
+}
+
+fn write_meta(conn: &Connection, id: u64, synced_at: SystemTime, count: usize) -> Result<(), MirrorError> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?;
+    stmt.execute(params!["generation", id.to_string()])?;
+    stmt.execute(params!["synced_ms", to_ms(synced_at).to_string()])?;
+    stmt.execute(params!["entities", count.to_string()])?;
+    Ok(())
+}
+
+fn move_aside(path: &Path) -> Result<PathBuf, MirrorError> {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    std::fs::rename(path, &aside)?;
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        if side.exists() {
+            std::fs::rename(&side, format!("{}{suffix}", aside.display()))?;
+        }
+    }
+    Ok(aside)
+}
+
+/// Milliseconds since the Unix epoch, as stored.
+pub fn to_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The inverse of [`to_ms`].
+pub fn from_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
+/// RFC 3339 UTC rendering of a wall-clock time, e.g. `2026-12-01T06:00:00Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}

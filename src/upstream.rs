@@ -1,0 +1,419 @@
+//! The one place where the upstream catalog is asked.
+//!
+//! Every call — sync pages, revalidations, query forwards, read-through and
+//! pass-through — goes through `Upstream::call`, which takes one breaker
+//! permit, bounds the whole exchange (connect, headers, body) by
+//! `upstream.timeout`, classifies the outcome for the breaker exactly once
+//! (retries, when asked for, live inside that one permit) and records metrics
+//! and the last error seen. HTTP and HTTPS (rustls) upstreams both work.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::breaker::{Breaker, Rejected};
+use crate::config::UpstreamConfig;
+use crate::metrics as m;
+use crate::retry::{self, Attempt, RetryPolicy};
+
+/// Why an upstream call was made (a metrics label and a log field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// One page of a full sync.
+    SyncPage,
+    /// Re-reading one entity for a read that found local data too old or absent.
+    Revalidate,
+    /// Forwarding a query while the mirror is not fresh.
+    Query,
+    /// A read the mirror cannot compute (ancestry, locations).
+    ReadThrough,
+    /// A write or unknown route, passed through.
+    PassThrough,
+}
+
+impl Operation {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SyncPage => "sync_page",
+            Self::Revalidate => "revalidate",
+            Self::Query => "query",
+            Self::ReadThrough => "read_through",
+            Self::PassThrough => "pass_through",
+        }
+    }
+}
+
+/// What a successful answer must look like for the call to count as a success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// A 2xx answer must carry a JSON body (reads the sidecar interprets).
+    Json,
+    /// Anything the upstream says is passed on (pass-through).
+    Any,
+}
+
+/// A request to the upstream, relative to its base URL.
+#[derive(Debug, Clone)]
+pub struct UpstreamRequest {
+    /// Method.
+    pub method: Method,
+    /// Path and query below the base URL, starting with `/`, e.g. `/entities/by-query?limit=500`.
+    pub path_and_query: String,
+    /// Headers to send besides the sidecar's own (content type, a caller's Authorization).
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+    /// Whether to send the sidecar's own token (reads) rather than the caller's (pass-through).
+    pub own_identity: bool,
+}
+
+impl UpstreamRequest {
+    /// A `GET` with the sidecar's identity.
+    pub fn get(path_and_query: impl Into<String>) -> Self {
+        Self {
+            method: Method::GET,
+            path_and_query: path_and_query.into(),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            own_identity: true,
+        }
+    }
+
+    /// A `POST` of a JSON body with the sidecar's identity.
+    pub fn post_json(path_and_query: impl Into<String>, body: Bytes) -> Self {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Self {
+            method: Method::POST,
+            path_and_query: path_and_query.into(),
+            headers,
+            body,
+            own_identity: true,
+        }
+    }
+}
+
+/// The upstream's answer.
+#[derive(Debug, Clone)]
+pub struct UpstreamResponse {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+/// Why the upstream gave no usable answer. Each says whose fault it is.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// The breaker did not let the call through: nothing was sent.
+    #[error("{0}")]
+    Rejected(Rejected),
+    /// TCP/TLS connection failed (upstream down or unreachable).
+    #[error("cannot connect to the upstream catalog: {0}")]
+    Connect(String),
+    /// No complete answer within `upstream.timeout`.
+    #[error("the upstream catalog did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The upstream answered with a server error or asked us to slow down.
+    #[error("the upstream catalog answered {status}")]
+    Status {
+        /// The status.
+        status: StatusCode,
+        /// `Retry-After` seconds, when given.
+        retry_after: Option<Duration>,
+    },
+    /// The upstream's answer was not what a catalog sends (bad JSON, wrong type, cut short).
+    #[error("the upstream catalog sent a malformed answer: {0}")]
+    Malformed(String),
+}
+
+impl UpstreamError {
+    /// A metrics label for the failure.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Rejected(_) => "rejected",
+            Self::Timeout(_) => "timeout",
+            _ => "error",
+        }
+    }
+
+    /// Whether trying again soon could help (a retry inside the same permit).
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Rejected(_) => false,
+            Self::Status { status, .. } => *status != StatusCode::NOT_IMPLEMENTED,
+            _ => true,
+        }
+    }
+
+    /// How long the caller should wait before trying again, if known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Rejected(r) => Some(r.retry_after),
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The last failure seen, for `status`.
+#[derive(Debug, Clone)]
+pub struct LastError {
+    /// What happened.
+    pub message: String,
+    /// When.
+    pub at: SystemTime,
+}
+
+/// The upstream catalog client.
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    base: String,
+    token: TokenFile,
+    breaker: Arc<Breaker>,
+    timeout: Duration,
+    last_error: Mutex<Option<LastError>>,
+}
+
+impl Upstream {
+    /// Builds the client for `config.url`, sharing `breaker`.
+    pub fn new(config: &UpstreamConfig, breaker: Arc<Breaker>) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout.get()));
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        // The system trust store first (private CAs are common in front of
+        // an internal catalog); the bundled web PKI roots when it is empty.
+        let builder = match builder.with_native_roots() {
+            Ok(b) => b,
+            Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots(),
+        };
+        let https = builder.https_or_http().enable_http1().wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(32)
+            .build(https);
+        Self {
+            client,
+            base: config.url.trim_end_matches('/').to_string(),
+            token: TokenFile::new(config.token_file.clone()),
+            breaker,
+            timeout: config.timeout.get(),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// The base URL, e.g. `http://127.0.0.1:7007/api/catalog`.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// The breaker this client reports to.
+    pub fn breaker(&self) -> &Arc<Breaker> {
+        &self.breaker
+    }
+
+    /// The last failure seen.
+    pub fn last_error(&self) -> Option<LastError> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// One logical call: one breaker permit, one outcome. With `retries`,
+    /// transient failures are retried inside the permit (the breaker sees one
+    /// failure, never a storm).
+    pub async fn call(
+        &self,
+        op: Operation,
+        request: &UpstreamRequest,
+        expect: Expect,
+        retries: Option<&RetryPolicy>,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let permit = match self.breaker.try_acquire() {
+            Ok(p) => p,
+            Err(rejected) => {
+                metrics::counter!(m::UPSTREAM_REQUESTS_TOTAL, "operation" => op.as_str(), "result" => "rejected")
+                    .increment(1);
+                return Err(UpstreamError::Rejected(rejected));
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let result = match retries {
+            Some(policy) => {
+                retry::retry(policy, || async {
+                    self.send_once(request, expect).await.map_err(|e| {
+                        if e.retryable() {
+                            Attempt::Transient(e)
+                        } else {
+                            Attempt::Permanent(e)
+                        }
+                    })
+                })
+                .await
+            }
+            None => self.send_once(request, expect).await,
+        };
+        let label = match &result {
+            Ok(r) if r.status == StatusCode::NOT_FOUND => "not_found",
+            Ok(_) => "ok",
+            Err(e) => e.label(),
+        };
+        metrics::counter!(m::UPSTREAM_REQUESTS_TOTAL, "operation" => op.as_str(), "result" => label)
+            .increment(1);
+        metrics::histogram!(m::UPSTREAM_REQUEST_DURATION_SECONDS, "operation" => op.as_str())
+            .record(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => permit.success(),
+            Err(e) => {
+                permit.failure();
+                tracing::debug!(operation = op.as_str(), error = %e, "upstream call failed");
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastError {
+                    message: e.to_string(),
+                    at: SystemTime::now(),
+                });
+            }
+        }
+        result
+    }
+
+    async fn send_once(
+        &self,
+        request: &UpstreamRequest,
+        expect: Expect,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let uri = format!("{}{}", self.base, request.path_and_query);
+        let mut builder = http::Request::builder().method(request.method.clone()).uri(&uri);
+        if let Some(headers) = builder.headers_mut() {
+            for (name, value) in &request.headers {
+                headers.append(name, value.clone());
+            }
+            if request.own_identity {
+                headers.remove(http::header::AUTHORIZATION);
+                if let Some(token) = self.token.current() {
+                    if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
+                        headers.insert(http::header::AUTHORIZATION, v);
+                    }
+                }
+            }
+            headers
+                .entry(http::header::ACCEPT)
+                .or_insert(HeaderValue::from_static("application/json"));
+        }
+        let req = builder
+            .body(Full::new(request.body.clone()))
+            .map_err(|e| UpstreamError::Malformed(format!("cannot build request to {uri}: {e}")))?;
+        let exchange = async {
+            let response = self.client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    UpstreamError::Connect(error_chain(&e))
+                } else {
+                    UpstreamError::Malformed(error_chain(&e))
+                }
+            })?;
+            let (parts, body) = response.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| UpstreamError::Malformed(format!("body cut short: {}", error_chain(&e))))?
+                .to_bytes();
+            Ok::<_, UpstreamError>(UpstreamResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        let response = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.timeout))??;
+        if response.status.is_server_error() || response.status == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = response
+                .headers
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            return Err(UpstreamError::Status {
+                status: response.status,
+                retry_after,
+            });
+        }
+        if expect == Expect::Json && response.status.is_success() {
+            let content_type = response
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !content_type.is_empty() && !content_type.contains("json") {
+                return Err(UpstreamError::Malformed(format!(
+                    "expected JSON, got content type {content_type}"
+                )));
+            }
+            if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&response.body) {
+                return Err(UpstreamError::Malformed(format!("invalid JSON: {e}")));
+            }
+        }
+        Ok(response)
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The upstream bearer token, re-read whenever its file changes (so a
+/// rotated token takes effect without a restart).
+struct TokenFile {
+    path: PathBuf,
+    cached: Mutex<Option<(SystemTime, Arc<str>)>>,
+}
+
+impl TokenFile {
+    fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            cached: Mutex::new(None),
+        }
+    }
+
+    fn current(&self) -> Option<Arc<str>> {
+        if self.path.as_os_str().is_empty() {
+            return None;
+        }
+        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok()?;
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, token)) = cached.as_ref() {
+            if *at == modified {
+                return Some(token.clone());
+            }
+        }
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => {
+                let token: Arc<str> = text.trim().into();
+                *cached = Some((modified, token.clone()));
+                Some(token)
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot read upstream token file");
+                cached.as_ref().map(|(_, t)| t.clone())
+            }
+        }
+    }
+}
