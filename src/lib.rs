@@ -2,5 +2,7 @@
 //! catalog and answers the catalog API from it, through upstream outages.
 // (architecture map is written once the modules land)
 
+pub mod breaker;
 pub mod entity;
 pub mod metrics;
+pub mod retry;
