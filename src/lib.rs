@@ -2,7 +2,12 @@
 //! catalog and answers the catalog API from it, through upstream outages.
 // (architecture map is written once the modules land)
 
-pub mod entity;
-pub mod metrics;
+pub mod breaker;
+pub mod cache;
 pub mod config;
+pub mod entity;
+pub mod flags;
+pub mod metrics;
 pub mod mirror;
+pub mod retry;
+pub mod upstream;
