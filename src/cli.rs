@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -74,6 +73,7 @@ pub enum Command {
     },
     /// Show breaker, stale policy, mirror age and size, last sync, last error.
     Status {
+        /// Which sidecar.
         #[command(flatten)]
         target: Target,
         /// Print the raw JSON.
@@ -91,6 +91,7 @@ pub enum Command {
         /// Return to auto after this long, e.g. 30m.
         #[arg(long = "for")]
         for_: Option<String>,
+        /// Which sidecar.
         #[command(flatten)]
         target: Target,
     },
@@ -105,6 +106,7 @@ pub enum Command {
         /// Why (kept in the audit trail).
         #[arg(long)]
         reason: Option<String>,
+        /// Which sidecar.
         #[command(flatten)]
         target: Target,
     },
@@ -113,11 +115,13 @@ pub enum Command {
         /// Apply a sync even if it removes more than mirror.max_delete_ratio.
         #[arg(long)]
         accept_deletions: bool,
+        /// Which sidecar.
         #[command(flatten)]
         target: Target,
     },
     /// Exit 0 when the sidecar is ready, 1 when not (for exec probes).
     Check {
+        /// Which sidecar.
         #[command(flatten)]
         target: Target,
     },
@@ -601,14 +605,6 @@ pub fn exit_code(result: Result<(), Failure>) -> ExitCode {
     }
 }
 
-/// Used by `demo`: the sidecar as a library, on given listeners.
-pub async fn serve_with(sidecar: Arc<Sidecar>, config: &Config) -> Result<(), Failure> {
-    let (proxy, admin) = crate::sidecar::bind(config).await.map_err(Failure::failed)?;
-    sidecar
-        .run(proxy, admin, shutdown_signal())
-        .await
-        .map_err(Failure::failed)
-}
 
 /// How long `demo` waits for the first sync before printing instructions.
 pub const DEMO_FIRST_SYNC_WAIT: Duration = Duration::from_secs(30);

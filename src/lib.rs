@@ -5,7 +5,9 @@
 pub mod admin;
 pub mod breaker;
 pub mod cache;
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod entity;
 pub mod flags;
 pub mod health;

@@ -1,0 +1,85 @@
+//! `catalog-cache demo`: the demo catalog (5,000 generated entities, from
+//! the `catalog-chaos` library) on 127.0.0.1:7007 with its fault control on
+//! 127.0.0.1:7017, and the sidecar in front of it on 7070/7071, in one
+//! process. Prints what to try, then runs until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use catalog_chaos::{FakeCatalog, FakeOptions};
+
+use crate::config::{Config, DEFAULT_UPSTREAM_URL};
+use crate::sidecar::{Clock, Sidecar};
+
+/// Where the demo catalog listens.
+pub const DEMO_UPSTREAM: &str = "127.0.0.1:7007";
+/// Where the demo catalog's fault control listens.
+pub const DEMO_CONTROL: &str = "127.0.0.1:7017";
+
+/// Runs the demo until Ctrl-C.
+pub async fn run(entities: usize, data_dir: &Path) -> Result<(), String> {
+    let listen: SocketAddr = DEMO_UPSTREAM.parse().map_err(|e| format!("{e}"))?;
+    let control: SocketAddr = DEMO_CONTROL.parse().map_err(|e| format!("{e}"))?;
+    let catalog = FakeCatalog::start(FakeOptions {
+        listen,
+        control: Some(control),
+        entities,
+        seed: 1,
+        token: None,
+    })
+    .await
+    .map_err(|e| format!("cannot start the demo catalog: {e}"))?;
+    let mut config = Config::default();
+    config.upstream.url = DEFAULT_UPSTREAM_URL.into();
+    config.mirror.path = data_dir.join("catalog-cache.db");
+    config.admin.token_file = data_dir.join("admin.token");
+    // Short intervals so that an outage shows within seconds.
+    config.mirror.sync_interval = crate::config::Dur(Duration::from_secs(10));
+    config.freshness.fresh_for = crate::config::Dur(Duration::from_secs(15));
+    let (proxy, admin) = crate::sidecar::bind(&config).await.map_err(|e| e.to_string())?;
+    let sidecar = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Sidecar::open(config, Clock::system()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
+    let runner = tokio::spawn(sidecar.clone().run(proxy, admin, crate::cli::shutdown_signal()));
+    let deadline = tokio::time::Instant::now() + crate::cli::DEMO_FIRST_SYNC_WAIT;
+    while sidecar.view().is_none() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token_file = config.admin.token_file.display().to_string();
+    let view = sidecar.view();
+    println!(
+        "\ncatalog-cache demo\n\
+         \n  demo catalog (upstream):  {base}  ({entities} entities; faults on http://{DEMO_CONTROL})\
+         \n  catalog API (sidecar):    http://{proxy}/api/catalog\
+         \n  admin / status page:      http://{admin}/\
+         \n  mirror:                   generation {generation}, {count} entities, in {db}\n\
+         \nTry:\
+         \n  curl -si http://{proxy}/api/catalog/entities/by-name/component/default/checkout-service-00100 | head -12\
+         \n  curl -s 'http://{proxy}/api/catalog/entities/by-query?filter=kind=api&limit=2' | head -c 600; echo\
+         \n  curl -s 'http://{proxy}/api/catalog/entity-facets?facet=kind'; echo\
+         \n  curl -s http://{admin}/readyz; echo\
+         \n\nTake the upstream down and watch reads stay up, marked stale (X-Catalog-Stale: true):\
+         \n  curl -X PUT http://{DEMO_CONTROL}/faults -H 'content-type: application/json' -d '{{\"refuse\":true}}'\
+         \n  sleep 20; curl -si http://{proxy}/api/catalog/entities/by-name/component/default/checkout-service-00100 | grep -iE '^(HTTP|cache-status|age|x-catalog-stale)'\
+         \n  catalog-cache status --admin http://{admin}\
+         \n  curl -X DELETE http://{DEMO_CONTROL}/faults      # bring it back\
+         \n\nOperator flags (admin token in {token_file}):\
+         \n  CATALOG_CACHE_ADMIN_TOKEN=$(cat {token_file}) catalog-cache breaker open --reason demo --for 1m --admin http://{admin}\
+         \n  CATALOG_CACHE_ADMIN_TOKEN=$(cat {token_file}) catalog-cache stale refuse --admin http://{admin}\
+         \n\nCtrl-C stops both.\n",
+        base = catalog.base_url(),
+        proxy = config.listen.proxy,
+        admin = config.listen.admin,
+        generation = view.as_ref().map_or(0, |v| v.meta.id),
+        count = view.as_ref().map_or(0, |v| v.index.len()),
+        db = config.mirror.path.display(),
+    );
+    let result = runner.await.map_err(|e| e.to_string())?;
+    catalog.shutdown().await;
+    result.map_err(|e| e.to_string())
+}
