@@ -69,9 +69,14 @@ COPY config/catalog-cache.toml /etc/catalog-cache/catalog-cache.toml
 
 # The config file documents the defaults; these point them at the container
 # layout. Every key stays overridable with CATALOG_CACHE_<SECTION>_<KEY>.
+# CATALOG_CACHE_CONFIG and CATALOG_CACHE_ADMIN_URL let the HEALTHCHECK's
+# `catalog-cache check` and `docker exec … catalog-cache status` find the
+# same config and the admin listener over loopback.
 # (ADMIN_TOKEN_FILE is a path, not a secret: the token is generated at first start.)
 # hadolint ignore=DL3064
-ENV CATALOG_CACHE_LISTEN_ADMIN=0.0.0.0:7071 \
+ENV CATALOG_CACHE_CONFIG=/etc/catalog-cache/catalog-cache.toml \
+    CATALOG_CACHE_ADMIN_URL=http://127.0.0.1:7071 \
+    CATALOG_CACHE_LISTEN_ADMIN=0.0.0.0:7071 \
     CATALOG_CACHE_LISTEN_PROXY=127.0.0.1:7070 \
     CATALOG_CACHE_MIRROR_PATH=/var/lib/catalog-cache/catalog-cache.db \
     CATALOG_CACHE_ADMIN_TOKEN_FILE=/var/lib/catalog-cache/admin.token \
