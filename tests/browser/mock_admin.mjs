@@ -29,6 +29,20 @@ function backstageError(req, status, name, message) {
   };
 }
 
+/**
+ * Puts the mock's state into an upstream outage with a held mass deletion,
+ * so the page's error and warning renderings can be looked at and tested.
+ */
+export function outage(state) {
+  const ago = (s) => new Date(Date.now() - s * 1000).toISOString().replace(/\.\d+Z$/, 'Z');
+  Object.assign(state.breaker, { state: 'open', since: ago(420), consecutive_failures: 7 });
+  state.last_sync = { result: 'failed', at: ago(30), duration_seconds: 2.0, added: 0, changed: 0, removed: 0, unchanged: 0,
+    error: 'upstream timed out after 2s (GET /entities/by-query)' };
+  state.held_deletions = { would_remove: 4000, of: 5000, ratio: 0.8, since: ago(3600) };
+  state.upstream.last_error = { message: 'connect to 127.0.0.1:7007 refused', at: ago(5) };
+  state.audit.push({ at: ago(420), actor: 'breaker', subject: 'breaker_state', from: 'closed', to: 'open', reason: '5 consecutive failures' });
+}
+
 /** Starts the mock on 127.0.0.1; resolves to { url, server, state, close() }. */
 export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
   const now = () => new Date().toISOString().replace(/\.\d+Z$/, 'Z');
@@ -126,5 +140,6 @@ export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
 if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
   const token = process.env.ADMIN_TOKEN || 'test-admin-token';
   const m = await startMock({ port: Number(process.env.PORT || 7071), token });
+  if (process.env.MOCK_SCENARIO === 'outage') outage(m.state);
   console.log(`mock admin listener on ${m.url} (token: ${token})`);
 }

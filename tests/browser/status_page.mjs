@@ -9,7 +9,7 @@
 //   SCREENSHOT   where to write a PNG of the page (default status_page.png)
 //   CHROMIUM     browser binary (default /usr/bin/chromium)
 import { chromium } from 'playwright-core';
-import { startMock } from './mock_admin.mjs';
+import { startMock, outage } from './mock_admin.mjs';
 
 const TIMEOUT_MS = 10_000;
 const screenshot = process.env.SCREENSHOT || 'status_page.png';
@@ -153,6 +153,19 @@ try {
     await page.click('#stale-apply');
     await waitText(page, '#stale-policy', (t) => t === 'serve', 'serve');
   });
+
+  if (mock) {
+    await step('mock outage: breaker open, failed sync, held deletions and upstream error are shown', async () => {
+      outage(mock.state);
+      await waitText(page, '#breaker-state', (t) => t === 'open', 'open');
+      await waitText(page, '#last-sync', (t) => t === 'failed', 'failed');
+      await waitText(page, '#held-deletions', (t) => t === '4,000 of 5,000 (80%)', '4,000 of 5,000 (80%)');
+      await waitText(page, '#upstream-error', (t) => t.includes('refused'), 'the last upstream error');
+      await waitText(page, '#audit', (t) => t.includes('5 consecutive failures'), 'the breaker transition in the audit');
+      assert(await page.locator('#held-deletions.bad').count() === 1, 'held deletions not styled as an error');
+      await page.screenshot({ path: screenshot.replace(/(\.png)?$/, '-outage.png'), fullPage: true });
+    });
+  }
 
   await step('no script errors and no request leaves the admin listener', async () => {
     assert(pageErrors.length === 0, `page errors: ${pageErrors.join('; ')}`);
