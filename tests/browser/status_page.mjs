@@ -6,13 +6,16 @@
 //
 //   ADMIN_URL    admin listener, e.g. http://127.0.0.1:7071 (unset: start mock_admin.mjs)
 //   ADMIN_TOKEN  the admin token (required with ADMIN_URL)
-//   SCREENSHOT   where to write a PNG of the page (default status_page.png)
+//   SCREENSHOT   where to write a PNG of the page (default in the temp dir);
+//                -open.png and (mock only) -outage.png are written beside it
 //   CHROMIUM     browser binary (default /usr/bin/chromium)
+import os from 'node:os';
+import path from 'node:path';
 import { chromium } from 'playwright-core';
 import { startMock, outage } from './mock_admin.mjs';
 
 const TIMEOUT_MS = 10_000;
-const screenshot = process.env.SCREENSHOT || 'status_page.png';
+const screenshot = process.env.SCREENSHOT || path.join(os.tmpdir(), 'catalog-cache-status-page.png');
 
 let mock = null;
 let adminUrl = process.env.ADMIN_URL;
