@@ -83,7 +83,7 @@ export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
     state.mirror.data_age_seconds = 12.3 + (Date.now() - startedAt) / 1000;
     if (state.breaker.mode_expires_at && Date.parse(state.breaker.mode_expires_at) <= Date.now()) {
       audit('breaker_mode', state.breaker.mode, 'auto', 'override expired');
-      Object.assign(state.breaker, { mode: 'auto', state: 'closed', mode_expires_at: null, reason: null, since: now() });
+      Object.assign(state.breaker, { mode: 'auto', mode_expires_at: null, reason: null });
     }
     try {
       if (req.method === 'GET' && url.pathname === '/') return send(res, 200, readFileSync(PAGE, 'utf8'), 'text/html; charset=utf-8');
@@ -106,10 +106,10 @@ export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
             if (secs == null) return send(res, 400, backstageError(req, 400, 'InputError', `invalid duration '${body.for}', expected e.g. 90s, 10m, 2h`));
             expires = new Date(Date.now() + secs * 1000).toISOString().replace(/\.\d+Z$/, 'Z');
           }
+          // As in the sidecar: a forced mode overrides admission and leaves
+          // the state machine's state alone.
           audit('breaker_mode', state.breaker.mode, body.mode, body.reason);
-          const newState = body.mode === 'open' ? 'open' : 'closed';
-          if (newState !== state.breaker.state) state.breaker.since = now();
-          Object.assign(state.breaker, { mode: body.mode, state: newState, reason: body.reason ?? null, mode_expires_at: expires });
+          Object.assign(state.breaker, { mode: body.mode, reason: body.reason ?? null, mode_expires_at: expires });
           return send(res, 200, state.breaker);
         }
         if (!POLICIES.includes(body.policy)) return send(res, 400, backstageError(req, 400, 'InputError', `policy must be one of ${POLICIES.join(', ')}`));

@@ -123,7 +123,8 @@ try {
     await page.click('#breaker-apply');
     await waitText(page, '#message', (t) => t.startsWith('Done'), 'a success message');
     await waitText(page, '#breaker-mode', (t) => t === 'open', 'open');
-    await waitText(page, '#breaker-state', (t) => t === 'open', 'open');
+    await waitText(page, '#breaker-override', (t) => t === 'forced open', 'forced open');
+    assert(await page.locator('#breaker-override').isVisible(), 'forced-open badge hidden');
     await waitText(page, '#audit', (t, r) => t.includes(r), `an audit row with reason "${reason}"`, reason);
     const row = page.locator('#audit tbody tr', { hasText: reason }).first();
     const cells = await row.locator('td').allTextContents();
@@ -145,6 +146,8 @@ try {
     await page.fill('#breaker-for', '');
     await page.click('#breaker-apply');
     await waitText(page, '#breaker-mode', (t) => t === 'auto', 'auto');
+    await page.waitForFunction(() => document.getElementById('breaker-override').hidden, null, { timeout: TIMEOUT_MS })
+      .catch(() => { throw new Error('forced badge still shown in mode auto'); });
   });
 
   await step('stale policy refuse, then serve', async () => {
