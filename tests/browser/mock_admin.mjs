@@ -1,0 +1,145 @@
+// A stand-in for catalog-cache's admin listener, just enough for the status
+// page: GET / (the real src/status_page.html), GET /status, GET/PUT
+// /admin/breaker and /admin/stale with the bearer-token check and the
+// Backstage-shaped 401. It lets the page be developed and tested without a
+// build of the sidecar. Run alone: `node mock_admin.mjs` (PORT, ADMIN_TOKEN).
+import http from 'node:http';
+import { readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const PAGE = path.join(here, '..', '..', 'src', 'status_page.html');
+
+const MODES = ['auto', 'open', 'closed'];
+const POLICIES = ['serve', 'refuse'];
+
+function parseDuration(text) {
+  const m = /^(\d+)(ms|s|m|h|d)$/.exec(String(text));
+  if (!m) return null;
+  const unit = { ms: 0.001, s: 1, m: 60, h: 3600, d: 86400 }[m[2]];
+  return Number(m[1]) * unit;
+}
+
+function backstageError(req, status, name, message) {
+  return {
+    error: { name, message },
+    request: { method: req.method, url: req.url },
+    response: { statusCode: status },
+  };
+}
+
+/**
+ * Puts the mock's state into an upstream outage with a held mass deletion,
+ * so the page's error and warning renderings can be looked at and tested.
+ */
+export function outage(state) {
+  const ago = (s) => new Date(Date.now() - s * 1000).toISOString().replace(/\.\d+Z$/, 'Z');
+  Object.assign(state.breaker, { state: 'open', since: ago(420), consecutive_failures: 7 });
+  state.last_sync = { result: 'failed', at: ago(30), duration_seconds: 2.0, added: 0, changed: 0, removed: 0, unchanged: 0,
+    error: 'upstream timed out after 2s (GET /entities/by-query)' };
+  state.held_deletions = { would_remove: 4000, of: 5000, ratio: 0.8, since: ago(3600) };
+  state.upstream.last_error = { message: 'connect to 127.0.0.1:7007 refused', at: ago(5) };
+  state.audit.push({ at: ago(420), actor: 'breaker', subject: 'breaker_state', from: 'closed', to: 'open', reason: '5 consecutive failures' });
+}
+
+/** Starts the mock on 127.0.0.1; resolves to { url, server, state, close() }. */
+export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
+  const now = () => new Date().toISOString().replace(/\.\d+Z$/, 'Z');
+  const startedAt = Date.now();
+  const state = {
+    version: '0.1.0',
+    ready: true,
+    ready_reason: 'mirror generation 3 loaded',
+    breaker: { state: 'closed', mode: 'auto', reason: null, since: now(), mode_expires_at: null, consecutive_failures: 0 },
+    stale: { policy: 'serve', max_stale_seconds: 86400 },
+    mirror: { generation: 3, entities: 5000, synced_at: now(), data_age_seconds: 12.3 },
+    last_sync: { result: 'applied', at: now(), duration_seconds: 0.41, added: 0, changed: 3, removed: 0, unchanged: 4997, error: null },
+    held_deletions: null,
+    upstream: { url: 'http://127.0.0.1:7007/api/catalog', last_error: null },
+    audit: [{ at: now(), actor: 'config', subject: 'stale_policy', from: 'serve', to: 'serve', reason: 'loaded from config/catalog-cache.toml' }],
+  };
+
+  const audit = (subject, from, to, reason) => {
+    state.audit.push({ at: now(), actor: 'admin-token', subject, from, to, reason: reason ?? null });
+    if (state.audit.length > 20) state.audit.shift();
+  };
+
+  const send = (res, status, body, type = 'application/json') => {
+    const data = type === 'application/json' ? JSON.stringify(body) : body;
+    res.writeHead(status, { 'Content-Type': type, 'Cache-Control': 'no-store' });
+    res.end(data);
+  };
+
+  const readBody = (req) => new Promise((resolve, reject) => {
+    let data = '';
+    req.on('data', (c) => { data += c; if (data.length > 65536) reject(new Error('too large')); });
+    req.on('end', () => resolve(data));
+    req.on('error', reject);
+  });
+
+  const server = http.createServer(async (req, res) => {
+    const url = new URL(req.url, 'http://localhost');
+    state.mirror.data_age_seconds = 12.3 + (Date.now() - startedAt) / 1000;
+    if (state.breaker.mode_expires_at && Date.parse(state.breaker.mode_expires_at) <= Date.now()) {
+      audit('breaker_mode', state.breaker.mode, 'auto', 'override expired');
+      Object.assign(state.breaker, { mode: 'auto', mode_expires_at: null, reason: null });
+    }
+    try {
+      if (req.method === 'GET' && url.pathname === '/') return send(res, 200, readFileSync(PAGE, 'utf8'), 'text/html; charset=utf-8');
+      if (req.method === 'GET' && url.pathname === '/status') return send(res, 200, state);
+      if (req.method === 'GET' && url.pathname === '/livez') return send(res, 200, { status: 'ok' });
+      if (req.method === 'GET' && url.pathname === '/readyz') return send(res, 200, { ready: true, reason: state.ready_reason });
+      if (req.method === 'GET' && url.pathname === '/admin/breaker') return send(res, 200, state.breaker);
+      if (req.method === 'GET' && url.pathname === '/admin/stale') return send(res, 200, state.stale);
+      if (req.method === 'PUT' && (url.pathname === '/admin/breaker' || url.pathname === '/admin/stale')) {
+        const auth = req.headers.authorization || '';
+        if (!auth.startsWith('Bearer ')) return send(res, 401, backstageError(req, 401, 'AuthenticationError', 'Missing credentials'));
+        if (auth.slice(7) !== token) return send(res, 401, backstageError(req, 401, 'AuthenticationError', 'Illegal token'));
+        let body;
+        try { body = JSON.parse(await readBody(req)); } catch { return send(res, 400, backstageError(req, 400, 'InputError', 'body must be JSON')); }
+        if (url.pathname === '/admin/breaker') {
+          if (!MODES.includes(body.mode)) return send(res, 400, backstageError(req, 400, 'InputError', `mode must be one of ${MODES.join(', ')}`));
+          let expires = null;
+          if (body.for != null) {
+            const secs = parseDuration(body.for);
+            if (secs == null) return send(res, 400, backstageError(req, 400, 'InputError', `invalid duration '${body.for}', expected e.g. 90s, 10m, 2h`));
+            expires = new Date(Date.now() + secs * 1000).toISOString().replace(/\.\d+Z$/, 'Z');
+          }
+          // As in the sidecar: a forced mode overrides admission and leaves
+          // the state machine's state alone.
+          audit('breaker_mode', state.breaker.mode, body.mode, body.reason);
+          Object.assign(state.breaker, { mode: body.mode, reason: body.reason ?? null, mode_expires_at: expires });
+          return send(res, 200, state.breaker);
+        }
+        if (!POLICIES.includes(body.policy)) return send(res, 400, backstageError(req, 400, 'InputError', `policy must be one of ${POLICIES.join(', ')}`));
+        if (body.max_stale != null) {
+          const secs = parseDuration(body.max_stale);
+          if (secs == null) return send(res, 400, backstageError(req, 400, 'InputError', `invalid duration '${body.max_stale}'`));
+          state.stale.max_stale_seconds = secs;
+        }
+        audit('stale_policy', state.stale.policy, body.policy, body.reason);
+        state.stale.policy = body.policy;
+        return send(res, 200, state.stale);
+      }
+      return send(res, 404, backstageError(req, 404, 'NotFoundError', `no route for ${req.method} ${url.pathname}`));
+    } catch (e) {
+      return send(res, 500, backstageError(req, 500, 'Error', String(e && e.message)));
+    }
+  });
+
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, '127.0.0.1', () => {
+      const { port: p } = server.address();
+      resolve({ url: `http://127.0.0.1:${p}`, server, state, close: () => new Promise((r) => server.close(r)) });
+    });
+  });
+}
+
+if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  const token = process.env.ADMIN_TOKEN || 'test-admin-token';
+  const m = await startMock({ port: Number(process.env.PORT || 7071), token });
+  if (process.env.MOCK_SCENARIO === 'outage') outage(m.state);
+  console.log(`mock admin listener on ${m.url} (token: ${token})`);
+}
