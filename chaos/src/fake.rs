@@ -373,7 +373,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-async fn accept_on(l: &Option<TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+async fn accept_on(
+    l: &Option<TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
     match l {
         Some(l) => l.accept().await,
         None => std::future::pending().await,
@@ -447,7 +449,10 @@ fn router(app: App) -> Router {
         .route("/entities/by-query", get(query_get).post(query_post))
         .route("/entities/by-refs", post(by_refs))
         .route("/entities/by-name/{kind}/{namespace}/{name}", get(by_name))
-        .route("/entities/by-name/{kind}/{namespace}/{name}/ancestry", get(ancestry))
+        .route(
+            "/entities/by-name/{kind}/{namespace}/{name}/ancestry",
+            get(ancestry),
+        )
         .route("/entities/by-uid/{uid}", get(by_uid).delete(delete_by_uid))
         .route("/entity-facets", get(facets_get).post(facets_post))
         .route("/refresh", post(refresh))
@@ -522,7 +527,13 @@ fn relative_url(uri: &axum::http::Uri) -> String {
     pq.strip_prefix(MOUNT).unwrap_or(pq).to_string()
 }
 
-fn error_response(method: &Method, url: &str, status: StatusCode, name: &str, message: &str) -> Response {
+fn error_response(
+    method: &Method,
+    url: &str,
+    status: StatusCode,
+    name: &str,
+    message: &str,
+) -> Response {
     let body = json!({
         "error": {"name": name, "message": message},
         "request": {"method": method.as_str(), "url": url},
@@ -603,22 +614,43 @@ async fn apply_faults(State(app): State<App>, req: Request, next: Next) -> Respo
     if faults.error_rate > 0.0 {
         let (hit, unavailable) = {
             let mut rng = app.rng.lock().unwrap_or_else(|p| p.into_inner());
-            (rng.random::<f64>() < faults.error_rate, rng.random::<bool>())
+            (
+                rng.random::<f64>() < faults.error_rate,
+                rng.random::<bool>(),
+            )
         };
         if hit {
             return if unavailable {
-                error_response(&method, &url, StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", "Service unavailable")
+                error_response(
+                    &method,
+                    &url,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailableError",
+                    "Service unavailable",
+                )
             } else {
-                error_response(&method, &url, StatusCode::INTERNAL_SERVER_ERROR, "Error", "Internal server error")
+                error_response(
+                    &method,
+                    &url,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Error",
+                    "Internal server error",
+                )
             };
         }
     }
     let resp = next.run(req).await;
-    if !(faults.wrong_content_type || faults.malformed || faults.truncated || faults.slow_body.is_some()) {
+    if !(faults.wrong_content_type
+        || faults.malformed
+        || faults.truncated
+        || faults.slow_body.is_some())
+    {
         return resp;
     }
     let (mut parts, body) = resp.into_parts();
-    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
     let bytes = if faults.wrong_content_type {
         parts.headers.insert(
             header::CONTENT_TYPE,
@@ -641,10 +673,23 @@ async fn apply_faults(State(app): State<App>, req: Request, next: Next) -> Respo
         .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     if faults.truncated {
         let half = bytes.slice(..bytes.len() / 2);
-        let stream = futures::stream::iter([
-            Ok::<Bytes, std::io::Error>(half),
-            Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "truncated by fault")),
-        ]);
+        // Pause before failing so the headers and the first half are flushed
+        // to the client: it sees a plausible response that then breaks off.
+        let stream = futures::stream::unfold(Some(half), |state| async move {
+            match state {
+                Some(half) => Some((Ok::<Bytes, std::io::Error>(half), None)),
+                None => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Some((
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "truncated by fault",
+                        )),
+                        None,
+                    ))
+                }
+            }
+        });
         return Response::from_parts(parts, Body::from_stream(stream));
     }
     if let Some(slow) = faults.slow_body {
@@ -694,7 +739,10 @@ impl Params {
     }
 
     fn first(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     fn int(&self, name: &str) -> Result<Option<usize>, ApiError> {
@@ -702,8 +750,12 @@ impl Params {
             None => Ok(None),
             Some(v) => match v.trim().parse::<i64>() {
                 Ok(n) if n >= 0 => Ok(Some(n as usize)),
-                Ok(_) => Err(ApiError::input(format!("request/query/{name} must be >= 0"))),
-                Err(_) => Err(ApiError::input(format!("request/query/{name} must be integer"))),
+                Ok(_) => Err(ApiError::input(format!(
+                    "request/query/{name} must be >= 0"
+                ))),
+                Err(_) => Err(ApiError::input(format!(
+                    "request/query/{name} must be integer"
+                ))),
             },
         }
     }
@@ -765,7 +817,9 @@ fn form_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
+                out.push(b as char)
+            }
             b' ' => out.push('+'),
             _ => out.push_str(&format!("%{b:02X}")),
         }
@@ -795,7 +849,12 @@ fn push_entity(out: &mut Vec<u8>, it: &Item, fields: &[String]) {
 }
 
 fn fail_page_error(app: &App, page: usize) -> Result<(), ApiError> {
-    if app.faults.get().fail_page.is_some_and(|n| n as usize == page) {
+    if app
+        .faults
+        .get()
+        .fail_page
+        .is_some_and(|n| n as usize == page)
+    {
         return Err(ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             name: "Error",
@@ -824,7 +883,10 @@ fn parse_order(values: &[String]) -> Result<Vec<OrderField>, ApiError> {
         .collect()
 }
 
-async fn list_entities(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+async fn list_entities(
+    State(app): State<App>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
     let selector = Filter::parse(&params.all("filter"))?.map(Selector::Filter);
     let fields = params.fields();
@@ -838,10 +900,16 @@ async fn list_entities(State(app): State<App>, RawQuery(raw): RawQuery) -> Resul
             .map_err(|_| bad())?;
         let cursor: Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
         if let Some(l) = cursor.get("limit") {
-            limit = Some(l.as_u64().ok_or_else(|| ApiError::input("Malformed after cursor, limit was not an number"))? as usize);
+            limit =
+                Some(l.as_u64().ok_or_else(|| {
+                    ApiError::input("Malformed after cursor, limit was not an number")
+                })? as usize);
         }
         if let Some(o) = cursor.get("offset") {
-            offset = o.as_u64().ok_or_else(|| ApiError::input("Malformed after cursor, offset was not a number"))? as usize;
+            offset = o
+                .as_u64()
+                .ok_or_else(|| ApiError::input("Malformed after cursor, offset was not a number"))?
+                as usize;
         }
     }
     if let Some(l) = limit.filter(|l| *l > 0) {
@@ -859,12 +927,19 @@ async fn list_entities(State(app): State<App>, RawQuery(raw): RawQuery) -> Resul
     if let (true, Some(l)) = (more, limit) {
         let after = base64::engine::general_purpose::STANDARD
             .encode(json!({"limit": l, "offset": offset + l}).to_string());
-        let mut next = Params(params.0.into_iter().filter(|(k, _)| k != "offset").collect());
+        let mut next = Params(
+            params
+                .0
+                .into_iter()
+                .filter(|(k, _)| k != "offset")
+                .collect(),
+        );
         match next.0.iter().position(|(k, _)| k == "after") {
             Some(i) => {
                 next.0[i].1 = after;
                 let mut seen = false;
-                next.0.retain(|(k, _)| k != "after" || !std::mem::replace(&mut seen, true));
+                next.0
+                    .retain(|(k, _)| k != "after" || !std::mem::replace(&mut seen, true));
             }
             None => next.0.push(("after".into(), after)),
         }
@@ -877,7 +952,8 @@ async fn list_entities(State(app): State<App>, RawQuery(raw): RawQuery) -> Resul
 }
 
 fn page_response(page: catalog::QueryPage, fields: &[String]) -> Response {
-    let mut out = Vec::with_capacity(page.items.iter().map(|i| i.json.len() + 1).sum::<usize>() + 256);
+    let mut out =
+        Vec::with_capacity(page.items.iter().map(|i| i.json.len() + 1).sum::<usize>() + 256);
     out.extend_from_slice(b"{\"items\":");
     out.extend_from_slice(&items_json(&page.items, fields));
     out.extend_from_slice(format!(",\"totalItems\":{},\"pageInfo\":", page.total_items).as_bytes());
@@ -893,7 +969,12 @@ fn page_response(page: catalog::QueryPage, fields: &[String]) -> Response {
     json_response(StatusCode::OK, Bytes::from(out))
 }
 
-fn run_query(app: &App, start: QueryStart, limit: usize, fields: &[String]) -> Result<Response, ApiError> {
+fn run_query(
+    app: &App,
+    start: QueryStart,
+    limit: usize,
+    fields: &[String],
+) -> Result<Response, ApiError> {
     let snap = snapshot(app);
     let page = catalog::query(&snap, start, limit);
     if limit > 0 {
@@ -921,7 +1002,11 @@ async fn query_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<Re
                 let desc = match dir {
                     None | Some("asc") => false,
                     Some("desc") => true,
-                    Some(_) => return Err(ApiError::input("Invalid order field order, must be asc or desc")),
+                    Some(_) => {
+                        return Err(ApiError::input(
+                            "Invalid order field order, must be asc or desc",
+                        ))
+                    }
                 };
                 if order.is_none() {
                     order = Some(OrderField {
@@ -965,12 +1050,16 @@ fn string_list(v: Option<&Value>, what: &str) -> Result<Vec<String>, ApiError> {
         Some(Value::Array(a)) => a
             .iter()
             .map(|x| {
-                x.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| ApiError::input(format!("Malformed request: {what} must be an array of strings")))
+                x.as_str().map(str::to_string).ok_or_else(|| {
+                    ApiError::input(format!(
+                        "Malformed request: {what} must be an array of strings"
+                    ))
+                })
             })
             .collect(),
-        Some(_) => Err(ApiError::input(format!("Malformed request: {what} must be an array of strings"))),
+        Some(_) => Err(ApiError::input(format!(
+            "Malformed request: {what} must be an array of strings"
+        ))),
     }
 }
 
@@ -1005,14 +1094,20 @@ async fn query_post(State(app): State<App>, body: Bytes) -> Result<Response, Api
                     match first {
                         None => None,
                         Some(f) => {
-                            let field = f
-                                .get("field")
-                                .and_then(Value::as_str)
-                                .ok_or_else(|| ApiError::input("Malformed request: orderBy.field must be a string"))?;
+                            let field =
+                                f.get("field").and_then(Value::as_str).ok_or_else(|| {
+                                    ApiError::input(
+                                        "Malformed request: orderBy.field must be a string",
+                                    )
+                                })?;
                             let desc = match f.get("order").and_then(Value::as_str) {
                                 None | Some("asc") => false,
                                 Some("desc") => true,
-                                Some(_) => return Err(ApiError::input("Invalid order field order, must be asc or desc")),
+                                Some(_) => {
+                                    return Err(ApiError::input(
+                                        "Invalid order field order, must be asc or desc",
+                                    ))
+                                }
                             };
                             Some(OrderField {
                                 field: field.to_string(),
@@ -1038,7 +1133,8 @@ async fn query_post(State(app): State<App>, body: Bytes) -> Result<Response, Api
                 None | Some(Value::Null) => 0,
                 Some(v) => v
                     .as_u64()
-                    .ok_or_else(|| ApiError::input("request/body/offset must be integer"))? as usize,
+                    .ok_or_else(|| ApiError::input("request/body/offset must be integer"))?
+                    as usize,
             };
             QueryStart::Initial {
                 selector,
@@ -1051,7 +1147,11 @@ async fn query_post(State(app): State<App>, body: Bytes) -> Result<Response, Api
     run_query(&app, start, limit, &fields)
 }
 
-async fn by_refs(State(app): State<App>, RawQuery(raw): RawQuery, body: Bytes) -> Result<Response, ApiError> {
+async fn by_refs(
+    State(app): State<App>,
+    RawQuery(raw): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
     let body = body_json(&body)?;
     if body.get("entityRefs").is_none() {
@@ -1133,7 +1233,10 @@ async fn by_uid(State(app): State<App>, Path(uid): Path<String>) -> Result<Respo
     Ok(json_response(StatusCode::OK, it.json.clone()))
 }
 
-async fn delete_by_uid(State(app): State<App>, Path(uid): Path<String>) -> Result<Response, ApiError> {
+async fn delete_by_uid(
+    State(app): State<App>,
+    Path(uid): Path<String>,
+) -> Result<Response, ApiError> {
     if snapshot(&app).by_uid(&uid).is_none() {
         return Err(ApiError::not_found(format!("No entity with uid {uid}")));
     }
@@ -1146,7 +1249,9 @@ async fn facets_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<R
     let params = Params::parse(raw.as_deref());
     let facets = params.all("facet");
     if facets.is_empty() {
-        return Err(ApiError::input("request/query must have required property 'facet'"));
+        return Err(ApiError::input(
+            "request/query must have required property 'facet'",
+        ));
     }
     let selector = Filter::parse(&params.all("filter"))?
         .map(Selector::Filter)
@@ -1159,7 +1264,9 @@ async fn facets_post(State(app): State<App>, body: Bytes) -> Result<Response, Ap
     let body = body_json(&body)?;
     let facets = string_list(body.get("facets"), "facets")?;
     if facets.is_empty() {
-        return Err(ApiError::input("Malformed request: facets must be a non-empty array of strings"));
+        return Err(ApiError::input(
+            "Malformed request: facets must be a non-empty array of strings",
+        ));
     }
     let selector = match body.get("query") {
         None | Some(Value::Null) => Selector::All,
@@ -1192,7 +1299,11 @@ async fn locations(State(app): State<App>) -> Response {
 }
 
 async fn location(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let locs = app.locations.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let locs = app
+        .locations
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let loc = locs
         .into_iter()
         .find(|l| l["id"].as_str() == Some(id.as_str()))
@@ -1200,14 +1311,20 @@ async fn location(State(app): State<App>, Path(id): Path<String>) -> Result<Resp
     Ok(json_response(StatusCode::OK, Bytes::from(loc.to_string())))
 }
 
-async fn add_location(State(app): State<App>, RawQuery(raw): RawQuery, body: Bytes) -> Result<Response, ApiError> {
+async fn add_location(
+    State(app): State<App>,
+    RawQuery(raw): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
     let body = body_json(&body)?;
     let (Some(kind), Some(target)) = (
         body.get("type").and_then(Value::as_str),
         body.get("target").and_then(Value::as_str),
     ) else {
-        return Err(ApiError::input("Malformed request: type and target are required"));
+        return Err(ApiError::input(
+            "Malformed request: type and target are required",
+        ));
     };
     let id = {
         let mut rng = app.rng.lock().unwrap_or_else(|p| p.into_inner());
@@ -1222,15 +1339,23 @@ async fn add_location(State(app): State<App>, RawQuery(raw): RawQuery, body: Byt
             .push(loc.clone());
     }
     let body = json!({"location": loc, "entities": []});
-    Ok(json_response(StatusCode::CREATED, Bytes::from(body.to_string())))
+    Ok(json_response(
+        StatusCode::CREATED,
+        Bytes::from(body.to_string()),
+    ))
 }
 
-async fn delete_location(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn delete_location(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let mut locs = app.locations.lock().unwrap_or_else(|p| p.into_inner());
     let before = locs.len();
     locs.retain(|l| l["id"].as_str() != Some(id.as_str()));
     if locs.len() == before {
-        return Err(ApiError::not_found(format!("Found no location with ID {id}")));
+        return Err(ApiError::not_found(format!(
+            "Found no location with ID {id}"
+        )));
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -1295,7 +1420,10 @@ mod tests {
 
     #[test]
     fn percent_decoding_and_form_encoding() {
-        assert_eq!(percent_decode("kind%3Dcomponent%2Cspec.type"), "kind=component,spec.type");
+        assert_eq!(
+            percent_decode("kind%3Dcomponent%2Cspec.type"),
+            "kind=component,spec.type"
+        );
         assert_eq!(percent_decode("a+b%"), "a b%");
         assert_eq!(percent_decode("%zz"), "%zz");
         assert_eq!(form_encode("eyJ9=="), "eyJ9%3D%3D");
@@ -1304,9 +1432,18 @@ mod tests {
 
     #[test]
     fn routes_are_classified_for_stats() {
-        assert!(matches!(Route::of("/api/catalog/entities"), Route::Entities));
-        assert!(matches!(Route::of("/api/catalog/entities/by-name/a/b/c"), Route::ByName));
-        assert!(matches!(Route::of("/api/catalog/entities/by-name/a/b/c/ancestry"), Route::Ancestry));
+        assert!(matches!(
+            Route::of("/api/catalog/entities"),
+            Route::Entities
+        ));
+        assert!(matches!(
+            Route::of("/api/catalog/entities/by-name/a/b/c"),
+            Route::ByName
+        ));
+        assert!(matches!(
+            Route::of("/api/catalog/entities/by-name/a/b/c/ancestry"),
+            Route::Ancestry
+        ));
         assert!(matches!(Route::of("/api/catalog/locations"), Route::Other));
     }
 }
