@@ -285,7 +285,8 @@ pub(crate) enum QueryStart {
     /// First page.
     Initial {
         selector: Selector,
-        order: Option<OrderField>,
+        /// All order fields (kept in the cursor); only the first sorts.
+        order: Vec<OrderField>,
         full_text: FullText,
         offset: usize,
     },
@@ -316,12 +317,18 @@ pub(crate) fn query(snapshot: &Snapshot, start: QueryStart, limit: usize) -> Que
             full_text,
             ..
         } => {
-            let order_fields_json =
-                json!(order.iter().map(OrderField::to_json).collect::<Vec<_>>());
-            let order = order.clone().unwrap_or(OrderField {
+            let default = [OrderField {
                 field: DEFAULT_ORDER_FIELD.into(),
                 desc: false,
-            });
+            }];
+            let order = if order.is_empty() {
+                &default[..]
+            } else {
+                &order[..]
+            };
+            let order_fields_json =
+                json!(order.iter().map(OrderField::to_json).collect::<Vec<_>>());
+            let order = order[0].clone();
             (
                 selector.clone(),
                 order,
@@ -345,7 +352,7 @@ pub(crate) fn query(snapshot: &Snapshot, start: QueryStart, limit: usize) -> Que
     if limit == 0 {
         return QueryPage {
             items: Vec::new(),
-            total_items: rows.len(),
+            total_items,
             next_cursor: None,
             prev_cursor: None,
             page_number: 1,
@@ -402,7 +409,10 @@ pub(crate) fn query(snapshot: &Snapshot, start: QueryStart, limit: usize) -> Que
         items: (begin..end).map(|i| rows.item(i).clone()).collect(),
         total_items,
         next_cursor: (end < rows.len() && begin < end).then(|| cursor(false, end - 1)),
-        prev_cursor: (begin > 0 && begin < end).then(|| cursor(true, begin)),
+        // Like Backstage, an initial request (even with an offset) has no
+        // previous page.
+        prev_cursor: (matches!(start, QueryStart::Cursor(_)) && begin > 0 && begin < end)
+            .then(|| cursor(true, begin)),
         page_number: begin / limit + 1,
     }
 }
@@ -553,10 +563,10 @@ mod tests {
         let s = store().snapshot(false);
         let start = QueryStart::Initial {
             selector: Selector::All,
-            order: Some(OrderField {
+            order: vec![OrderField {
                 field: "spec.type".into(),
                 desc: true,
-            }),
+            }],
             full_text: FullText::default(),
             offset: 0,
         };
@@ -579,7 +589,7 @@ mod tests {
         let s = store().snapshot(false);
         let start = QueryStart::Initial {
             selector: Selector::All,
-            order: None,
+            order: Vec::new(),
             full_text: FullText::default(),
             offset: 0,
         };
@@ -607,7 +617,7 @@ mod tests {
         let t = std::time::Instant::now();
         let mut start = QueryStart::Initial {
             selector: Selector::All,
-            order: None,
+            order: Vec::new(),
             full_text: FullText::default(),
             offset: 0,
         };

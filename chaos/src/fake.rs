@@ -993,7 +993,7 @@ async fn query_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<Re
             let selector = Filter::parse(&params.all("filter"))?
                 .map(Selector::Filter)
                 .unwrap_or(Selector::All);
-            let mut order = None;
+            let mut order = Vec::new();
             for item in params.all("orderField") {
                 let (field, dir) = match item.split_once(',') {
                     Some((f, d)) => (f.trim(), Some(d.trim())),
@@ -1008,12 +1008,10 @@ async fn query_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<Re
                         ))
                     }
                 };
-                if order.is_none() {
-                    order = Some(OrderField {
-                        field: field.to_string(),
-                        desc,
-                    });
-                }
+                order.push(OrderField {
+                    field: field.to_string(),
+                    desc,
+                });
             }
             let full_text = FullText {
                 term: params.first("fullTextFilterTerm").unwrap_or("").to_string(),
@@ -1073,6 +1071,26 @@ fn body_limit(body: &Value, default: usize) -> Result<usize, ApiError> {
     }
 }
 
+fn order_by(f: &Value) -> Result<OrderField, ApiError> {
+    let field = f
+        .get("field")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::input("Malformed request: orderBy.field must be a string"))?;
+    let desc = match f.get("order").and_then(Value::as_str) {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(_) => {
+            return Err(ApiError::input(
+                "Invalid order field order, must be asc or desc",
+            ))
+        }
+    };
+    Ok(OrderField {
+        field: field.to_string(),
+        desc,
+    })
+}
+
 async fn query_post(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
     let body = body_json(&body)?;
     let fields = string_list(body.get("fields"), "fields")?;
@@ -1088,34 +1106,9 @@ async fn query_post(State(app): State<App>, body: Bytes) -> Result<Response, Api
                 },
             };
             let order = match body.get("orderBy") {
-                None | Some(Value::Null) => None,
-                Some(o) => {
-                    let first = if o.is_array() { o.get(0) } else { Some(o) };
-                    match first {
-                        None => None,
-                        Some(f) => {
-                            let field =
-                                f.get("field").and_then(Value::as_str).ok_or_else(|| {
-                                    ApiError::input(
-                                        "Malformed request: orderBy.field must be a string",
-                                    )
-                                })?;
-                            let desc = match f.get("order").and_then(Value::as_str) {
-                                None | Some("asc") => false,
-                                Some("desc") => true,
-                                Some(_) => {
-                                    return Err(ApiError::input(
-                                        "Invalid order field order, must be asc or desc",
-                                    ))
-                                }
-                            };
-                            Some(OrderField {
-                                field: field.to_string(),
-                                desc,
-                            })
-                        }
-                    }
-                }
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(list)) => list.iter().map(order_by).collect::<Result<_, _>>()?,
+                Some(one) => vec![order_by(one)?],
             };
             let ft = body.get("fullTextFilter");
             let full_text = FullText {
