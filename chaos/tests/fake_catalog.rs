@@ -492,8 +492,13 @@ async fn by_query_cursor_paging_get_and_post_end_without_repeats() {
     let first = client().get(format!(
         "{b}/entities/by-query?limit=50&fields=metadata.uid"
     ));
-    let (seen, _) = walk_by_query(&h, first, 50).await;
+    let (seen, cursors) = walk_by_query(&h, first, 50).await;
     assert_eq!(seen.len(), 230);
+    assert_eq!(
+        cursors[0]["orderFields"],
+        json!([{"field": "metadata.uid", "order": "asc"}])
+    );
+    assert!(cursors[0].get("filter").is_none() && cursors[0].get("query").is_none());
     let mut sorted = seen.clone();
     sorted.sort();
     assert_eq!(seen, sorted, "default order is by uid");
