@@ -50,7 +50,9 @@ async fn put_faults(State(app): State<App>, body: Bytes) -> Response {
             f.error_rate
         )),
         Ok(f) => {
-            app.faults.set(f.clone());
+            // Answer once the listener reflects the faults, so a script that
+            // PUTs `refuse` can rely on refused connects right after.
+            app.apply_faults(f.clone()).await;
             Json(f).into_response()
         }
         Err(e) => bad_request(format!("invalid fault set: {e}")),
@@ -58,7 +60,7 @@ async fn put_faults(State(app): State<App>, body: Bytes) -> Response {
 }
 
 async fn clear_faults(State(app): State<App>) -> StatusCode {
-    app.faults.clear();
+    app.apply_faults(Faults::default()).await;
     StatusCode::NO_CONTENT
 }
 

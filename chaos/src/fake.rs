@@ -183,9 +183,22 @@ pub(crate) struct Shared {
     token: Option<String>,
     pub(crate) rng: Mutex<StdRng>,
     locations: Mutex<Vec<Value>>,
+    /// The fault generation the accept loop has acted on (listener closed
+    /// or reopened accordingly).
+    applied: watch::Sender<u64>,
 }
 
 impl Shared {
+    /// Sets the faults and waits until the catalog listener reflects them
+    /// (closed for `refuse`, open again after clearing).
+    pub(crate) async fn apply_faults(&self, faults: Faults) {
+        self.faults.set(faults);
+        let want = self.faults.generation();
+        let mut rx = self.applied.subscribe();
+        // An error means the server stopped; nothing is left to wait for.
+        let _ = rx.wait_for(|g| *g >= want).await;
+    }
+
     pub(crate) fn stats(&self) -> Stats {
         self.stats.get()
     }
@@ -217,6 +230,7 @@ impl FakeCatalog {
                 "type": "url",
                 "target": "https://github.com/acme/software-catalog/blob/main/all.yaml"
             })]),
+            applied: watch::channel(0).0,
         });
         let listener = bind(opts.listen).map_err(|source| StartError::Bind {
             addr: opts.listen,
@@ -296,9 +310,18 @@ impl FakeCatalogHandle {
         &self.shared.faults
     }
 
-    /// Replaces the fault set (shorthand for `faults().set`).
+    /// Replaces the fault set (shorthand for `faults().set`). Listener
+    /// changes (`refuse`, `flap`) take effect a moment later; use
+    /// `apply_faults` to wait for them.
     pub fn set_faults(&self, faults: Faults) {
         self.shared.faults.set(faults);
+    }
+
+    /// Replaces the fault set and waits until the catalog listener reflects
+    /// it: after `apply_faults(refuse)` connects are refused, after
+    /// `apply_faults(Faults::default())` the port accepts again.
+    pub async fn apply_faults(&self, faults: Faults) {
+        self.shared.apply_faults(faults).await;
     }
 
     /// Request counts so far.
@@ -398,6 +421,9 @@ async fn accept_loop(
         if *shutdown.borrow() {
             break;
         }
+        // Read the generation before the state: the state is then at least
+        // as new as the generation reported as applied below.
+        let generation = *changes.borrow_and_update();
         let (up, next) = listener_phase(&app.faults.state(), Instant::now());
         if up && listener.is_none() {
             match bind(addr) {
@@ -413,6 +439,7 @@ async fn accept_loop(
             listener = None;
             kill_tx.send_modify(|v| *v += 1);
         }
+        app.applied.send_replace(generation);
         let wake = async move {
             match next {
                 Some(t) => tokio::time::sleep_until(t).await,

@@ -737,33 +737,29 @@ async fn refuse_closes_the_port_and_clear_reopens_it() {
     let url = format!("{}/entities/by-query?limit=1", h.base_url());
     let pooled = client();
     assert_eq!(pooled.get(&url).send().await.unwrap().status(), 200);
-    h.set_faults(Faults {
+    h.apply_faults(Faults {
         refuse: true,
         ..Faults::default()
-    });
-    // The listener closes asynchronously; wait for the first refused connect.
-    let mut refused = false;
-    for _ in 0..100 {
-        match reqwest::Client::new().get(&url).send().await {
-            Err(e) if e.is_connect() => {
-                refused = true;
-                break;
-            }
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-    assert!(refused, "connections must be refused");
+    })
+    .await;
+    let err = reqwest::Client::new().get(&url).send().await.unwrap_err();
+    assert!(err.is_connect(), "connections must be refused: {err}");
     // A pooled keep-alive connection does not survive either.
     assert!(pooled.get(&url).send().await.is_err());
-    h.faults().clear();
-    let mut ok = false;
-    for _ in 0..100 {
-        if let Ok(r) = reqwest::Client::new().get(&url).send().await {
-            ok = r.status() == 200;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Clearing over the control API answers once the port is open again.
+    let r = client()
+        .delete(format!("http://{}/faults", h.control_addr().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let ok = reqwest::Client::new()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        == 200;
     assert!(ok, "same port serves again after clear");
 }
 
