@@ -24,7 +24,10 @@ type App = Arc<Shared>;
 /// The control router over the shared state of one demo catalog.
 pub(crate) fn router(app: App) -> Router {
     Router::new()
-        .route("/faults", get(get_faults).put(put_faults).delete(clear_faults))
+        .route(
+            "/faults",
+            get(get_faults).put(put_faults).delete(clear_faults),
+        )
         .route("/stats", get(stats))
         .route("/stats/reset", post(reset_stats))
         .route("/entities/{uid}/touch", post(touch))
@@ -42,11 +45,14 @@ async fn get_faults(State(app): State<App>) -> Json<Faults> {
 
 async fn put_faults(State(app): State<App>, body: Bytes) -> Response {
     match serde_json::from_slice::<Faults>(&body) {
-        Ok(f) if !(0.0..=1.0).contains(&f.error_rate) => {
-            bad_request(format!("error_rate must be within 0..=1, got {}", f.error_rate))
-        }
+        Ok(f) if !(0.0..=1.0).contains(&f.error_rate) => bad_request(format!(
+            "error_rate must be within 0..=1, got {}",
+            f.error_rate
+        )),
         Ok(f) => {
-            app.faults.set(f.clone());
+            // Answer once the listener reflects the faults, so a script that
+            // PUTs `refuse` can rely on refused connects right after.
+            app.apply_faults(f.clone()).await;
             Json(f).into_response()
         }
         Err(e) => bad_request(format!("invalid fault set: {e}")),
@@ -54,7 +60,7 @@ async fn put_faults(State(app): State<App>, body: Bytes) -> Response {
 }
 
 async fn clear_faults(State(app): State<App>) -> StatusCode {
-    app.faults.clear();
+    app.apply_faults(Faults::default()).await;
     StatusCode::NO_CONTENT
 }
 
@@ -70,7 +76,11 @@ async fn reset_stats(State(app): State<App>) -> StatusCode {
 async fn touch(State(app): State<App>, Path(uid): Path<String>) -> Response {
     match app.store.update(&uid, |_| {}) {
         Some(etag) => Json(json!({"uid": uid, "etag": etag})).into_response(),
-        None => (StatusCode::NOT_FOUND, Json(json!({"error": format!("no entity with uid {uid}")}))).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no entity with uid {uid}")})),
+        )
+            .into_response(),
     }
 }
 
@@ -89,11 +99,15 @@ async fn mutate(State(app): State<App>, body: Bytes) -> Response {
         for _ in 0..count {
             let (idx, n) = {
                 let mut rng = app.rng.lock().unwrap_or_else(|p| p.into_inner());
-                (rng.random_range(0..snapshot.items.len()), rng.random::<u32>())
+                (
+                    rng.random_range(0..snapshot.items.len()),
+                    rng.random::<u32>(),
+                )
             };
             let uid = snapshot.items[idx].uid.clone();
             app.store.update(&uid, |e| {
-                e["metadata"]["description"] = json!(format!("Changed by the chaos mutator ({n:08x})."));
+                e["metadata"]["description"] =
+                    json!(format!("Changed by the chaos mutator ({n:08x})."));
             });
             changed.push(uid);
         }

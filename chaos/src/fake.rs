@@ -183,9 +183,22 @@ pub(crate) struct Shared {
     token: Option<String>,
     pub(crate) rng: Mutex<StdRng>,
     locations: Mutex<Vec<Value>>,
+    /// The fault generation the accept loop has acted on (listener closed
+    /// or reopened accordingly).
+    applied: watch::Sender<u64>,
 }
 
 impl Shared {
+    /// Sets the faults and waits until the catalog listener reflects them
+    /// (closed for `refuse`, open again after clearing).
+    pub(crate) async fn apply_faults(&self, faults: Faults) {
+        self.faults.set(faults);
+        let want = self.faults.generation();
+        let mut rx = self.applied.subscribe();
+        // An error means the server stopped; nothing is left to wait for.
+        let _ = rx.wait_for(|g| *g >= want).await;
+    }
+
     pub(crate) fn stats(&self) -> Stats {
         self.stats.get()
     }
@@ -217,6 +230,7 @@ impl FakeCatalog {
                 "type": "url",
                 "target": "https://github.com/acme/software-catalog/blob/main/all.yaml"
             })]),
+            applied: watch::channel(0).0,
         });
         let listener = bind(opts.listen).map_err(|source| StartError::Bind {
             addr: opts.listen,
@@ -296,9 +310,18 @@ impl FakeCatalogHandle {
         &self.shared.faults
     }
 
-    /// Replaces the fault set (shorthand for `faults().set`).
+    /// Replaces the fault set (shorthand for `faults().set`). Listener
+    /// changes (`refuse`, `flap`) take effect a moment later; use
+    /// `apply_faults` to wait for them.
     pub fn set_faults(&self, faults: Faults) {
         self.shared.faults.set(faults);
+    }
+
+    /// Replaces the fault set and waits until the catalog listener reflects
+    /// it: after `apply_faults(refuse)` connects are refused, after
+    /// `apply_faults(Faults::default())` the port accepts again.
+    pub async fn apply_faults(&self, faults: Faults) {
+        self.shared.apply_faults(faults).await;
     }
 
     /// Request counts so far.
@@ -373,7 +396,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-async fn accept_on(l: &Option<TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+async fn accept_on(
+    l: &Option<TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
     match l {
         Some(l) => l.accept().await,
         None => std::future::pending().await,
@@ -396,6 +421,9 @@ async fn accept_loop(
         if *shutdown.borrow() {
             break;
         }
+        // Read the generation before the state: the state is then at least
+        // as new as the generation reported as applied below.
+        let generation = *changes.borrow_and_update();
         let (up, next) = listener_phase(&app.faults.state(), Instant::now());
         if up && listener.is_none() {
             match bind(addr) {
@@ -411,6 +439,7 @@ async fn accept_loop(
             listener = None;
             kill_tx.send_modify(|v| *v += 1);
         }
+        app.applied.send_replace(generation);
         let wake = async move {
             match next {
                 Some(t) => tokio::time::sleep_until(t).await,
@@ -447,7 +476,10 @@ fn router(app: App) -> Router {
         .route("/entities/by-query", get(query_get).post(query_post))
         .route("/entities/by-refs", post(by_refs))
         .route("/entities/by-name/{kind}/{namespace}/{name}", get(by_name))
-        .route("/entities/by-name/{kind}/{namespace}/{name}/ancestry", get(ancestry))
+        .route(
+            "/entities/by-name/{kind}/{namespace}/{name}/ancestry",
+            get(ancestry),
+        )
         .route("/entities/by-uid/{uid}", get(by_uid).delete(delete_by_uid))
         .route("/entity-facets", get(facets_get).post(facets_post))
         .route("/refresh", post(refresh))
@@ -522,7 +554,13 @@ fn relative_url(uri: &axum::http::Uri) -> String {
     pq.strip_prefix(MOUNT).unwrap_or(pq).to_string()
 }
 
-fn error_response(method: &Method, url: &str, status: StatusCode, name: &str, message: &str) -> Response {
+fn error_response(
+    method: &Method,
+    url: &str,
+    status: StatusCode,
+    name: &str,
+    message: &str,
+) -> Response {
     let body = json!({
         "error": {"name": name, "message": message},
         "request": {"method": method.as_str(), "url": url},
@@ -603,22 +641,43 @@ async fn apply_faults(State(app): State<App>, req: Request, next: Next) -> Respo
     if faults.error_rate > 0.0 {
         let (hit, unavailable) = {
             let mut rng = app.rng.lock().unwrap_or_else(|p| p.into_inner());
-            (rng.random::<f64>() < faults.error_rate, rng.random::<bool>())
+            (
+                rng.random::<f64>() < faults.error_rate,
+                rng.random::<bool>(),
+            )
         };
         if hit {
             return if unavailable {
-                error_response(&method, &url, StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", "Service unavailable")
+                error_response(
+                    &method,
+                    &url,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailableError",
+                    "Service unavailable",
+                )
             } else {
-                error_response(&method, &url, StatusCode::INTERNAL_SERVER_ERROR, "Error", "Internal server error")
+                error_response(
+                    &method,
+                    &url,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Error",
+                    "Internal server error",
+                )
             };
         }
     }
     let resp = next.run(req).await;
-    if !(faults.wrong_content_type || faults.malformed || faults.truncated || faults.slow_body.is_some()) {
+    if !(faults.wrong_content_type
+        || faults.malformed
+        || faults.truncated
+        || faults.slow_body.is_some())
+    {
         return resp;
     }
     let (mut parts, body) = resp.into_parts();
-    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
     let bytes = if faults.wrong_content_type {
         parts.headers.insert(
             header::CONTENT_TYPE,
@@ -641,10 +700,23 @@ async fn apply_faults(State(app): State<App>, req: Request, next: Next) -> Respo
         .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     if faults.truncated {
         let half = bytes.slice(..bytes.len() / 2);
-        let stream = futures::stream::iter([
-            Ok::<Bytes, std::io::Error>(half),
-            Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "truncated by fault")),
-        ]);
+        // Pause before failing so the headers and the first half are flushed
+        // to the client: it sees a plausible response that then breaks off.
+        let stream = futures::stream::unfold(Some(half), |state| async move {
+            match state {
+                Some(half) => Some((Ok::<Bytes, std::io::Error>(half), None)),
+                None => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Some((
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "truncated by fault",
+                        )),
+                        None,
+                    ))
+                }
+            }
+        });
         return Response::from_parts(parts, Body::from_stream(stream));
     }
     if let Some(slow) = faults.slow_body {
@@ -694,7 +766,10 @@ impl Params {
     }
 
     fn first(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     fn int(&self, name: &str) -> Result<Option<usize>, ApiError> {
@@ -702,8 +777,12 @@ impl Params {
             None => Ok(None),
             Some(v) => match v.trim().parse::<i64>() {
                 Ok(n) if n >= 0 => Ok(Some(n as usize)),
-                Ok(_) => Err(ApiError::input(format!("request/query/{name} must be >= 0"))),
-                Err(_) => Err(ApiError::input(format!("request/query/{name} must be integer"))),
+                Ok(_) => Err(ApiError::input(format!(
+                    "request/query/{name} must be >= 0"
+                ))),
+                Err(_) => Err(ApiError::input(format!(
+                    "request/query/{name} must be integer"
+                ))),
             },
         }
     }
@@ -765,7 +844,9 @@ fn form_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
+                out.push(b as char)
+            }
             b' ' => out.push('+'),
             _ => out.push_str(&format!("%{b:02X}")),
         }
@@ -795,7 +876,12 @@ fn push_entity(out: &mut Vec<u8>, it: &Item, fields: &[String]) {
 }
 
 fn fail_page_error(app: &App, page: usize) -> Result<(), ApiError> {
-    if app.faults.get().fail_page.is_some_and(|n| n as usize == page) {
+    if app
+        .faults
+        .get()
+        .fail_page
+        .is_some_and(|n| n as usize == page)
+    {
         return Err(ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             name: "Error",
@@ -824,7 +910,10 @@ fn parse_order(values: &[String]) -> Result<Vec<OrderField>, ApiError> {
         .collect()
 }
 
-async fn list_entities(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+async fn list_entities(
+    State(app): State<App>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
     let selector = Filter::parse(&params.all("filter"))?.map(Selector::Filter);
     let fields = params.fields();
@@ -838,10 +927,16 @@ async fn list_entities(State(app): State<App>, RawQuery(raw): RawQuery) -> Resul
             .map_err(|_| bad())?;
         let cursor: Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
         if let Some(l) = cursor.get("limit") {
-            limit = Some(l.as_u64().ok_or_else(|| ApiError::input("Malformed after cursor, limit was not an number"))? as usize);
+            limit =
+                Some(l.as_u64().ok_or_else(|| {
+                    ApiError::input("Malformed after cursor, limit was not an number")
+                })? as usize);
         }
         if let Some(o) = cursor.get("offset") {
-            offset = o.as_u64().ok_or_else(|| ApiError::input("Malformed after cursor, offset was not a number"))? as usize;
+            offset = o
+                .as_u64()
+                .ok_or_else(|| ApiError::input("Malformed after cursor, offset was not a number"))?
+                as usize;
         }
     }
     if let Some(l) = limit.filter(|l| *l > 0) {
@@ -859,12 +954,19 @@ async fn list_entities(State(app): State<App>, RawQuery(raw): RawQuery) -> Resul
     if let (true, Some(l)) = (more, limit) {
         let after = base64::engine::general_purpose::STANDARD
             .encode(json!({"limit": l, "offset": offset + l}).to_string());
-        let mut next = Params(params.0.into_iter().filter(|(k, _)| k != "offset").collect());
+        let mut next = Params(
+            params
+                .0
+                .into_iter()
+                .filter(|(k, _)| k != "offset")
+                .collect(),
+        );
         match next.0.iter().position(|(k, _)| k == "after") {
             Some(i) => {
                 next.0[i].1 = after;
                 let mut seen = false;
-                next.0.retain(|(k, _)| k != "after" || !std::mem::replace(&mut seen, true));
+                next.0
+                    .retain(|(k, _)| k != "after" || !std::mem::replace(&mut seen, true));
             }
             None => next.0.push(("after".into(), after)),
         }
@@ -877,7 +979,8 @@ async fn list_entities(State(app): State<App>, RawQuery(raw): RawQuery) -> Resul
 }
 
 fn page_response(page: catalog::QueryPage, fields: &[String]) -> Response {
-    let mut out = Vec::with_capacity(page.items.iter().map(|i| i.json.len() + 1).sum::<usize>() + 256);
+    let mut out =
+        Vec::with_capacity(page.items.iter().map(|i| i.json.len() + 1).sum::<usize>() + 256);
     out.extend_from_slice(b"{\"items\":");
     out.extend_from_slice(&items_json(&page.items, fields));
     out.extend_from_slice(format!(",\"totalItems\":{},\"pageInfo\":", page.total_items).as_bytes());
@@ -893,7 +996,12 @@ fn page_response(page: catalog::QueryPage, fields: &[String]) -> Response {
     json_response(StatusCode::OK, Bytes::from(out))
 }
 
-fn run_query(app: &App, start: QueryStart, limit: usize, fields: &[String]) -> Result<Response, ApiError> {
+fn run_query(
+    app: &App,
+    start: QueryStart,
+    limit: usize,
+    fields: &[String],
+) -> Result<Response, ApiError> {
     let snap = snapshot(app);
     let page = catalog::query(&snap, start, limit);
     if limit > 0 {
@@ -912,7 +1020,7 @@ async fn query_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<Re
             let selector = Filter::parse(&params.all("filter"))?
                 .map(Selector::Filter)
                 .unwrap_or(Selector::All);
-            let mut order = None;
+            let mut order = Vec::new();
             for item in params.all("orderField") {
                 let (field, dir) = match item.split_once(',') {
                     Some((f, d)) => (f.trim(), Some(d.trim())),
@@ -921,14 +1029,16 @@ async fn query_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<Re
                 let desc = match dir {
                     None | Some("asc") => false,
                     Some("desc") => true,
-                    Some(_) => return Err(ApiError::input("Invalid order field order, must be asc or desc")),
+                    Some(_) => {
+                        return Err(ApiError::input(
+                            "Invalid order field order, must be asc or desc",
+                        ))
+                    }
                 };
-                if order.is_none() {
-                    order = Some(OrderField {
-                        field: field.to_string(),
-                        desc,
-                    });
-                }
+                order.push(OrderField {
+                    field: field.to_string(),
+                    desc,
+                });
             }
             let full_text = FullText {
                 term: params.first("fullTextFilterTerm").unwrap_or("").to_string(),
@@ -965,12 +1075,16 @@ fn string_list(v: Option<&Value>, what: &str) -> Result<Vec<String>, ApiError> {
         Some(Value::Array(a)) => a
             .iter()
             .map(|x| {
-                x.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| ApiError::input(format!("Malformed request: {what} must be an array of strings")))
+                x.as_str().map(str::to_string).ok_or_else(|| {
+                    ApiError::input(format!(
+                        "Malformed request: {what} must be an array of strings"
+                    ))
+                })
             })
             .collect(),
-        Some(_) => Err(ApiError::input(format!("Malformed request: {what} must be an array of strings"))),
+        Some(_) => Err(ApiError::input(format!(
+            "Malformed request: {what} must be an array of strings"
+        ))),
     }
 }
 
@@ -982,6 +1096,26 @@ fn body_limit(body: &Value, default: usize) -> Result<usize, ApiError> {
             .map(|n| n as usize)
             .ok_or_else(|| ApiError::input("request/body/limit must be integer")),
     }
+}
+
+fn order_by(f: &Value) -> Result<OrderField, ApiError> {
+    let field = f
+        .get("field")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::input("Malformed request: orderBy.field must be a string"))?;
+    let desc = match f.get("order").and_then(Value::as_str) {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(_) => {
+            return Err(ApiError::input(
+                "Invalid order field order, must be asc or desc",
+            ))
+        }
+    };
+    Ok(OrderField {
+        field: field.to_string(),
+        desc,
+    })
 }
 
 async fn query_post(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
@@ -999,28 +1133,9 @@ async fn query_post(State(app): State<App>, body: Bytes) -> Result<Response, Api
                 },
             };
             let order = match body.get("orderBy") {
-                None | Some(Value::Null) => None,
-                Some(o) => {
-                    let first = if o.is_array() { o.get(0) } else { Some(o) };
-                    match first {
-                        None => None,
-                        Some(f) => {
-                            let field = f
-                                .get("field")
-                                .and_then(Value::as_str)
-                                .ok_or_else(|| ApiError::input("Malformed request: orderBy.field must be a string"))?;
-                            let desc = match f.get("order").and_then(Value::as_str) {
-                                None | Some("asc") => false,
-                                Some("desc") => true,
-                                Some(_) => return Err(ApiError::input("Invalid order field order, must be asc or desc")),
-                            };
-                            Some(OrderField {
-                                field: field.to_string(),
-                                desc,
-                            })
-                        }
-                    }
-                }
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(list)) => list.iter().map(order_by).collect::<Result<_, _>>()?,
+                Some(one) => vec![order_by(one)?],
             };
             let ft = body.get("fullTextFilter");
             let full_text = FullText {
@@ -1038,7 +1153,8 @@ async fn query_post(State(app): State<App>, body: Bytes) -> Result<Response, Api
                 None | Some(Value::Null) => 0,
                 Some(v) => v
                     .as_u64()
-                    .ok_or_else(|| ApiError::input("request/body/offset must be integer"))? as usize,
+                    .ok_or_else(|| ApiError::input("request/body/offset must be integer"))?
+                    as usize,
             };
             QueryStart::Initial {
                 selector,
@@ -1051,7 +1167,11 @@ async fn query_post(State(app): State<App>, body: Bytes) -> Result<Response, Api
     run_query(&app, start, limit, &fields)
 }
 
-async fn by_refs(State(app): State<App>, RawQuery(raw): RawQuery, body: Bytes) -> Result<Response, ApiError> {
+async fn by_refs(
+    State(app): State<App>,
+    RawQuery(raw): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
     let body = body_json(&body)?;
     if body.get("entityRefs").is_none() {
@@ -1133,7 +1253,10 @@ async fn by_uid(State(app): State<App>, Path(uid): Path<String>) -> Result<Respo
     Ok(json_response(StatusCode::OK, it.json.clone()))
 }
 
-async fn delete_by_uid(State(app): State<App>, Path(uid): Path<String>) -> Result<Response, ApiError> {
+async fn delete_by_uid(
+    State(app): State<App>,
+    Path(uid): Path<String>,
+) -> Result<Response, ApiError> {
     if snapshot(&app).by_uid(&uid).is_none() {
         return Err(ApiError::not_found(format!("No entity with uid {uid}")));
     }
@@ -1146,7 +1269,9 @@ async fn facets_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<R
     let params = Params::parse(raw.as_deref());
     let facets = params.all("facet");
     if facets.is_empty() {
-        return Err(ApiError::input("request/query must have required property 'facet'"));
+        return Err(ApiError::input(
+            "request/query must have required property 'facet'",
+        ));
     }
     let selector = Filter::parse(&params.all("filter"))?
         .map(Selector::Filter)
@@ -1159,7 +1284,9 @@ async fn facets_post(State(app): State<App>, body: Bytes) -> Result<Response, Ap
     let body = body_json(&body)?;
     let facets = string_list(body.get("facets"), "facets")?;
     if facets.is_empty() {
-        return Err(ApiError::input("Malformed request: facets must be a non-empty array of strings"));
+        return Err(ApiError::input(
+            "Malformed request: facets must be a non-empty array of strings",
+        ));
     }
     let selector = match body.get("query") {
         None | Some(Value::Null) => Selector::All,
@@ -1192,7 +1319,11 @@ async fn locations(State(app): State<App>) -> Response {
 }
 
 async fn location(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let locs = app.locations.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let locs = app
+        .locations
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let loc = locs
         .into_iter()
         .find(|l| l["id"].as_str() == Some(id.as_str()))
@@ -1200,14 +1331,20 @@ async fn location(State(app): State<App>, Path(id): Path<String>) -> Result<Resp
     Ok(json_response(StatusCode::OK, Bytes::from(loc.to_string())))
 }
 
-async fn add_location(State(app): State<App>, RawQuery(raw): RawQuery, body: Bytes) -> Result<Response, ApiError> {
+async fn add_location(
+    State(app): State<App>,
+    RawQuery(raw): RawQuery,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
     let body = body_json(&body)?;
     let (Some(kind), Some(target)) = (
         body.get("type").and_then(Value::as_str),
         body.get("target").and_then(Value::as_str),
     ) else {
-        return Err(ApiError::input("Malformed request: type and target are required"));
+        return Err(ApiError::input(
+            "Malformed request: type and target are required",
+        ));
     };
     let id = {
         let mut rng = app.rng.lock().unwrap_or_else(|p| p.into_inner());
@@ -1222,15 +1359,23 @@ async fn add_location(State(app): State<App>, RawQuery(raw): RawQuery, body: Byt
             .push(loc.clone());
     }
     let body = json!({"location": loc, "entities": []});
-    Ok(json_response(StatusCode::CREATED, Bytes::from(body.to_string())))
+    Ok(json_response(
+        StatusCode::CREATED,
+        Bytes::from(body.to_string()),
+    ))
 }
 
-async fn delete_location(State(app): State<App>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn delete_location(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let mut locs = app.locations.lock().unwrap_or_else(|p| p.into_inner());
     let before = locs.len();
     locs.retain(|l| l["id"].as_str() != Some(id.as_str()));
     if locs.len() == before {
-        return Err(ApiError::not_found(format!("Found no location with ID {id}")));
+        return Err(ApiError::not_found(format!(
+            "Found no location with ID {id}"
+        )));
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -1295,7 +1440,10 @@ mod tests {
 
     #[test]
     fn percent_decoding_and_form_encoding() {
-        assert_eq!(percent_decode("kind%3Dcomponent%2Cspec.type"), "kind=component,spec.type");
+        assert_eq!(
+            percent_decode("kind%3Dcomponent%2Cspec.type"),
+            "kind=component,spec.type"
+        );
         assert_eq!(percent_decode("a+b%"), "a b%");
         assert_eq!(percent_decode("%zz"), "%zz");
         assert_eq!(form_encode("eyJ9=="), "eyJ9%3D%3D");
@@ -1304,9 +1452,18 @@ mod tests {
 
     #[test]
     fn routes_are_classified_for_stats() {
-        assert!(matches!(Route::of("/api/catalog/entities"), Route::Entities));
-        assert!(matches!(Route::of("/api/catalog/entities/by-name/a/b/c"), Route::ByName));
-        assert!(matches!(Route::of("/api/catalog/entities/by-name/a/b/c/ancestry"), Route::Ancestry));
+        assert!(matches!(
+            Route::of("/api/catalog/entities"),
+            Route::Entities
+        ));
+        assert!(matches!(
+            Route::of("/api/catalog/entities/by-name/a/b/c"),
+            Route::ByName
+        ));
+        assert!(matches!(
+            Route::of("/api/catalog/entities/by-name/a/b/c/ancestry"),
+            Route::Ancestry
+        ));
         assert!(matches!(Route::of("/api/catalog/locations"), Route::Other));
     }
 }

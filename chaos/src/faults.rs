@@ -126,6 +126,11 @@ impl FaultSwitch {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// How many times the fault set has been replaced.
+    pub(crate) fn generation(&self) -> u64 {
+        *self.changed.borrow()
+    }
+
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }

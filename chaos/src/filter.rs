@@ -184,7 +184,12 @@ impl Predicate {
                 let items = list.as_array().ok_or_else(|| {
                     InputError(format!("Invalid filter predicate: {op} must be an array"))
                 })?;
-                return Ok(make(items.iter().map(Predicate::parse).collect::<Result<_, _>>()?));
+                return Ok(make(
+                    items
+                        .iter()
+                        .map(Predicate::parse)
+                        .collect::<Result<_, _>>()?,
+                ));
             }
         }
         let mut fields = Vec::new();
@@ -275,10 +280,11 @@ fn parse_relation_contains(target: &Value) -> Result<(String, FieldOp), InputErr
         None => Ok((key, FieldOp::Exists(true))),
         Some(Value::String(r)) => Ok((key, FieldOp::Eq(r.to_lowercase()))),
         Some(other) => {
-            let list = other
-                .get("$in")
-                .and_then(Value::as_array)
-                .ok_or_else(|| InputError(format!("Unsupported \"targetRef\" in $contains for \"relations\": {other}")))?;
+            let list = other.get("$in").and_then(Value::as_array).ok_or_else(|| {
+                InputError(format!(
+                    "Unsupported \"targetRef\" in $contains for \"relations\": {other}"
+                ))
+            })?;
             let vs = list
                 .iter()
                 .filter_map(primitive_text)
@@ -379,10 +385,16 @@ mod tests {
     #[test]
     fn predicates() {
         assert!(p(json!({"kind": "COMPONENT"})).matches(&e()));
-        assert!(p(json!({"$all": [{"kind": "component"}, {"spec.type": {"$in": ["website", "Service"]}}]})).matches(&e()));
+        assert!(p(
+            json!({"$all": [{"kind": "component"}, {"spec.type": {"$in": ["website", "Service"]}}]})
+        )
+        .matches(&e()));
         assert!(!p(json!({"$all": []})).matches(&e()));
         assert!(!p(json!({"$any": []})).matches(&e()));
-        assert!(p(json!({"$any": [{"kind": "api"}, {"metadata.name": {"$hasPrefix": "check"}}]})).matches(&e()));
+        assert!(
+            p(json!({"$any": [{"kind": "api"}, {"metadata.name": {"$hasPrefix": "check"}}]}))
+                .matches(&e())
+        );
         assert!(p(json!({"$not": {"spec.lifecycle": "experimental"}})).matches(&e()));
         assert!(p(json!({"spec.owner": {"$exists": false}})).matches(&e()));
         assert!(!p(json!({"spec.type": {"$exists": false}})).matches(&e()));
@@ -398,6 +410,8 @@ mod tests {
         assert!(Predicate::parse(&json!("component")).is_err());
         assert!(Predicate::parse(&json!({"kind": {"$regex": "x"}})).is_err());
         assert!(Predicate::parse(&json!({"kind": ["a"]})).is_err());
-        assert!(Predicate::parse(&json!({"relations": {"$contains": {"targetRef": "x"}}})).is_err());
+        assert!(
+            Predicate::parse(&json!({"relations": {"$contains": {"targetRef": "x"}}})).is_err()
+        );
     }
 }

@@ -53,14 +53,23 @@ pub(crate) fn uuid(rng: &mut SplitMix) -> String {
     )
 }
 
-/// FNV-1a over bytes; used for etags, which only need to change with content.
+/// A stable 64-bit hash of bytes (FNV-style, a word at a time); used for
+/// etags and derived uids, which only need to change with their input.
 pub(crate) fn fnv1a(bytes: &[u8], salt: u64) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ salt;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let mut buf = [0u8; 8];
+        buf.copy_from_slice(w);
+        h = (h ^ u64::from_le_bytes(buf))
+            .wrapping_mul(PRIME)
+            .rotate_left(29);
     }
-    h
+    for b in words.remainder() {
+        h = (h ^ u64::from(*b)).wrapping_mul(PRIME);
+    }
+    h ^ (h >> 32)
 }
 
 /// Computes an etag for `entity` from its content (ignoring any current etag)
@@ -70,7 +79,7 @@ pub fn compute_etag(entity: &Value, salt: u64) -> String {
     if let Some(meta) = copy.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("etag");
     }
-    let text = serde_json::to_vec(&copy).unwrap_or_default();
+    let text = copy.to_string().into_bytes();
     let h1 = fnv1a(&text, salt);
     let h2 = fnv1a(&text, salt.rotate_left(17) ^ 0xA5A5);
     format!("{h1:016x}{h2:016x}")
@@ -115,26 +124,86 @@ impl Kind {
 }
 
 const WORDS: &[&str] = &[
-    "checkout", "payments", "billing", "search", "catalog", "inventory", "shipping", "orders",
-    "identity", "profile", "ledger", "pricing", "reviews", "media", "notify", "gateway",
-    "analytics", "fraud", "loyalty", "cart", "session", "routing", "audit", "reporting",
+    "checkout",
+    "payments",
+    "billing",
+    "search",
+    "catalog",
+    "inventory",
+    "shipping",
+    "orders",
+    "identity",
+    "profile",
+    "ledger",
+    "pricing",
+    "reviews",
+    "media",
+    "notify",
+    "gateway",
+    "analytics",
+    "fraud",
+    "loyalty",
+    "cart",
+    "session",
+    "routing",
+    "audit",
+    "reporting",
 ];
 const SUFFIXES: &[&str] = &["service", "api", "worker", "web", "backend", "job", "proxy"];
 const TAGS: &[&str] = &[
-    "java", "go", "python", "grpc", "rest", "kotlin", "rust", "typescript", "kafka", "postgres",
-    "redis", "graphql", "react", "spring", "node",
+    "java",
+    "go",
+    "python",
+    "grpc",
+    "rest",
+    "kotlin",
+    "rust",
+    "typescript",
+    "kafka",
+    "postgres",
+    "redis",
+    "graphql",
+    "react",
+    "spring",
+    "node",
 ];
-const LIFECYCLES: &[&str] = &["production", "production", "production", "experimental", "deprecated"];
+const LIFECYCLES: &[&str] = &[
+    "production",
+    "production",
+    "production",
+    "experimental",
+    "deprecated",
+];
 const COMPONENT_TYPES: &[&str] = &["service", "service", "service", "website", "library"];
 const API_TYPES: &[&str] = &["openapi", "openapi", "grpc", "asyncapi", "graphql"];
-const RESOURCE_TYPES: &[&str] = &["database", "s3-bucket", "kafka-topic", "redis-cache", "queue"];
+const RESOURCE_TYPES: &[&str] = &[
+    "database",
+    "s3-bucket",
+    "kafka-topic",
+    "redis-cache",
+    "queue",
+];
 const FIRST_NAMES: &[&str] = &[
     "ada", "alan", "grace", "linus", "margaret", "ken", "barbara", "dennis", "frances", "john",
     "radia", "tim", "donald", "edsger", "hedy", "niklaus",
 ];
 const LAST_NAMES: &[&str] = &[
-    "lovelace", "turing", "hopper", "torvalds", "hamilton", "thompson", "liskov", "ritchie",
-    "allen", "backus", "perlman", "berners-lee", "knuth", "dijkstra", "lamarr", "wirth",
+    "lovelace",
+    "turing",
+    "hopper",
+    "torvalds",
+    "hamilton",
+    "thompson",
+    "liskov",
+    "ritchie",
+    "allen",
+    "backus",
+    "perlman",
+    "berners-lee",
+    "knuth",
+    "dijkstra",
+    "lamarr",
+    "wirth",
 ];
 const OTHER_NAMESPACES: &[&str] = &["payments", "platform"];
 
@@ -232,8 +301,12 @@ pub fn generate(n: usize, seed: u64) -> Vec<Value> {
             .map(|(_, v)| v.clone())
             .unwrap_or_default()
     };
-    let (domains, systems, groups, users) =
-        (of(Kind::Domain), of(Kind::System), of(Kind::Group), of(Kind::User));
+    let (domains, systems, groups, users) = (
+        of(Kind::Domain),
+        of(Kind::System),
+        of(Kind::Group),
+        of(Kind::User),
+    );
     let (resources, apis, components) = (of(Kind::Resource), of(Kind::Api), of(Kind::Component));
 
     let mut edges: Vec<(usize, &'static str, &'static str, usize)> = Vec::new();
@@ -257,14 +330,21 @@ pub fn generate(n: usize, seed: u64) -> Vec<Value> {
         }
         if rng.chance(20) {
             if let Some(g) = pick_from(&mut rng, &groups) {
-                if !edges.iter().any(|e| e.0 == u && e.3 == g) {
+                // The user's first membership is the edge just pushed.
+                if edges.last().map(|e| e.3) != Some(g) {
                     edges.push((u, "memberOf", "hasMember", g));
                 }
             }
         }
     }
     // Ownership of everything that has an owner.
-    for &e in domains.iter().chain(&systems).chain(&resources).chain(&apis).chain(&components) {
+    for &e in domains
+        .iter()
+        .chain(&systems)
+        .chain(&resources)
+        .chain(&apis)
+        .chain(&components)
+    {
         if let Some(g) = pick_from(&mut rng, &groups) {
             edges.push((e, "ownedBy", "ownerOf", g));
         }
@@ -308,8 +388,12 @@ pub fn generate(n: usize, seed: u64) -> Vec<Value> {
 
     let refs: Vec<String> = drafts.iter().map(Draft::full_ref).collect();
     for &(from, forward, backward, to) in &edges {
-        drafts[from].relations.push((forward.to_string(), refs[to].clone()));
-        drafts[to].relations.push((backward.to_string(), refs[from].clone()));
+        drafts[from]
+            .relations
+            .push((forward.to_string(), refs[to].clone()));
+        drafts[to]
+            .relations
+            .push((backward.to_string(), refs[from].clone()));
         add_spec_for_edge(&mut drafts[from], forward, &refs[to]);
         add_spec_for_edge(&mut drafts[to], backward, &refs[from]);
     }
@@ -326,11 +410,7 @@ fn draft_name(kind: Kind, i: usize, rng: &mut SplitMix) -> String {
         Kind::Domain => format!("{w}-domain-{i:03}"),
         Kind::System => format!("{w}-system-{i:04}"),
         Kind::Group => format!("team-{:04}", i + 1),
-        Kind::User => format!(
-            "{}.{}-{i:05}",
-            rng.pick(FIRST_NAMES),
-            rng.pick(LAST_NAMES)
-        ),
+        Kind::User => format!("{}.{}-{i:05}", rng.pick(FIRST_NAMES), rng.pick(LAST_NAMES)),
         Kind::Resource => format!("{w}-{}-{i:05}", rng.pick(RESOURCE_TYPES)),
         Kind::Api => format!("{w}-api-{i:05}"),
         Kind::Component => format!("{w}-{}-{i:05}", rng.pick(SUFFIXES)),
@@ -356,7 +436,11 @@ fn draft_name(kind: Kind, i: usize, rng: &mut SplitMix) -> String {
 fn add_spec_for_edge(d: &mut Draft, relation: &str, target: &str) {
     let short = |r: &str| -> String {
         // Authors usually write refs relative to the entity's kind defaults.
-        r.split_once(':').map(|(_, rest)| rest).unwrap_or(r).trim_start_matches("default/").to_string()
+        r.split_once(':')
+            .map(|(_, rest)| rest)
+            .unwrap_or(r)
+            .trim_start_matches("default/")
+            .to_string()
     };
     let push = |spec: &mut Map<String, Value>, key: &str, v: String| {
         let arr = spec.entry(key).or_insert_with(|| json!([]));
@@ -387,14 +471,21 @@ fn add_spec_for_edge(d: &mut Draft, relation: &str, target: &str) {
 }
 
 fn finish(mut d: Draft, rng: &mut SplitMix, seed: u64) -> Value {
-    let word = d.name.split(['-', '.']).next().unwrap_or("thing").to_lowercase();
+    let word = d
+        .name
+        .split(['-', '.'])
+        .next()
+        .unwrap_or("thing")
+        .to_lowercase();
     let title = d
         .name
         .split('-')
         .filter(|p| !p.chars().all(|c| c.is_ascii_digit()))
         .map(|p| {
             let mut c = p.chars();
-            c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
+            c.next()
+                .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+                .unwrap_or_default()
         })
         .collect::<Vec<_>>()
         .join(" ");
@@ -402,11 +493,15 @@ fn finish(mut d: Draft, rng: &mut SplitMix, seed: u64) -> Value {
     let mut annotations = Map::new();
     annotations.insert(
         "backstage.io/managed-by-location".into(),
-        json!(format!("url:https://github.com/{slug}/blob/main/catalog-info.yaml")),
+        json!(format!(
+            "url:https://github.com/{slug}/blob/main/catalog-info.yaml"
+        )),
     );
     annotations.insert(
         "backstage.io/managed-by-origin-location".into(),
-        json!(format!("url:https://github.com/{slug}/blob/main/catalog-info.yaml")),
+        json!(format!(
+            "url:https://github.com/{slug}/blob/main/catalog-info.yaml"
+        )),
     );
     let mut labels = Map::new();
     let mut tags: Vec<&str> = Vec::new();
@@ -423,7 +518,10 @@ fn finish(mut d: Draft, rng: &mut SplitMix, seed: u64) -> Value {
             }
             labels.insert("tier".into(), json!(format!("{}", 1 + rng.below(3))));
             if rng.chance(50) {
-                labels.insert("cost-center".into(), json!(format!("cc-{:03}", rng.below(40))));
+                labels.insert(
+                    "cost-center".into(),
+                    json!(format!("cc-{:03}", rng.below(40))),
+                );
             }
             for _ in 0..1 + rng.below(3) {
                 let t = rng.pick(TAGS);
@@ -468,16 +566,22 @@ fn finish(mut d: Draft, rng: &mut SplitMix, seed: u64) -> Value {
     }
     match d.kind {
         Kind::Component => {
-            d.spec.insert("type".into(), json!(rng.pick(COMPONENT_TYPES)));
-            d.spec.insert("lifecycle".into(), json!(rng.pick(LIFECYCLES)));
+            d.spec
+                .insert("type".into(), json!(rng.pick(COMPONENT_TYPES)));
+            d.spec
+                .insert("lifecycle".into(), json!(rng.pick(LIFECYCLES)));
         }
         Kind::Api => {
             let t = rng.pick(API_TYPES);
             d.spec.insert("type".into(), json!(t));
-            d.spec.insert("lifecycle".into(), json!(rng.pick(LIFECYCLES)));
+            d.spec
+                .insert("lifecycle".into(), json!(rng.pick(LIFECYCLES)));
             d.spec.insert(
                 "definition".into(),
-                json!(format!("{t}: 3.0.0\ninfo:\n  title: {title}\n  version: 1.0.{}\npaths: {{}}\n", rng.below(30))),
+                json!(format!(
+                    "{t}: 3.0.0\ninfo:\n  title: {title}\n  version: 1.0.{}\npaths: {{}}\n",
+                    rng.below(30)
+                )),
             );
         }
         Kind::Resource => {
@@ -492,9 +596,15 @@ fn finish(mut d: Draft, rng: &mut SplitMix, seed: u64) -> Value {
         _ => {}
     }
     let description = match d.kind {
-        Kind::Domain => format!("Everything about {word}: the business capability and its systems."),
-        Kind::System => format!("The {word} system groups the services, APIs and data behind {word}."),
-        Kind::Component => format!("{title} handles {word} requests for the storefront and internal tools."),
+        Kind::Domain => {
+            format!("Everything about {word}: the business capability and its systems.")
+        }
+        Kind::System => {
+            format!("The {word} system groups the services, APIs and data behind {word}.")
+        }
+        Kind::Component => {
+            format!("{title} handles {word} requests for the storefront and internal tools.")
+        }
         Kind::Api => format!("Public contract of {word}, versioned and reviewed by its owners."),
         Kind::Resource => format!("Storage used by the {word} services."),
         Kind::Group => format!("{title} builds and runs the software it owns."),
@@ -527,7 +637,13 @@ fn finish(mut d: Draft, rng: &mut SplitMix, seed: u64) -> Value {
         "spec": Value::Object(d.spec),
         "relations": relations,
     });
-    let etag = compute_etag(&entity, seed);
+    // A fresh entity's etag only needs to be unique and deterministic;
+    // hashing its uid avoids serializing 100,000 entities twice.
+    let etag = format!(
+        "{:016x}{:016x}",
+        fnv1a(d.uid.as_bytes(), seed),
+        fnv1a(d.uid.as_bytes(), seed ^ 0xE7A6)
+    );
     if let Some(meta) = entity.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.insert("etag".into(), json!(etag));
     }
@@ -536,7 +652,9 @@ fn finish(mut d: Draft, rng: &mut SplitMix, seed: u64) -> Value {
 
 fn capital(s: &str) -> String {
     let mut c = s.chars();
-    c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -565,7 +683,10 @@ mod tests {
     #[test]
     fn uids_and_refs_unique_and_relations_bidirectional() {
         let es = generate(2000, 3);
-        let uids: HashSet<&str> = es.iter().filter_map(|e| e["metadata"]["uid"].as_str()).collect();
+        let uids: HashSet<&str> = es
+            .iter()
+            .filter_map(|e| e["metadata"]["uid"].as_str())
+            .collect();
         assert_eq!(uids.len(), es.len());
         let refs: HashSet<String> = es.iter().filter_map(entity_ref).collect();
         assert_eq!(refs.len(), es.len());
@@ -604,7 +725,10 @@ mod tests {
     #[test]
     fn realistic_size_and_some_mixed_case_and_namespaces() {
         let es = generate(1000, 1);
-        let bytes: usize = es.iter().map(|e| serde_json::to_vec(e).unwrap().len()).sum();
+        let bytes: usize = es
+            .iter()
+            .map(|e| serde_json::to_vec(e).unwrap().len())
+            .sum();
         let avg = bytes / es.len();
         assert!((700..2500).contains(&avg), "average entity size {avg}");
         assert!(es.iter().any(|e| {

@@ -8,8 +8,8 @@
 //! HTTP under `/api/catalog`, shaped by `faults`, with `control` as the
 //! separate operator listener.
 
-pub mod catalog;
-pub mod control;
+mod catalog;
+mod control;
 pub mod fake;
 pub mod faults;
 pub mod filter;

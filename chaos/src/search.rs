@@ -83,7 +83,10 @@ fn walk_object(map: &Map<String, Value>, rest: &str, top: bool, out: &mut Vec<Se
         let kl = k.to_lowercase();
         if rest == kl {
             collect_leaf(v, out);
-        } else if let Some(tail) = rest.strip_prefix(kl.as_str()).and_then(|t| t.strip_prefix('.')) {
+        } else if let Some(tail) = rest
+            .strip_prefix(kl.as_str())
+            .and_then(|t| t.strip_prefix('.'))
+        {
             descend(v, tail, out);
         }
     }
@@ -208,21 +211,33 @@ mod tests {
     #[test]
     fn keys_are_case_insensitive_and_values_lowered() {
         let e = sample();
-        assert_eq!(lowers(&e, "METADATA.Name"), vec![Some("checkout-service".into())]);
-        assert_eq!(values(&e, "metadata.name")[0].original.as_deref(), Some("Checkout-Service"));
+        assert_eq!(
+            lowers(&e, "METADATA.Name"),
+            vec![Some("checkout-service".into())]
+        );
+        assert_eq!(
+            values(&e, "metadata.name")[0].original.as_deref(),
+            Some("Checkout-Service")
+        );
     }
 
     #[test]
     fn arrays_dotted_keys_relations_and_nulls() {
         let e = sample();
-        assert_eq!(lowers(&e, "metadata.tags"), vec![Some("java".into()), Some("grpc".into())]);
+        assert_eq!(
+            lowers(&e, "metadata.tags"),
+            vec![Some("java".into()), Some("grpc".into())]
+        );
         assert_eq!(lowers(&e, "metadata.tags.java"), vec![Some("true".into())]);
         assert_eq!(lowers(&e, "metadata.links.url").len(), 2);
         assert_eq!(
             lowers(&e, "metadata.annotations.backstage.io/managed-by-location"),
             vec![Some("url:x".into())]
         );
-        assert_eq!(lowers(&e, "relations.ownedby"), vec![Some("group:default/team-a".into())]);
+        assert_eq!(
+            lowers(&e, "relations.ownedby"),
+            vec![Some("group:default/team-a".into())]
+        );
         assert!(values(&e, "relations.type").is_empty());
         assert_eq!(lowers(&e, "metadata.empty"), vec![None]);
         assert!(values(&e, "metadata.missing").is_empty());

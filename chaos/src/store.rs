@@ -26,9 +26,14 @@ pub(crate) struct Item {
 
 impl Item {
     fn new(value: Value) -> Item {
-        let uid = value["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+        let uid = value["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let entity_ref = entity_ref(&value).unwrap_or_default();
-        let json = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
+        // `Display` is compiled (optimized) inside serde_json; `to_vec` would be
+        // monomorphized here, which is slow in debug builds of the tests.
+        let json = Bytes::from(value.to_string());
         Item {
             value,
             json,
@@ -50,7 +55,11 @@ pub(crate) struct Snapshot {
 impl Snapshot {
     fn build(mut items: Vec<Arc<Item>>) -> Snapshot {
         items.sort_by(|a, b| a.uid.cmp(&b.uid));
-        let by_uid = items.iter().enumerate().map(|(i, it)| (it.uid.clone(), i)).collect();
+        let by_uid = items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| (it.uid.clone(), i))
+            .collect();
         let by_ref = items
             .iter()
             .enumerate()
@@ -126,7 +135,10 @@ impl Store {
         if empty {
             return self.empty.clone();
         }
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn swap(&self, items: Vec<Arc<Item>>) {
@@ -201,6 +213,10 @@ impl Store {
     }
 
     pub(crate) fn entities(&self) -> Vec<Value> {
-        self.snapshot(false).items.iter().map(|it| it.value.clone()).collect()
+        self.snapshot(false)
+            .items
+            .iter()
+            .map(|it| it.value.clone())
+            .collect()
     }
 }
