@@ -643,6 +643,13 @@ fn set_mode_gauge(current: BreakerMode) {
 }
 
 impl Breaker {
+    /// Sets the state and mode gauges to the current values (for a recorder
+    /// installed after the breaker was made, and for every scrape).
+    pub fn publish_gauges(&self) {
+        set_state_gauge(self.state());
+        set_mode_gauge(self.mode());
+    }
+
     /// A closed breaker in `Auto` mode. Out-of-range settings are clamped
     /// (see [`BreakerConfig::validate`] to refuse them instead).
     pub fn new(config: BreakerConfig) -> Self {

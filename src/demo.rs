@@ -52,6 +52,17 @@ pub async fn run(entities: usize, data_dir: &Path) -> Result<(), String> {
     }
     let token_file = config.admin.token_file.display().to_string();
     let view = sidecar.view();
+    let example = view
+        .as_ref()
+        .and_then(|v| {
+            v.index
+                .entities()
+                .map(|e| e.entity_ref.clone())
+                .filter(|r| r.starts_with("component:default/"))
+                .min()
+        })
+        .map(|r| r.replacen(':', "/", 1))
+        .unwrap_or_else(|| "component/default/unknown".into());
     println!(
         "\ncatalog-cache demo\n\
          \n  demo catalog (upstream):  {base}  ({entities} entities; faults on http://{DEMO_CONTROL})\
@@ -59,13 +70,13 @@ pub async fn run(entities: usize, data_dir: &Path) -> Result<(), String> {
          \n  admin / status page:      http://{admin}/\
          \n  mirror:                   generation {generation}, {count} entities, in {db}\n\
          \nTry:\
-         \n  curl -si http://{proxy}/api/catalog/entities/by-name/component/default/checkout-service-00100 | head -12\
+         \n  curl -si http://{proxy}/api/catalog/entities/by-name/{example} | head -12\
          \n  curl -s 'http://{proxy}/api/catalog/entities/by-query?filter=kind=api&limit=2' | head -c 600; echo\
          \n  curl -s 'http://{proxy}/api/catalog/entity-facets?facet=kind'; echo\
          \n  curl -s http://{admin}/readyz; echo\
          \n\nTake the upstream down and watch reads stay up, marked stale (X-Catalog-Stale: true):\
          \n  curl -X PUT http://{DEMO_CONTROL}/faults -H 'content-type: application/json' -d '{{\"refuse\":true}}'\
-         \n  sleep 20; curl -si http://{proxy}/api/catalog/entities/by-name/component/default/checkout-service-00100 | grep -iE '^(HTTP|cache-status|age|x-catalog-stale)'\
+         \n  sleep 20; curl -si http://{proxy}/api/catalog/entities/by-name/{example} | grep -iE '^(HTTP|cache-status|age|x-catalog-stale)'\
          \n  catalog-cache status --admin http://{admin}\
          \n  curl -X DELETE http://{DEMO_CONTROL}/faults      # bring it back\
          \n\nOperator flags (admin token in {token_file}):\
@@ -78,6 +89,7 @@ pub async fn run(entities: usize, data_dir: &Path) -> Result<(), String> {
         generation = view.as_ref().map_or(0, |v| v.meta.id),
         count = view.as_ref().map_or(0, |v| v.index.len()),
         db = config.mirror.path.display(),
+        example = example,
     );
     let result = runner.await.map_err(|e| e.to_string())?;
     catalog.shutdown().await;

@@ -227,6 +227,7 @@ impl Sidecar {
         if let Some(age) = self.data_age() {
             metrics::gauge!(m::MIRROR_DATA_AGE_SECONDS).set(age.as_secs_f64());
         }
+        self.breaker.publish_gauges();
         metrics::gauge!(m::HOT_CACHE_ENTRIES).set(self.hot.entry_count() as f64);
         let policy = self.flags.stale().policy;
         for p in [crate::config::StalePolicy::Serve, crate::config::StalePolicy::Refuse] {
