@@ -390,7 +390,8 @@ impl Mirror {
         Ok((
             GenerationMeta {
                 id: next,
-                synced_at,
+                // As stored: a restart must see the same age.
+                synced_at: from_ms(to_ms(synced_at)),
                 entities: count,
             },
             stats,
@@ -410,7 +411,7 @@ impl Mirror {
             [to_ms(at).to_string()],
         )?;
         Ok(Some(GenerationMeta {
-            synced_at: at,
+            synced_at: from_ms(to_ms(at)),
             ..meta
         }))
     }
@@ -724,4 +725,106 @@ pub fn from_ms(ms: i64) -> SystemTime {
 /// RFC 3339 UTC rendering of a wall-clock time, e.g. `2026-12-01T06:00:00Z`.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entity(uid: &str, name: &str, etag: &str) -> Arc<Entity> {
+        let body = format!(
+            r#"{{"apiVersion":"backstage.io/v1alpha1","kind":"Component","metadata":{{"name":"{name}","namespace":"default","uid":"{uid}","etag":"{etag}"}},"spec":{{}}}}"#
+        );
+        Arc::new(Entity::from_json(Bytes::from(body)).unwrap())
+    }
+
+    fn etags(entities: &[Arc<Entity>]) -> HashMap<Arc<str>, Arc<str>> {
+        entities.iter().map(|e| (e.uid.clone(), e.etag.clone())).collect()
+    }
+
+    #[test]
+    fn unchanged_entities_are_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mirror, outcome) = Mirror::open(&dir.path().join("m.db")).unwrap();
+        assert_eq!(outcome, OpenOutcome::Healthy);
+        let first = vec![entity("u1", "a", "e1"), entity("u2", "b", "e1"), entity("u3", "c", "e1")];
+        let (meta, stats) = mirror.apply(&first, &HashMap::new(), SystemTime::now(), "sync").unwrap();
+        assert_eq!((meta.id, meta.entities, stats.added, stats.rows_written), (1, 3, 3, 3));
+
+        let (meta, stats) = mirror.apply(&first, &etags(&first), SystemTime::now(), "sync").unwrap();
+        assert_eq!(meta.id, 2);
+        assert_eq!(stats.unchanged, 3);
+        assert_eq!(stats.rows_written, 0, "an unchanged catalog rewrites no entity row");
+
+        let second = vec![entity("u1", "a", "e2"), entity("u2", "b", "e1"), entity("u4", "d", "e1")];
+        let (meta, stats) = mirror.apply(&second, &etags(&first), SystemTime::now(), "sync").unwrap();
+        assert_eq!(
+            (stats.added, stats.changed, stats.removed, stats.unchanged, stats.rows_written),
+            (1, 1, 1, 1, 3)
+        );
+        let loaded = mirror.load().unwrap();
+        assert_eq!(loaded.meta, Some(meta));
+        let mut uids: Vec<_> = loaded.entities.iter().map(|e| e.uid.to_string()).collect();
+        uids.sort();
+        assert_eq!(uids, ["u1", "u2", "u4"]);
+    }
+
+    #[test]
+    fn corrupt_file_is_moved_aside_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        std::fs::write(&path, b"definitely not sqlite ".repeat(300)).unwrap();
+        let (mirror, outcome) = Mirror::open(&path).unwrap();
+        let OpenOutcome::MovedAside(aside) = outcome else {
+            panic!("corrupt file was not detected");
+        };
+        assert_eq!(std::fs::read(aside).unwrap(), b"definitely not sqlite ".repeat(300));
+        assert_eq!(mirror.meta().unwrap(), None);
+    }
+
+    #[test]
+    fn flags_and_audit_persist_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        {
+            let (mirror, _) = Mirror::open(&path).unwrap();
+            let flag = StoredFlag {
+                value: "open".into(),
+                reason: Some("maintenance".into()),
+                actor: "cli".into(),
+                set_at: SystemTime::now(),
+                expires_at: None,
+            };
+            let record = AuditRecord {
+                actor: "cli",
+                subject: "breaker_mode",
+                from: Some("auto"),
+                to: "open",
+                reason: Some("maintenance"),
+            };
+            mirror.set_flag("breaker_mode", Some(&flag), &record).unwrap();
+        }
+        let (mirror, _) = Mirror::open(&path).unwrap();
+        assert_eq!(mirror.flag("breaker_mode").unwrap().unwrap().value, "open");
+        let audit = mirror.recent_audit(5).unwrap();
+        assert_eq!(audit.len(), 1);
+        assert_eq!((audit[0].to.as_str(), audit[0].reason.as_deref()), ("open", Some("maintenance")));
+    }
+
+    #[test]
+    fn snapshot_round_trips_with_its_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mirror, _) = Mirror::open(&dir.path().join("m.db")).unwrap();
+        let synced = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let entities = vec![entity("u1", "a", "e1"), entity("u2", "b", "e1")];
+        mirror.apply(&entities, &HashMap::new(), synced, "sync").unwrap();
+        let file = dir.path().join("snap.db");
+        mirror.export(&file).unwrap();
+        assert!(mirror.export(&file).is_err(), "export never overwrites");
+        let snapshot = read_snapshot(&file).unwrap();
+        assert_eq!(snapshot.entities.len(), 2);
+        assert_eq!(snapshot.meta.unwrap().synced_at, synced);
+        std::fs::write(dir.path().join("junk.db"), b"junk").unwrap();
+        assert!(read_snapshot(&dir.path().join("junk.db")).is_err());
+    }
 }
