@@ -196,7 +196,7 @@ impl EntityFilter {
                         let mut out = RoaringBitmap::new();
                         for v in values {
                             if let Some(docs) = postings.values.get(v.to_lowercase().as_str()) {
-                                out |= docs;
+                                docs.or_into(&mut out);
                             }
                         }
                         out

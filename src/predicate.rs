@@ -8,7 +8,7 @@
 use roaring::RoaringBitmap;
 use serde_json::{Map, Value};
 
-use crate::index::{js_number, js_string, Index};
+use crate::index::{js_number, js_string, DocSet, Index};
 use crate::query::QueryError;
 
 /// Deepest nesting of predicates accepted (a bound on work and stack).
@@ -136,11 +136,13 @@ fn eval_field(index: &Index, key: &str, cond: &ValuePredicate) -> RoaringBitmap 
         return eval_contains(index, key, inner);
     }
     let postings = index.key(&key.to_lowercase());
-    let lookup = |v: &str| -> Option<&RoaringBitmap> {
+    let lookup = |v: &str| -> Option<&DocSet> {
         postings.and_then(|p| p.values.get(v.to_lowercase().as_str()))
     };
     match cond {
-        ValuePredicate::Eq(p) => lookup(&p.as_js_string()).cloned().unwrap_or_default(),
+        ValuePredicate::Eq(p) => lookup(&p.as_js_string())
+            .map(DocSet::to_bitmap)
+            .unwrap_or_default(),
         ValuePredicate::Exists(true) => postings.map(|p| p.present.clone()).unwrap_or_default(),
         ValuePredicate::Exists(false) => match postings {
             Some(p) => index.all() - &p.present,
@@ -150,7 +152,7 @@ fn eval_field(index: &Index, key: &str, cond: &ValuePredicate) -> RoaringBitmap 
             let mut out = RoaringBitmap::new();
             for p in list {
                 if let Some(docs) = lookup(&p.as_js_string()) {
-                    out |= docs;
+                    docs.or_into(&mut out);
                 }
             }
             out
@@ -161,7 +163,7 @@ fn eval_field(index: &Index, key: &str, cond: &ValuePredicate) -> RoaringBitmap 
             if let Some(p) = postings {
                 for (v, docs) in &p.values {
                     if v.starts_with(&prefix) {
-                        out |= docs;
+                        docs.or_into(&mut out);
                     }
                 }
             }
