@@ -3,7 +3,9 @@
 //! `orderFieldValues`, `firstSortFieldValues`, `totalItems`). Issued and read
 //! by `query`; self-contained, so any sidecar (or generation) can continue a
 //! walk. `query` is present only for predicate queries: the official client
-//! routes a cursor to `POST` exactly when it finds that key.
+//! routes a cursor to `POST` exactly when it finds that key. No generation
+//! number is carried: a position is a keyset value, meaningful on any
+//! generation, so a cursor issued before a sync keeps working after it.
 
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;

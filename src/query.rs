@@ -913,10 +913,7 @@ fn post_facets(index: &Index, params: &Params, body: &[u8]) -> Result<Answer, Qu
 fn render_facets(index: &Index, facets: &[String], matched: Option<&RoaringBitmap>) -> Answer {
     let mut out = Map::new();
     for facet in facets {
-        let mut counts: Vec<(String, u64)> = index
-            .key(&facet.to_lowercase())
-            .map(|p| p.facet_counts(matched))
-            .unwrap_or_default();
+        let mut counts = index.facet_counts(&facet.to_lowercase(), matched);
         counts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let list = counts
             .into_iter()

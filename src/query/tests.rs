@@ -338,6 +338,18 @@ fn facets_keep_original_casing_sorted_with_counts() {
         v,
         json!({"facets": {"kind": [{"value": "Component", "count": 1}, {"value": "api", "count": 1}]}})
     );
+    // A unique mixed-case value keeps its spelling too (read back from the body).
+    let (v, _) = run(
+        &ix,
+        QueryKind::GetFacets,
+        "facet=metadata.name&filter=metadata.uid=u1,metadata.uid=u2",
+        "",
+    )
+    .unwrap();
+    assert_eq!(
+        v,
+        json!({"facets": {"metadata.name": [{"value": "Checkout", "count": 1}, {"value": "cart", "count": 1}]}})
+    );
     let e = run(&ix, QueryKind::GetFacets, "", "").unwrap_err();
     assert_eq!(e.to_string(), "Missing facet parameter");
 }
