@@ -175,7 +175,7 @@ fn bench(c: &mut Criterion) {
         bodies as f64 / 1048576.0 / (index.len() as f64 / 10_000.0),
     );
 
-    let cases: [(&str, QueryKind, &str, &str); 7] = [
+    let cases: [(&str, QueryKind, &str, &str); 8] = [
         (
             "selective filter (GET /entities, 1 hit)",
             QueryKind::GetEntities,
@@ -186,6 +186,12 @@ fn bench(c: &mut Criterion) {
             "relation filter (GET /entities, ~150 hits)",
             QueryKind::GetEntities,
             "filter=relations.ownedby=group:default/team-0042",
+            "",
+        ),
+        (
+            "broad filter (GET /entities kind=component, all ~60k bodies)",
+            QueryKind::GetEntities,
+            "filter=kind=component",
             "",
         ),
         (

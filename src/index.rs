@@ -485,6 +485,9 @@ pub struct Index {
     by_ref: HashMap<Arc<str>, u32>,
     keys: HashMap<Box<str>, KeyPostings>,
     all: RoaringBitmap,
+    /// Per document: its position in `entity_ref` order (the default order
+    /// of `GET /entities`).
+    ref_ranks: Vec<u32>,
     sort_columns: Mutex<HashMap<Box<str>, Arc<SortColumn>>>,
     postings_bytes: usize,
 }
@@ -552,6 +555,17 @@ impl Index {
         }
         let mut all = RoaringBitmap::new();
         all.insert_range(0..entities.len() as u32);
+        let mut by_ref_order: Vec<u32> = (0..entities.len() as u32).collect();
+        by_ref_order.sort_unstable_by(|&a, &b| {
+            entities[a as usize]
+                .entity_ref
+                .cmp(&entities[b as usize].entity_ref)
+                .then(a.cmp(&b))
+        });
+        let mut ref_ranks = vec![0u32; entities.len()];
+        for (rank, doc) in by_ref_order.into_iter().enumerate() {
+            ref_ranks[doc as usize] = rank as u32;
+        }
 
         keys.values_mut().for_each(|p| {
             p.fold_single_spellings();
@@ -571,6 +585,7 @@ impl Index {
             by_ref,
             keys,
             all,
+            ref_ranks,
             sort_columns: Mutex::new(HashMap::new()),
             postings_bytes,
         }
@@ -636,7 +651,12 @@ impl Index {
                     .sum()
             })
             .unwrap_or(0);
-        entities + lookups + self.postings_bytes + columns + self.all.serialized_size()
+        entities
+            + lookups
+            + self.postings_bytes
+            + columns
+            + self.ref_ranks.len() * 4
+            + self.all.serialized_size()
     }
 
     /// The entity behind a document id.
@@ -670,6 +690,11 @@ impl Index {
             }
         });
         found
+    }
+
+    /// A document's position in `entity_ref` order.
+    pub(crate) fn ref_rank(&self, doc: u32) -> u32 {
+        self.ref_ranks[doc as usize]
     }
 
     /// Every document.

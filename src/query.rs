@@ -296,7 +296,7 @@ fn get_entities(index: &Index, params: &Params, raw_qs: &str) -> Result<Answer, 
     };
     let mut docs: Vec<u32> = matched.iter().collect();
     if order.is_empty() {
-        docs.sort_by(|&a, &b| index.entity(a).entity_ref.cmp(&index.entity(b).entity_ref));
+        docs.sort_unstable_by_key(|&d| index.ref_rank(d));
     } else {
         let cols: Vec<(Arc<SortColumn>, Direction)> = order
             .iter()
