@@ -154,7 +154,8 @@ mod tests {
 
     #[test]
     fn entity_without_uid_is_refused() {
-        let body = Bytes::from_static(br#"{"kind":"Component","metadata":{"name":"a","etag":"e"}}"#);
+        let body =
+            Bytes::from_static(br#"{"kind":"Component","metadata":{"name":"a","etag":"e"}}"#);
         assert_eq!(
             Entity::from_json(body),
             Err(EntityError::Missing("metadata.uid"))

@@ -1,0 +1,861 @@
+//! The in-memory index of one mirror generation: what every catalog query is
+//! answered from. Built once per generation by the mirror (`Index::build`),
+//! shared read-only as `Arc<Index>` by the read path and `query`.
+//!
+//! Design: document ids are positions in the entity list sorted by uid, so
+//! "order by uid" (Backstage's default) is id order. Each entity is flattened
+//! exactly as Backstage's `buildEntitySearch` fills its `search` table; the
+//! rows become an inverted index `key → lower-cased value → documents` (a
+//! bare id for the common one-entity value, else a RoaringBitmap), a "key
+//! present" bitmap, and, only for values some entity spells with other
+//! casing, the spellings (for facets; a unique value's spelling is re-read
+//! from its body). Each distinct key, and each distinct value of a key, is
+//! stored once. Sort columns (distinct values sorted once, one `u32` rank per
+//! entity) are built the first time a field is ordered by and cached for the
+//! generation. Measured on 100,000 generated 1.3 KB entities: 33.7 MiB per
+//! 10,000 entities in all, of which 12.8 MiB are the bodies themselves and
+//! about 0.5 MiB each cached sort column of a unique field (such as
+//! `metadata.name`); `approximate_memory_bytes` counts bodies,
+//! hash-table capacity, strings, bitmaps and cached columns.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use roaring::RoaringBitmap;
+use serde_json::Value;
+
+use crate::entity::Entity;
+
+/// Backstage skips search keys longer than this (UTF-16 code units).
+const MAX_KEY_LENGTH: usize = 200;
+/// Backstage stores values longer than this (UTF-16 code units) as null.
+const MAX_VALUE_LENGTH: usize = 200;
+/// Paths Backstage's generic traversal does not index (some are re-added).
+const SPECIAL_KEYS: [&str; 7] = [
+    "attachments",
+    "relations",
+    "status",
+    "metadata.name",
+    "metadata.namespace",
+    "metadata.uid",
+    "metadata.etag",
+];
+/// Rank of a document that has no (non-null) value for a sort field.
+pub(crate) const NULL_RANK: u32 = u32::MAX;
+
+/// One row of Backstage's `search` table for an entity (the tests' view).
+#[cfg(test)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SearchRow {
+    /// Lower-cased dotted path.
+    pub key: String,
+    /// Lower-cased value; `None` for null, missing or over-long values.
+    pub value: Option<String>,
+    /// The value as the entity spells it (`None` exactly when `value` is).
+    pub original: Option<String>,
+}
+
+/// A JSON scalar as JavaScript's `String(x)` renders it.
+pub(crate) fn js_string(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Number(n) => Some(js_number(n)),
+        _ => None,
+    }
+}
+
+/// `String(n)` for a JSON number: integral floats lose their `.0`.
+pub(crate) fn js_number(n: &serde_json::Number) -> String {
+    if n.is_f64() {
+        if let Some(f) = n.as_f64() {
+            if f.fract() == 0.0 && f.abs() < 1e21 {
+                return format!("{f:.0}");
+            }
+        }
+    }
+    n.to_string()
+}
+
+fn utf16_len(s: &str) -> usize {
+    s.encode_utf16().count()
+}
+
+/// Lower-cases like `toLocaleLowerCase('en-US')`, without allocating for
+/// strings that are already lower-case ASCII.
+pub(crate) fn lower(s: &str) -> Cow<'_, str> {
+    if s.is_ascii() && !s.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(s.to_lowercase())
+    }
+}
+
+/// Receives `(lower-cased key, Some((original, lower-cased value)) | None)`.
+pub(crate) type RowSink<'a> = dyn FnMut(&str, Option<(&str, &str)>) + 'a;
+
+/// Visits an entity's search rows with Backstage's rules: leaves by dotted
+/// path, arrays flattened (plus `path.<string item>` = `true` keys),
+/// `metadata.name/namespace/uid` always present, `default` namespace when
+/// none, `relations.<type>` = `targetRef`, keys lower-cased, over-long keys
+/// dropped, over-long values nulled. `f` gets the lower-cased key and, for a
+/// non-null value, `(original, lower-cased)`. Rows are not deduplicated here:
+/// the index dedupes `(key, value)` per entity as Backstage does.
+pub(crate) fn for_each_row(entity: &Value, f: &mut RowSink<'_>) {
+    let mut emit = |raw_key: &str, raw_value: Option<&str>| {
+        let key = lower(raw_key);
+        if key.len() > MAX_KEY_LENGTH && utf16_len(&key) > MAX_KEY_LENGTH {
+            return;
+        }
+        match raw_value {
+            Some(original) => {
+                let low = lower(original);
+                if low.len() <= MAX_VALUE_LENGTH || utf16_len(&low) <= MAX_VALUE_LENGTH {
+                    f(&key, Some((original, &low)));
+                } else {
+                    f(&key, None);
+                }
+            }
+            None => f(&key, None),
+        }
+    };
+    let mut path = String::with_capacity(128);
+    visit(&mut path, entity, &mut emit);
+
+    let metadata = entity.get("metadata");
+    let meta = |k: &str| metadata.and_then(|m| m.get(k)).and_then(js_string);
+    emit("metadata.name", meta("name").as_deref());
+    let namespace = meta("namespace");
+    emit("metadata.namespace", namespace.as_deref());
+    emit("metadata.uid", meta("uid").as_deref());
+    if namespace.as_deref().is_none_or(str::is_empty) {
+        emit("metadata.namespace", Some("default"));
+    }
+    if let Some(Value::Array(relations)) = entity.get("relations") {
+        for relation in relations {
+            let Some(kind) = relation.get("type").and_then(js_string) else {
+                continue;
+            };
+            let target = relation.get("targetRef").and_then(js_string);
+            emit(&format!("relations.{kind}"), target.as_deref());
+        }
+    }
+}
+
+#[cfg(test)]
+/// The deduplicated rows of an entity, as Backstage's `search` table holds
+/// them (first original spelling wins for a lower-cased value).
+pub(crate) fn search_rows(entity: &Value) -> Vec<SearchRow> {
+    let mut rows = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for_each_row(entity, &mut |key, value| {
+        if seen.insert((key.to_string(), value.map(|(_, l)| l.to_string()))) {
+            rows.push(SearchRow {
+                key: key.to_string(),
+                value: value.map(|(_, l)| l.to_string()),
+                original: value.map(|(o, _)| o.to_string()),
+            });
+        }
+    });
+    rows
+}
+
+fn visit(path: &mut String, current: &Value, emit: &mut dyn FnMut(&str, Option<&str>)) {
+    if SPECIAL_KEYS.contains(&path.as_str()) {
+        return;
+    }
+    match current {
+        Value::Null => emit(path, None),
+        Value::String(s) => emit(path, Some(s)),
+        Value::Bool(_) | Value::Number(_) => emit(path, js_string(current).as_deref()),
+        Value::Array(items) => {
+            for item in items {
+                visit(path, item, emit);
+                if let Value::String(s) = item {
+                    let len = path.len();
+                    path.push('.');
+                    path.push_str(s);
+                    emit(path, Some("true"));
+                    path.truncate(len);
+                }
+            }
+        }
+        Value::Object(map) => {
+            for (key, value) in map {
+                let len = path.len();
+                if len > 0 {
+                    path.push('.');
+                }
+                path.push_str(key);
+                visit(path, value, emit);
+                path.truncate(len);
+            }
+        }
+    }
+}
+
+/// The documents of one `(key, value)`: most values belong to one entity,
+/// which a bare id holds far more cheaply than a bitmap.
+#[derive(Debug, Clone)]
+pub(crate) enum DocSet {
+    /// Exactly one document.
+    One(u32),
+    /// Exactly one document, which spells the value with other casing; the
+    /// spelling is read back from its body when a facet needs it (keeps
+    /// unique mixed-case values such as names from being stored twice).
+    OneCased(u32),
+    /// Two or more (boxed: keeps the common one-document case at 16 bytes).
+    Many(Box<RoaringBitmap>),
+}
+
+impl DocSet {
+    /// Adds a document not smaller than any held; false if already held.
+    fn push(&mut self, doc: u32) -> bool {
+        match self {
+            DocSet::One(d) | DocSet::OneCased(d) if *d == doc => false,
+            DocSet::One(d) | DocSet::OneCased(d) => {
+                let mut b = RoaringBitmap::new();
+                b.push(*d);
+                b.push(doc);
+                *self = DocSet::Many(Box::new(b));
+                true
+            }
+            DocSet::Many(b) => b.push(doc),
+        }
+    }
+
+    /// Unions into `out`.
+    pub fn or_into(&self, out: &mut RoaringBitmap) {
+        match self {
+            DocSet::One(d) | DocSet::OneCased(d) => {
+                out.insert(*d);
+            }
+            DocSet::Many(b) => *out |= &**b,
+        }
+    }
+
+    /// As a bitmap.
+    pub fn to_bitmap(&self) -> RoaringBitmap {
+        let mut out = RoaringBitmap::new();
+        self.or_into(&mut out);
+        out
+    }
+
+    /// How many of the documents are in `m`.
+    pub fn intersection_len(&self, m: &RoaringBitmap) -> u64 {
+        match self {
+            DocSet::One(d) | DocSet::OneCased(d) => u64::from(m.contains(*d)),
+            DocSet::Many(b) => b.intersection_len(m),
+        }
+    }
+
+    /// Number of documents.
+    pub fn len(&self) -> u64 {
+        match self {
+            DocSet::One(_) | DocSet::OneCased(_) => 1,
+            DocSet::Many(b) => b.len(),
+        }
+    }
+
+    fn for_each(&self, mut f: impl FnMut(u32)) {
+        match self {
+            DocSet::One(d) | DocSet::OneCased(d) => f(*d),
+            DocSet::Many(b) => b.iter().for_each(f),
+        }
+    }
+
+    fn merge(&mut self, other: DocSet) {
+        match other {
+            DocSet::One(d) | DocSet::OneCased(d) => {
+                self.push(d);
+            }
+            DocSet::Many(b) => {
+                let mut mine = self.to_bitmap();
+                mine |= *b;
+                *self = DocSet::Many(Box::new(mine));
+            }
+        }
+    }
+
+    /// Heap bytes beyond the enum itself.
+    fn heap_bytes(&self) -> usize {
+        match self {
+            DocSet::One(_) | DocSet::OneCased(_) => 0,
+            // Container vector and store allocations, plus the payload.
+            DocSet::Many(b) => std::mem::size_of::<RoaringBitmap>() + b.serialized_size() + 64,
+        }
+    }
+}
+
+/// Everything the index knows about one search key.
+#[derive(Debug, Default)]
+pub(crate) struct KeyPostings {
+    /// Documents with any row for the key, null rows included.
+    pub present: RoaringBitmap,
+    /// Documents by lower-cased non-null value.
+    pub values: HashMap<Box<str>, DocSet>,
+    /// For lower-cased values that some entity spells differently: the
+    /// documents by original spelling (facets keep the entity's casing).
+    /// Documents not listed spell the value exactly as lower-cased.
+    cased: HashMap<Box<str>, Vec<(Box<str>, DocSet)>>,
+}
+
+impl KeyPostings {
+    fn add(&mut self, doc: u32, value: Option<(&str, &str)>) {
+        self.present.push(doc);
+        let Some((original, low)) = value else {
+            return;
+        };
+        let fresh = match self.values.get_mut(low) {
+            Some(docs) => docs.push(doc),
+            None => {
+                self.values.insert(low.into(), DocSet::One(doc));
+                true
+            }
+        };
+        // Backstage keeps the first row of a (key, lower-cased value) pair.
+        if fresh && original != low {
+            let variants = self.cased.entry(low.into()).or_default();
+            match variants.iter_mut().find(|(o, _)| &**o == original) {
+                Some((_, docs)) => {
+                    docs.push(doc);
+                }
+                None => variants.push((original.into(), DocSet::One(doc))),
+            }
+        }
+    }
+
+    fn merge(&mut self, other: KeyPostings) {
+        self.present |= other.present;
+        for (v, docs) in other.values {
+            match self.values.get_mut(&v) {
+                Some(mine) => mine.merge(docs),
+                None => {
+                    self.values.insert(v, docs);
+                }
+            }
+        }
+        for (v, variants) in other.cased {
+            let mine = self.cased.entry(v).or_default();
+            for (o, docs) in variants {
+                match mine.iter_mut().find(|(m, _)| *m == o) {
+                    Some((_, m)) => m.merge(docs),
+                    None => mine.push((o, docs)),
+                }
+            }
+        }
+    }
+
+    /// Facet counts by original spelling, among `matched` (all if `None`).
+    /// `spelling` recovers the original of a `OneCased` document.
+    pub fn facet_counts(
+        &self,
+        matched: Option<&RoaringBitmap>,
+        spelling: &dyn Fn(u32, &str) -> Option<String>,
+    ) -> Vec<(String, u64)> {
+        let count = |d: &DocSet| match matched {
+            Some(m) => d.intersection_len(m),
+            None => d.len(),
+        };
+        let mut out = Vec::new();
+        for (low, docs) in &self.values {
+            if let DocSet::OneCased(doc) = docs {
+                if count(docs) > 0 {
+                    let original = spelling(*doc, low).unwrap_or_else(|| low.to_string());
+                    out.push((original, 1));
+                }
+                continue;
+            }
+            match self.cased.get(low) {
+                None => out.push((low.to_string(), count(docs))),
+                Some(variants) => {
+                    let mut as_lower = docs.to_bitmap();
+                    for (original, vdocs) in variants {
+                        as_lower -= vdocs.to_bitmap();
+                        out.push((original.to_string(), count(vdocs)));
+                    }
+                    let n = match matched {
+                        Some(m) => as_lower.intersection_len(m),
+                        None => as_lower.len(),
+                    };
+                    out.push((low.to_string(), n));
+                }
+            }
+        }
+        out.retain(|(_, n)| *n > 0);
+        out
+    }
+
+    fn heap_bytes(&self) -> usize {
+        let values: usize = map_table_bytes(&self.values)
+            + self
+                .values
+                .iter()
+                .map(|(v, d)| v.len() + ALLOC_OVERHEAD + d.heap_bytes())
+                .sum::<usize>();
+        let cased: usize = map_table_bytes(&self.cased)
+            + self
+                .cased
+                .iter()
+                .map(|(v, vs)| {
+                    v.len()
+                        + ALLOC_OVERHEAD
+                        + vs.capacity() * std::mem::size_of::<(Box<str>, DocSet)>()
+                        + vs.iter()
+                            .map(|(o, d)| o.len() + ALLOC_OVERHEAD + d.heap_bytes())
+                            .sum::<usize>()
+                })
+                .sum::<usize>();
+        self.present.serialized_size() + 64 + values + cased
+    }
+
+    /// Turns single-document values with one other spelling into
+    /// `OneCased`, dropping their stored spelling.
+    fn fold_single_spellings(&mut self) {
+        let values = &mut self.values;
+        self.cased.retain(|low, variants| {
+            let Some(docs) = values.get_mut(low) else {
+                return true;
+            };
+            match (&*docs, variants.as_slice()) {
+                (DocSet::One(d), [(_, DocSet::One(v))]) if d == v => {
+                    *docs = DocSet::OneCased(*d);
+                    false
+                }
+                _ => true,
+            }
+        });
+    }
+
+    fn shrink(&mut self) {
+        self.values.shrink_to_fit();
+        self.cased.shrink_to_fit();
+    }
+}
+
+/// Bytes of a hash map's table: one slot per capacity plus a control byte.
+fn map_table_bytes<K, V>(m: &HashMap<K, V>) -> usize {
+    m.capacity() * (std::mem::size_of::<(K, V)>() + 1)
+}
+
+/// Indexes a run of entities whose document ids start at `base`.
+fn index_run(entities: &[Arc<Entity>], base: u32) -> HashMap<Box<str>, KeyPostings> {
+    let mut keys: HashMap<Box<str>, KeyPostings> = HashMap::new();
+    for (i, entity) in entities.iter().enumerate() {
+        let doc = base + i as u32;
+        let Ok(value) = serde_json::from_slice::<Value>(&entity.body) else {
+            continue;
+        };
+        for_each_row(&value, &mut |key, v| {
+            let postings = match keys.get_mut(key) {
+                Some(p) => p,
+                None => keys.entry(key.into()).or_default(),
+            };
+            postings.add(doc, v);
+        });
+    }
+    keys
+}
+
+/// The order of one field's values over all documents of a generation.
+#[derive(Debug)]
+pub(crate) struct SortColumn {
+    /// Distinct lower-cased values, ascending (byte order).
+    pub values: Vec<Box<str>>,
+    /// Per document: index into `values` of its smallest value, or `NULL_RANK`.
+    pub ranks: Vec<u32>,
+}
+
+impl SortColumn {
+    /// The sort value of a document (`None` sorts last).
+    pub fn value(&self, doc: u32) -> Option<&str> {
+        match self.ranks[doc as usize] {
+            NULL_RANK => None,
+            r => Some(&self.values[r as usize]),
+        }
+    }
+}
+
+/// An immutable view of one mirror generation, indexed for queries.
+pub struct Index {
+    generation: u64,
+    entities: Vec<Arc<Entity>>,
+    by_uid: HashMap<Arc<str>, u32>,
+    by_ref: HashMap<Arc<str>, u32>,
+    keys: HashMap<Box<str>, KeyPostings>,
+    all: RoaringBitmap,
+    /// Per document: its position in `entity_ref` order (the default order
+    /// of `GET /entities`).
+    ref_ranks: Vec<u32>,
+    sort_columns: Mutex<HashMap<Box<str>, Arc<SortColumn>>>,
+    postings_bytes: usize,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index")
+            .field("generation", &self.generation)
+            .field("entities", &self.entities.len())
+            .field("keys", &self.keys.len())
+            .finish()
+    }
+}
+
+impl Index {
+    /// Indexes a generation. Each body is parsed once; a body that is not a
+    /// JSON object is kept (it can still be read by uid or ref) but matches
+    /// no key. Duplicate uids keep the last entity.
+    pub fn build(generation: u64, entities: Vec<Arc<Entity>>) -> Index {
+        let mut unique: HashMap<Arc<str>, Arc<Entity>> = HashMap::with_capacity(entities.len());
+        for entity in entities {
+            unique.insert(entity.uid.clone(), entity);
+        }
+        let mut entities: Vec<Arc<Entity>> = unique.into_values().collect();
+        entities.sort_by(|a, b| a.uid.cmp(&b.uid));
+
+        let mut by_uid = HashMap::with_capacity(entities.len());
+        let mut by_ref = HashMap::with_capacity(entities.len());
+        for (doc, entity) in entities.iter().enumerate() {
+            by_uid.insert(entity.uid.clone(), doc as u32);
+            by_ref.insert(entity.entity_ref.clone(), doc as u32);
+        }
+        // Parsing and flattening dominate the build; runs of documents are
+        // indexed on separate threads and merged in document order.
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8);
+        let chunk = entities.len().div_ceil(threads).max(1024);
+        let mut keys: HashMap<Box<str>, KeyPostings> = HashMap::new();
+        if entities.len() <= chunk {
+            keys = index_run(&entities, 0);
+        } else {
+            let partials: Vec<HashMap<Box<str>, KeyPostings>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = entities
+                    .chunks(chunk)
+                    .enumerate()
+                    .map(|(i, run)| scope.spawn(move || index_run(run, (i * chunk) as u32)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_default())
+                    .collect()
+            });
+            for partial in partials {
+                for (k, p) in partial {
+                    match keys.get_mut(&k) {
+                        Some(mine) => mine.merge(p),
+                        None => {
+                            keys.insert(k, p);
+                        }
+                    }
+                }
+            }
+        }
+        let mut all = RoaringBitmap::new();
+        all.insert_range(0..entities.len() as u32);
+        let mut by_ref_order: Vec<u32> = (0..entities.len() as u32).collect();
+        by_ref_order.sort_unstable_by(|&a, &b| {
+            entities[a as usize]
+                .entity_ref
+                .cmp(&entities[b as usize].entity_ref)
+                .then(a.cmp(&b))
+        });
+        let mut ref_ranks = vec![0u32; entities.len()];
+        for (rank, doc) in by_ref_order.into_iter().enumerate() {
+            ref_ranks[doc as usize] = rank as u32;
+        }
+
+        keys.values_mut().for_each(|p| {
+            p.fold_single_spellings();
+            p.shrink();
+        });
+        keys.shrink_to_fit();
+        let postings_bytes = map_table_bytes(&keys)
+            + keys
+                .iter()
+                .map(|(k, p)| k.len() + ALLOC_OVERHEAD + p.heap_bytes())
+                .sum::<usize>();
+
+        Index {
+            generation,
+            entities,
+            by_uid,
+            by_ref,
+            keys,
+            all,
+            ref_ranks,
+            sort_columns: Mutex::new(HashMap::new()),
+            postings_bytes,
+        }
+    }
+
+    /// The mirror generation this index was built from.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Number of entities.
+    pub fn len(&self) -> usize {
+        self.entities.len()
+    }
+
+    /// Whether the generation holds no entity.
+    pub fn is_empty(&self) -> bool {
+        self.entities.is_empty()
+    }
+
+    /// The entity with this `metadata.uid`.
+    pub fn by_uid(&self, uid: &str) -> Option<&Arc<Entity>> {
+        self.by_uid.get(uid).map(|&d| &self.entities[d as usize])
+    }
+
+    /// The entity with this lower-cased `kind:namespace/name` reference.
+    pub fn by_ref(&self, canonical_lowercase_ref: &str) -> Option<&Arc<Entity>> {
+        self.by_ref
+            .get(canonical_lowercase_ref)
+            .map(|&d| &self.entities[d as usize])
+    }
+
+    /// All entities, in uid order.
+    pub fn entities(&self) -> impl Iterator<Item = &Arc<Entity>> {
+        self.entities.iter()
+    }
+
+    /// Bytes held for this generation: bodies, identity strings, lookup maps,
+    /// postings and the sort columns cached so far.
+    pub fn approximate_memory_bytes(&self) -> usize {
+        let entities: usize = self
+            .entities
+            .iter()
+            .map(|e| {
+                e.body.len()
+                    + e.uid.len()
+                    + e.entity_ref.len()
+                    + e.etag.len()
+                    + std::mem::size_of::<Entity>()
+                    + 2 * std::mem::size_of::<usize>() // Arc counts
+                    + std::mem::size_of::<Arc<Entity>>()
+            })
+            .sum();
+        let lookups = map_table_bytes(&self.by_uid) + map_table_bytes(&self.by_ref);
+        let columns: usize = self
+            .sort_columns
+            .lock()
+            .map(|c| {
+                c.values()
+                    .map(|col| {
+                        col.ranks.len() * 4 + col.values.iter().map(|v| v.len() + 16).sum::<usize>()
+                    })
+                    .sum()
+            })
+            .unwrap_or(0);
+        entities
+            + lookups
+            + self.postings_bytes
+            + columns
+            + self.ref_ranks.len() * 4
+            + self.all.serialized_size()
+    }
+
+    /// The entity behind a document id.
+    pub(crate) fn entity(&self, doc: u32) -> &Arc<Entity> {
+        &self.entities[doc as usize]
+    }
+
+    /// Facet counts of a lower-cased key, by the entities' own spelling.
+    pub(crate) fn facet_counts(
+        &self,
+        lowercase_key: &str,
+        matched: Option<&RoaringBitmap>,
+    ) -> Vec<(String, u64)> {
+        let Some(postings) = self.keys.get(lowercase_key) else {
+            return Vec::new();
+        };
+        postings.facet_counts(matched, &|doc, low| self.spelling(doc, lowercase_key, low))
+    }
+
+    /// How a document spells a (lower-cased) value of a key: its first row.
+    fn spelling(&self, doc: u32, key: &str, low: &str) -> Option<String> {
+        let value = serde_json::from_slice::<Value>(&self.entity(doc).body).ok()?;
+        let mut found = None;
+        for_each_row(&value, &mut |k, v| {
+            if found.is_none() && k == key {
+                if let Some((original, l)) = v {
+                    if l == low {
+                        found = Some(original.to_string());
+                    }
+                }
+            }
+        });
+        found
+    }
+
+    /// A document's position in `entity_ref` order.
+    pub(crate) fn ref_rank(&self, doc: u32) -> u32 {
+        self.ref_ranks[doc as usize]
+    }
+
+    /// Every document.
+    pub(crate) fn all(&self) -> &RoaringBitmap {
+        &self.all
+    }
+
+    /// The postings of a lower-cased key.
+    pub(crate) fn key(&self, lowercase_key: &str) -> Option<&KeyPostings> {
+        self.keys.get(lowercase_key)
+    }
+
+    /// The sort column of a search key (used as given: Backstage joins the
+    /// order field against the lower-cased keys without lower-casing it).
+    pub(crate) fn sort_column(&self, key: &str) -> Arc<SortColumn> {
+        let mut cache = match self.sort_columns.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(col) = cache.get(key) {
+            return col.clone();
+        }
+        let mut values: Vec<(&str, &DocSet)> = self
+            .keys
+            .get(key)
+            .map(|p| p.values.iter().map(|(v, b)| (&**v, b)).collect())
+            .unwrap_or_default();
+        values.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut ranks = vec![NULL_RANK; self.entities.len()];
+        for (rank, (_, docs)) in values.iter().enumerate() {
+            docs.for_each(|doc| {
+                let slot = &mut ranks[doc as usize];
+                if *slot == NULL_RANK {
+                    *slot = rank as u32;
+                }
+            });
+        }
+        let col = Arc::new(SortColumn {
+            values: values.into_iter().map(|(v, _)| v.into()).collect(),
+            ranks,
+        });
+        cache.insert(key.into(), col.clone());
+        col
+    }
+}
+
+/// What the allocator adds to each heap string (header and rounding).
+const ALLOC_OVERHEAD: usize = 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rows(v: Value) -> Vec<(String, Option<String>)> {
+        search_rows(&v)
+            .into_iter()
+            .map(|r| (r.key, r.value))
+            .collect()
+    }
+
+    fn has(rows: &[(String, Option<String>)], k: &str, v: Option<&str>) -> bool {
+        rows.iter().any(|(rk, rv)| rk == k && rv.as_deref() == v)
+    }
+
+    #[test]
+    fn flattening_follows_backstage_search_rows() {
+        let r = rows(json!({
+            "kind": "Component",
+            "metadata": {"name": "Foo", "uid": "U1", "tags": ["Java", "java", "Go"],
+                         "annotations": {"backstage.io/Owner": "X"}, "etag": "e"},
+            "spec": {"n": 1, "f": 1.5, "b": true, "z": null, "list": [{"a": "B"}], "empty": []},
+            "relations": [{"type": "ownedBy", "targetRef": "group:default/Team"}],
+            "status": {"x": 1}
+        }));
+        assert!(has(&r, "kind", Some("component")));
+        assert!(has(&r, "metadata.name", Some("foo")));
+        assert!(has(&r, "metadata.uid", Some("u1")));
+        assert!(has(&r, "metadata.namespace", None));
+        assert!(has(&r, "metadata.namespace", Some("default")));
+        assert!(has(&r, "metadata.tags", Some("java")));
+        assert!(has(&r, "metadata.tags.java", Some("true")));
+        assert!(has(&r, "metadata.tags.go", Some("true")));
+        assert!(has(
+            &r,
+            "metadata.annotations.backstage.io/owner",
+            Some("x")
+        ));
+        assert!(has(&r, "spec.n", Some("1")));
+        assert!(has(&r, "spec.f", Some("1.5")));
+        assert!(has(&r, "spec.b", Some("true")));
+        assert!(has(&r, "spec.z", None));
+        assert!(has(&r, "spec.list.a", Some("b")));
+        assert!(has(&r, "relations.ownedby", Some("group:default/team")));
+        assert!(!r
+            .iter()
+            .any(|(k, _)| k.starts_with("status") || k == "metadata.etag"));
+        assert!(!r.iter().any(|(k, _)| k == "spec.empty"));
+        // Java and java collapse into one row.
+        assert_eq!(r.iter().filter(|(k, _)| k == "metadata.tags").count(), 2);
+    }
+
+    #[test]
+    fn long_values_become_null_and_long_keys_vanish() {
+        let long = "x".repeat(201);
+        let r = rows(
+            json!({"metadata": {"name": "a", "uid": "u", "description": long.clone()},
+                             "spec": {long.clone(): "v"}}),
+        );
+        assert!(has(&r, "metadata.description", None));
+        assert!(!r.iter().any(|(k, _)| k.len() > 200));
+        let r = rows(json!({"metadata": {"name": "a", "uid": "u", "d": "x".repeat(200)}}));
+        assert!(r.iter().any(|(k, v)| k == "metadata.d" && v.is_some()));
+    }
+
+    #[test]
+    fn threaded_build_matches_a_scan_of_search_rows() {
+        // Enough entities for several build threads; casing varies per entity.
+        let tags = ["java", "Java", "JAVA", "go"];
+        let entities: Vec<Arc<Entity>> = (0..5000)
+            .map(|i| {
+                let body = json!({"kind": if i % 3 == 0 { "API" } else { "Component" },
+                    "metadata": {"name": format!("n{i}"), "uid": format!("u{i:05}"), "etag": "e",
+                                 "tags": [tags[i % 4], tags[(i / 4) % 4]]}});
+                Arc::new(Entity::from_json(bytes::Bytes::from(body.to_string())).unwrap())
+            })
+            .collect();
+        let values: Vec<Value> = entities
+            .iter()
+            .map(|e| serde_json::from_slice(&e.body).unwrap())
+            .collect();
+        let index = Index::build(3, entities);
+        let p = index.key("metadata.tags").unwrap();
+        let java = p.values.get("java").unwrap().to_bitmap();
+        let want: Vec<u32> = values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| has(&rows((*v).clone()), "metadata.tags", Some("java")))
+            .map(|(i, _)| i as u32)
+            .collect();
+        assert_eq!(java.iter().collect::<Vec<_>>(), want);
+        // Facets: one count per entity and lower-cased value, under the
+        // spelling the entity used first.
+        let mut counts = std::collections::BTreeMap::new();
+        for v in &values {
+            for r in search_rows(v) {
+                if r.key == "metadata.tags" {
+                    *counts.entry(r.original.unwrap()).or_insert(0u64) += 1;
+                }
+            }
+        }
+        let mut got = index.facet_counts("metadata.tags", None);
+        got.sort();
+        assert_eq!(got, counts.into_iter().collect::<Vec<_>>());
+        assert_eq!(index.key("kind").unwrap().present.len(), 5000);
+    }
+
+    #[test]
+    fn integral_floats_print_like_javascript() {
+        assert_eq!(js_string(&json!(2.0)).unwrap(), "2");
+        assert_eq!(js_string(&json!(-3)).unwrap(), "-3");
+        assert_eq!(js_string(&json!(0.25)).unwrap(), "0.25");
+    }
+}
