@@ -10,11 +10,14 @@ N="${N:-5000}"
 DURATION="${DURATION:-10s}"
 CONNECTIONS="${CONNECTIONS:-64}"
 BIN=target/release
-cargo build --release --bins -q
+cargo build --release --workspace --bins -q
 work="$(mktemp -d)"
+chmod 755 "$work"  # Varnish reads its VCL as its own user
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  # TERM, not KILL: nginx's and Varnish's masters take their workers with them.
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  sleep 0.5
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -76,6 +79,7 @@ echo "sidecar RSS after load:            $(rss "$SIDECAR")"
 if command -v nginx >/dev/null; then
   mkdir -p "$work/nginx/cache"
   cat >"$work/nginx/nginx.conf" <<NGINX
+user root;
 worker_processes 2;
 pid $work/nginx/nginx.pid;
 error_log $work/nginx/error.log;
@@ -99,7 +103,7 @@ http {
 NGINX
   nginx -c "$work/nginx/nginx.conf" -p "$work/nginx"
   pids+=("$(cat "$work/nginx/nginx.pid")")
-  while read -r p; do curl -fs -o /dev/null "http://127.0.0.1:27080$p"; done <"$work/paths.txt"
+  while read -r p; do curl -s -o /dev/null "http://127.0.0.1:27080$p" || true; done <"$work/paths.txt"
   load "nginx proxy_cache (warm)" "http://127.0.0.1:27080"
 fi
 if command -v varnishd >/dev/null; then
@@ -111,7 +115,7 @@ VCL
   varnishd -a 127.0.0.1:27081 -f "$work/default.vcl" -s malloc,512m -n "$work/varnish" -P "$work/varnish.pid" >/dev/null
   sleep 1
   pids+=("$(cat "$work/varnish.pid")")
-  while read -r p; do curl -fs -o /dev/null "http://127.0.0.1:27081$p"; done <"$work/paths.txt"
+  while read -r p; do curl -s -o /dev/null "http://127.0.0.1:27081$p" || true; done <"$work/paths.txt"
   load "varnish (warm)" "http://127.0.0.1:27081"
 fi
 
