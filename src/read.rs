@@ -378,6 +378,11 @@ impl Sidecar {
                     found.push(Some(e));
                 }
                 None => {
+                    // An upper-case ref never matches (above): its null is
+                    // the answer, not something to ask the upstream about.
+                    let can_match = EntityRef::parse(text)
+                        .map(|r| format!("{}:{}/{}", r.kind, r.namespace, r.name) == r.canonical())
+                        .unwrap_or(true);
                     let negative = EntityRef::parse(text)
                         .map(|r| {
                             format!(
@@ -392,7 +397,7 @@ impl Sidecar {
                         .is_some_and(|k| {
                             matches!(self.hot.get(&HotKey::Path(k.into())), Some(HotEntry::Missing { .. }))
                         });
-                    if !negative {
+                    if can_match && !negative {
                         unknown = true;
                     }
                     found.push(None);
