@@ -110,6 +110,33 @@ async fn reads_survive_malformed_upstream_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_survive_an_upstream_answering_429() {
+    reads_survive(Faults {
+        too_many_requests: Some(30),
+        ..Faults::default()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_survive_an_upstream_answering_a_sign_in_page() {
+    reads_survive(Faults {
+        wrong_content_type: true,
+        ..Faults::default()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_survive_truncated_upstream_answers() {
+    reads_survive(Faults {
+        truncated: true,
+        ..Faults::default()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_opens_after_the_configured_consecutive_failures() {
     let ts = TestSidecar::builder()
         .with(|b| b.consecutive_failures = 3)
@@ -441,6 +468,9 @@ async fn flag_changes_are_audited_with_actor_and_reason() {
 async fn readiness_does_not_depend_on_the_upstream_but_follows_the_policy() {
     let ts = TestSidecar::builder().start().await;
     assert_eq!(ts.admin_get("/livez").await.status, 200);
+    let page = ts.admin_get("/").await;
+    assert_eq!(page.status, 200);
+    assert!(page.header("content-type").starts_with("text/html"));
     assert_eq!(ts.admin_get("/readyz").await.status, 200);
     ts.faults(refused()).await;
     ts.age_past_fresh(Duration::from_secs(1));

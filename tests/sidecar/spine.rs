@@ -514,6 +514,9 @@ async fn a_corrupt_database_is_moved_aside_and_the_mirror_refilled() {
         503,
         "not ready without a generation"
     );
+    let read = ts.get(&by_name_path(&ts.upstream_entities()[0])).await;
+    assert_eq!(read.status, 503, "no mirror, no upstream: nothing to serve");
+    assert_eq!(read.json()["error"]["name"], "ServiceUnavailableError");
     let aside: Vec<_> = std::fs::read_dir(dir.path())
         .expect("read the data dir")
         .filter_map(|e| e.ok())
@@ -934,4 +937,84 @@ async fn a_read_through_answer_is_served_stale_during_an_outage() {
     let a = ts.get("/locations").await;
     assert_eq!((a.status, a.stale().as_str()), (200, "true"));
     assert_eq!(a.body, first.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_uses_its_own_upstream_identity_and_forwards_the_callers_on_writes() {
+    let ts = TestSidecar::builder()
+        .with(|b| b.upstream_token = Some("upstream-secret".into()))
+        .start()
+        .await;
+    let e = ts.upstream_entities()[3].clone();
+    // Synced with the sidecar's token; reads need none from the caller.
+    assert_eq!(
+        ts.sidecar.view().expect("view").index.len(),
+        ts.upstream_entities().len()
+    );
+    ts.age_past_fresh(Duration::from_secs(1));
+    let a = ts.get(&by_name_path(&e)).await;
+    assert_eq!(
+        a.cache_status(),
+        "catalog-cache; fwd=stale; fwd-status=200",
+        "revalidated with the sidecar's token"
+    );
+    // Writes carry the caller's identity, not the sidecar's.
+    let body = json!({"entityRef": canonical_ref(&e)});
+    let anonymous = ts.post("/refresh", &body).await;
+    assert_eq!(
+        anonymous.status,
+        401,
+        "{}",
+        String::from_utf8_lossy(&anonymous.body)
+    );
+    let signed = ts
+        .http
+        .post(ts.url("/refresh"))
+        .bearer_auth("upstream-secret")
+        .json(&body)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(signed.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_sync_endpoint_runs_a_sync_and_can_accept_deletions() {
+    let ts = TestSidecar::builder().start().await;
+    let entities = ts.upstream_entities();
+    let doomed: HashSet<String> = entities.iter().take(entities.len() / 2).map(uid).collect();
+    ts.fake
+        .remove_entities(|e| doomed.contains(e["metadata"]["uid"].as_str().unwrap_or("")));
+    let held = ts
+        .admin_send(
+            reqwest::Method::POST,
+            "/admin/sync",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(held.status, 200);
+    assert_eq!(held.json()["result"], "held");
+    let accepted = ts
+        .admin_send(
+            reqwest::Method::POST,
+            "/admin/sync",
+            Some(ADMIN_TOKEN),
+            Some(json!({"accept_deletions": true})),
+        )
+        .await;
+    assert_eq!(accepted.json()["result"], "applied", "{}", accepted.json());
+    assert_eq!(accepted.json()["removed"], entities.len() / 2);
+    assert_eq!(
+        ts.sidecar.view().expect("view").index.len(),
+        entities.len() - entities.len() / 2
+    );
+    let audit = ts.status().await["audit"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        audit.iter().any(|a| a["subject"] == "deletions"),
+        "accepting deletions is audited: {audit:#?}"
+    );
 }

@@ -64,6 +64,8 @@ pub struct Builder {
     pub wait_for_sync: bool,
     /// Faults set on the demo catalog before the sidecar opens.
     pub faults_at_start: Option<Faults>,
+    /// A bearer token the demo catalog requires (written to `upstream.token_file`).
+    pub upstream_token: Option<String>,
 }
 
 impl Default for Builder {
@@ -88,6 +90,7 @@ impl Default for Builder {
             client_tokens: None,
             wait_for_sync: true,
             faults_at_start: None,
+            upstream_token: None,
         }
     }
 }
@@ -113,7 +116,7 @@ impl Builder {
             control: None,
             entities: self.entities,
             seed: 7,
-            token: None,
+            token: self.upstream_token.clone(),
         })
         .await
         .expect("the demo catalog starts");
@@ -162,6 +165,11 @@ impl Builder {
         c.admin.token_file = dir.join("admin.token");
         c.admin.token = Some(ADMIN_TOKEN.to_string());
         c.proxy.max_request_body = ByteSize(self.max_request_body);
+        if let Some(token) = &self.upstream_token {
+            let file = dir.join("upstream.token");
+            std::fs::write(&file, format!("{token}\n")).expect("write the upstream token file");
+            c.upstream.token_file = file;
+        }
         if let Some(tokens) = &self.client_tokens {
             let file = dir.join("client-tokens");
             std::fs::write(&file, tokens.join("\n")).expect("write the client tokens file");
