@@ -1018,3 +1018,46 @@ async fn the_admin_sync_endpoint_runs_a_sync_and_can_accept_deletions() {
         "accepting deletions is audited: {audit:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entity_fetched_then_deleted_upstream_does_not_come_back_after_a_restart() {
+    let ts = TestSidecar::builder().start().await;
+    let path = "/entities/by-name/component/default/short-lived";
+    ts.fake.add_entities(vec![new_component("short-lived")]);
+    assert_eq!(
+        ts.get(path).await.cache_status(),
+        "catalog-cache; fwd=miss; stored"
+    );
+    // The fetched entity is written to the mirror file in the background.
+    let db = ts.db_path();
+    eventually("the fetched entity to reach the mirror file", WAIT, || {
+        let db = db.clone();
+        async move {
+            let conn = rusqlite::Connection::open_with_flags(
+                &db,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .expect("open the mirror read-only");
+            conn.query_row(
+                "SELECT count(*) FROM entities WHERE entity_ref = 'component:default/short-lived'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap_or(0)
+                == 1
+        }
+    })
+    .await;
+    ts.fake
+        .remove_entities(|e| e["metadata"]["name"] == "short-lived");
+    let report = ts.sidecar.sync_once(false).await;
+    assert_ne!(report.result, SyncResult::Failed, "{report:?}");
+    let total = ts.upstream_entities().len();
+    let ts = ts.restart().await;
+    assert_eq!(
+        ts.sidecar.view().expect("view").index.len(),
+        total,
+        "the mirror holds the upstream's catalog, nothing the upstream deleted"
+    );
+    assert_eq!(ts.get(path).await.status, 404);
+}
