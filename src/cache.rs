@@ -104,15 +104,11 @@ impl HotCache {
         self.inner.insert(HotKey::Ref(entity.entity_ref.clone()), entry);
     }
 
-    /// Remembers an upstream 404 for `path`.
-    pub fn put_missing(&self, path: &str, body: Bytes) {
-        self.inner.insert(
-            HotKey::Path(path.into()),
-            HotEntry::Missing {
-                body,
-                at: SystemTime::now(),
-            },
-        );
+    /// Remembers an upstream 404 for `path`, seen `at` (the sidecar's clock,
+    /// so that it compares with the mirror's confirmation times).
+    pub fn put_missing(&self, path: &str, body: Bytes, at: SystemTime) {
+        self.inner
+            .insert(HotKey::Path(path.into()), HotEntry::Missing { body, at });
     }
 
     /// Stores a read-through answer for `path`.

@@ -171,9 +171,9 @@ impl Flags {
                 reason: reason_text.as_deref(),
             },
         )?;
-        current.mode = setting.clone();
+        let from = std::mem::replace(&mut current.mode, setting.clone()).mode;
         tracing::warn!(
-            from = current.mode.mode.as_str(),
+            from = from.as_str(),
             to = mode.as_str(),
             actor,
             reason = reason.unwrap_or(""),

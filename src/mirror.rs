@@ -8,7 +8,7 @@
 //! corrupt file is moved aside, never deleted. Called by `sync` (apply),
 //! `read` (revalidated entities, read-through), `flags` and `snapshot`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -399,17 +399,35 @@ impl Mirror {
     }
 
     /// Marks the current generation as confirmed again by the upstream at
-    /// `at` without touching any entity row (an unchanged sync).
-    pub fn confirm(&self, at: SystemTime) -> Result<Option<GenerationMeta>, MirrorError> {
-        let conn = self.writer();
-        let Some(meta) = read_meta(&conn)? else {
+    /// `at` (an unchanged sync). Its rows are not rewritten; rows stored
+    /// outside a generation (`store_entity`) whose uid is not in `keep`, the
+    /// generation the upstream just confirmed, are dropped, so an entity the
+    /// upstream deleted cannot come back at the next start.
+    pub fn confirm(&self, at: SystemTime, keep: &HashSet<Arc<str>>) -> Result<Option<GenerationMeta>, MirrorError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction()?;
+        let Some(meta) = read_meta(&tx)? else {
             return Ok(None);
         };
-        conn.execute(
+        let stray: Vec<String> = {
+            let mut stmt = tx.prepare("SELECT uid FROM entities")?;
+            let uids = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            uids.filter_map(Result::ok)
+                .filter(|u| !keep.contains(u.as_str()))
+                .collect()
+        };
+        {
+            let mut delete = tx.prepare_cached("DELETE FROM entities WHERE uid = ?1")?;
+            for uid in &stray {
+                delete.execute([uid])?;
+            }
+        }
+        tx.execute(
             "INSERT INTO meta (key, value) VALUES ('synced_ms', ?1)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             [to_ms(at).to_string()],
         )?;
+        tx.commit()?;
         Ok(Some(GenerationMeta {
             synced_at: from_ms(to_ms(at)),
             ..meta

@@ -231,17 +231,22 @@ impl Sidecar {
             Lookup::ByUid(uid) => format!("/entities/by-uid/{}", encode(uid)),
         };
         let negative_key = upstream_path.to_lowercase();
+        let found = self.find_entity(&lookup);
+        // A remembered 404 stands in for the entity unless the mirror
+        // confirmed the entity after the 404 was seen (a sync brought it in).
         if let Some(HotEntry::Missing { body, at }) = self.hot.get(&HotKey::Path(negative_key.as_str().into())) {
-            return Reply {
-                status: StatusCode::NOT_FOUND,
-                headers: json_headers(),
-                body,
-                cache: CacheStatus::Hit,
-                age: self.age_of(at),
-                stale: false,
-            };
+            if found.as_ref().is_none_or(|(_, confirmed_at)| *confirmed_at <= at) {
+                return Reply {
+                    status: StatusCode::NOT_FOUND,
+                    headers: json_headers(),
+                    body,
+                    cache: CacheStatus::Hit,
+                    age: self.age_of(at),
+                    stale: false,
+                };
+            }
         }
-        let local = match self.find_entity(&lookup) {
+        let local = match found {
             Some((entity, confirmed_at)) => Local::Found {
                 reply: self.entity_reply(&entity.body, confirmed_at),
                 confirmed_at,
@@ -274,7 +279,7 @@ impl Sidecar {
                     Err(e) => tracing::warn!(error = %e, "upstream returned an entity the mirror cannot hold"),
                 }
             } else if response.status == StatusCode::NOT_FOUND {
-                sidecar.hot.put_missing(&negative_key, response.body.clone());
+                sidecar.hot.put_missing(&negative_key, response.body.clone(), sidecar.now());
             }
         });
         let request = UpstreamRequest::get(upstream_path.clone());
@@ -373,6 +378,11 @@ impl Sidecar {
                     found.push(Some(e));
                 }
                 None => {
+                    // An upper-case ref never matches (above): its null is
+                    // the answer, not something to ask the upstream about.
+                    let can_match = EntityRef::parse(text)
+                        .map(|r| format!("{}:{}/{}", r.kind, r.namespace, r.name) == r.canonical())
+                        .unwrap_or(true);
                     let negative = EntityRef::parse(text)
                         .map(|r| {
                             format!(
@@ -387,7 +397,7 @@ impl Sidecar {
                         .is_some_and(|k| {
                             matches!(self.hot.get(&HotKey::Path(k.into())), Some(HotEntry::Missing { .. }))
                         });
-                    if !negative {
+                    if can_match && !negative {
                         unknown = true;
                     }
                     found.push(None);

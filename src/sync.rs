@@ -10,7 +10,7 @@
 //! next attempt is timed to be its half-open probe, so recovery needs no
 //! client traffic. One sync runs at a time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -274,7 +274,8 @@ impl Sidecar {
         if stats.added == 0 && stats.changed == 0 && stats.removed == 0 {
             if let Some(view) = &current {
                 let mirror = self.mirror.clone();
-                let confirmed = tokio::task::spawn_blocking(move || mirror.confirm(now)).await;
+                let keep: HashSet<Arc<str>> = view.index.entities().map(|e| e.uid.clone()).collect();
+                let confirmed = tokio::task::spawn_blocking(move || mirror.confirm(now, &keep)).await;
                 match confirmed {
                     Ok(Ok(Some(meta))) => {
                         self.install(View {
