@@ -680,6 +680,33 @@ impl Breaker {
         }
     }
 
+    /// What [`Breaker::try_acquire`] would answer, without taking a permit or
+    /// moving the state machine: `Some` when a call would be rejected now.
+    /// Lets a read that is bound to be refused skip the work of preparing
+    /// an upstream call (the path every read takes while the breaker is open).
+    pub fn would_reject(&self) -> Option<Rejected> {
+        let inner = self.shared.lock();
+        let now = Instant::now();
+        let rejected = |retry_after| Rejected {
+            retry_after,
+            state: inner.state,
+            mode: inner.mode,
+        };
+        match (inner.mode, inner.state) {
+            (BreakerMode::Open, _) => Some(rejected(FORCED_OPEN_RETRY_AFTER)),
+            (BreakerMode::Closed, _) => None,
+            (BreakerMode::Auto, BreakerState::Open) => {
+                let until = inner.open_until.unwrap_or(now);
+                (now < until).then(|| rejected(until - now))
+            }
+            (BreakerMode::Auto, BreakerState::HalfOpen) => {
+                let taken = inner.probes_in_flight + inner.probes_succeeded;
+                (taken >= inner.config.half_open_probes).then(|| rejected(HALF_OPEN_RETRY_AFTER))
+            }
+            (BreakerMode::Auto, BreakerState::Closed) => None,
+        }
+    }
+
     /// Asks to make one upstream call. An open breaker whose open period has
     /// ended turns half-open here and admits this call as a probe.
     pub fn try_acquire(&self) -> Result<Permit, Rejected> {

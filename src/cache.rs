@@ -7,6 +7,7 @@
 //! sync loop invalidates the entries of entities a new generation changed or
 //! removed and keeps the rest.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -76,22 +77,46 @@ impl Expiry<HotKey, HotEntry> for NegativeExpiry {
 #[derive(Clone)]
 pub struct HotCache {
     inner: Cache<HotKey, HotEntry>,
+    /// Inserts minus removals. It can run ahead of the true count (moka
+    /// reports a removal a little after it happens) but never behind it, so
+    /// zero means the cache is certainly empty and a read can skip it — the
+    /// steady state while the mirror is fresh.
+    live: Arc<AtomicI64>,
 }
 
 impl HotCache {
     /// A cache holding at most `max_entries`, forgetting 404s after `negative_ttl`.
     pub fn new(max_entries: u64, negative_ttl: Duration) -> Self {
+        let live = Arc::new(AtomicI64::new(0));
+        let removed = live.clone();
         Self {
             inner: Cache::builder()
                 .max_capacity(max_entries)
                 .expire_after(NegativeExpiry { negative_ttl })
+                .eviction_listener(move |_key, _value, _cause| {
+                    removed.fetch_sub(1, Ordering::Relaxed);
+                })
                 .build(),
+            live,
         }
+    }
+
+    /// Whether the cache certainly holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.live.load(Ordering::Relaxed) <= 0
     }
 
     /// The entry for `key`.
     pub fn get(&self, key: &HotKey) -> Option<HotEntry> {
+        if self.is_empty() {
+            return None;
+        }
         self.inner.get(key)
+    }
+
+    fn insert(&self, key: HotKey, entry: HotEntry) {
+        self.live.fetch_add(1, Ordering::Relaxed);
+        self.inner.insert(key, entry);
     }
 
     /// Stores an entity under both its uid and its reference.
@@ -100,8 +125,8 @@ impl HotCache {
             entity: entity.clone(),
             confirmed_at,
         };
-        self.inner.insert(HotKey::Uid(entity.uid.clone()), entry.clone());
-        self.inner.insert(HotKey::Ref(entity.entity_ref.clone()), entry);
+        self.insert(HotKey::Uid(entity.uid.clone()), entry.clone());
+        self.insert(HotKey::Ref(entity.entity_ref.clone()), entry);
     }
 
     /// Remembers an upstream 404 for `path`, seen `at` (the sidecar's clock,

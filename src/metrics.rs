@@ -99,3 +99,26 @@ pub fn describe() {
     describe_gauge!(HOT_CACHE_ENTRIES, "Entries in the hot cache.");
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
 }
+
+thread_local! {
+    static REQUEST_HANDLES: std::cell::RefCell<
+        std::collections::HashMap<(&'static str, &'static str), (metrics::Counter, metrics::Histogram)>,
+    > = std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Counts one proxy request and its latency. The handles are looked up in
+/// the recorder once per thread and label set, not on every request: this
+/// runs on every local hit.
+pub fn record_request(route: &'static str, outcome: &'static str, seconds: f64) {
+    REQUEST_HANDLES.with(|handles| {
+        let mut handles = handles.borrow_mut();
+        let (counter, histogram) = handles.entry((route, outcome)).or_insert_with(|| {
+            (
+                metrics::counter!(REQUESTS_TOTAL, "route" => route, "outcome" => outcome),
+                metrics::histogram!(REQUEST_DURATION_SECONDS, "route" => route),
+            )
+        });
+        counter.increment(1);
+        histogram.record(seconds);
+    });
+}

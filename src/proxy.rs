@@ -22,14 +22,16 @@ use http_body_util::BodyExt;
 use crate::entity::EntityRef;
 use crate::metrics as m;
 use crate::query::QueryKind;
-use crate::read::{ErrorKind, Incoming, Lookup, Reply};
+use crate::read::{CacheStatus, ErrorKind, Incoming, Lookup, Reply};
 use crate::sidecar::Sidecar;
 
 /// Where the catalog API is mounted, as in Backstage.
 pub const MOUNT: &str = "/api/catalog";
 
 /// The header a client checks to know whether it got stale data.
-pub const STALE_HEADER: &str = "x-catalog-stale";
+pub const STALE_HEADER: http::HeaderName = http::HeaderName::from_static("x-catalog-stale");
+/// RFC 9211's header.
+pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
 
 /// The proxy's router.
 pub fn router(sidecar: Arc<Sidecar>) -> Router {
@@ -203,15 +205,16 @@ async fn handle(State(sidecar): State<Arc<Sidecar>>, request: Request) -> Respon
 
 /// Turns a read-path answer into an HTTP response with the staleness headers.
 fn render(reply: Reply, route: &'static str, started: Instant) -> Response {
-    metrics::counter!(m::REQUESTS_TOTAL, "route" => route, "outcome" => reply.cache.outcome()).increment(1);
-    metrics::histogram!(m::REQUEST_DURATION_SECONDS, "route" => route).record(started.elapsed().as_secs_f64());
+    m::record_request(route, reply.cache.outcome(), started.elapsed().as_secs_f64());
     let mut response = Response::new(Body::from(reply.body));
     *response.status_mut() = reply.status;
     let headers = response.headers_mut();
     *headers = reply.headers;
-    if let Ok(v) = HeaderValue::from_str(&reply.cache.header()) {
-        headers.insert("cache-status", v);
-    }
+    let cache_status = match reply.cache {
+        CacheStatus::Hit => HeaderValue::from_static("catalog-cache; hit"),
+        other => HeaderValue::from_str(&other.header()).unwrap_or(HeaderValue::from_static("catalog-cache")),
+    };
+    headers.insert(CACHE_STATUS, cache_status);
     headers.insert(http::header::AGE, HeaderValue::from(reply.age.as_secs()));
     headers.insert(
         STALE_HEADER,

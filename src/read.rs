@@ -221,6 +221,16 @@ impl Sidecar {
 
     /// One entity, by name or uid.
     pub async fn read_entity(&self, lookup: Lookup, req: &Incoming<'_>) -> Reply {
+        let found = self.find_entity(&lookup);
+        // The common case first, with no allocation beyond the reply: a
+        // fresh local copy and no remembered 404 to weigh against it.
+        if self.hot.is_empty() {
+            if let Some((entity, confirmed_at)) = &found {
+                if self.is_fresh(*confirmed_at) {
+                    return self.entity_reply(&entity.body, *confirmed_at);
+                }
+            }
+        }
         let upstream_path = match &lookup {
             Lookup::ByName(r) => format!(
                 "/entities/by-name/{}/{}/{}",
@@ -231,7 +241,6 @@ impl Sidecar {
             Lookup::ByUid(uid) => format!("/entities/by-uid/{}", encode(uid)),
         };
         let negative_key = upstream_path.to_lowercase();
-        let found = self.find_entity(&lookup);
         // A remembered 404 stands in for the entity unless the mirror
         // confirmed the entity after the 404 was seen (a sync brought it in).
         if let Some(HotEntry::Missing { body, at }) = self.hot.get(&HotKey::Path(negative_key.as_str().into())) {
@@ -246,6 +255,11 @@ impl Sidecar {
                 };
             }
         }
+        if let Some((entity, confirmed_at)) = &found {
+            if self.is_fresh(*confirmed_at) {
+                return self.entity_reply(&entity.body, *confirmed_at);
+            }
+        }
         let local = match found {
             Some((entity, confirmed_at)) => Local::Found {
                 reply: self.entity_reply(&entity.body, confirmed_at),
@@ -258,11 +272,6 @@ impl Sidecar {
                 None => Local::Unknown,
             },
         };
-        if let Local::Found { reply, confirmed_at } = &local {
-            if self.is_fresh(*confirmed_at) {
-                return reply.clone();
-            }
-        }
         let not_found_message = match &lookup {
             Lookup::ByName(r) => format!(
                 "No entity named '{}' found, with kind '{}' in namespace '{}'",
@@ -300,15 +309,16 @@ impl Sidecar {
     /// generation, else the generation's.
     fn find_entity(&self, lookup: &Lookup) -> Option<(Arc<Entity>, SystemTime)> {
         let view = self.view();
+        let hot = !self.hot.is_empty();
         let (hot_key, from_view) = match lookup {
             Lookup::ByName(r) => {
-                let canonical: Arc<str> = r.canonical().into();
+                let canonical = r.canonical();
                 let found = view.as_ref().and_then(|v| v.index.by_ref(&canonical).cloned());
-                (HotKey::Ref(canonical), found)
+                (hot.then(|| HotKey::Ref(canonical.into())), found)
             }
             Lookup::ByUid(uid) => {
                 let found = view.as_ref().and_then(|v| v.index.by_uid(uid).cloned());
-                (HotKey::Uid(uid.as_str().into()), found)
+                (hot.then(|| HotKey::Uid(uid.as_str().into())), found)
             }
         };
         let from_view = from_view.zip(view.as_ref()).map(|(entity, v)| {
@@ -319,7 +329,7 @@ impl Sidecar {
                 .map_or(v.meta.synced_at, |c| c.max(v.meta.synced_at));
             (entity, confirmed)
         });
-        let from_hot = match self.hot.get(&hot_key) {
+        let from_hot = match hot_key.and_then(|k| self.hot.get(&k)) {
             Some(HotEntry::Entity { entity, confirmed_at }) => Some((entity, confirmed_at)),
             _ => None,
         };
@@ -673,6 +683,9 @@ impl Sidecar {
         req: &Incoming<'_>,
         not_found_message: Option<String>,
     ) -> Reply {
+        if let Some(refused) = self.upstream.refused_now(op) {
+            return self.decide_without_upstream(local, &refused, req, not_found_message);
+        }
         let fetch = self.fetch_shared(key, request, op, on_fetched);
         let budget = self.config.freshness.revalidate_budget.get();
         let outcome = match tokio::time::timeout(budget, fetch).await {

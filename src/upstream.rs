@@ -230,6 +230,15 @@ impl Upstream {
         self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// `Some` when a call for `op` would be refused by the breaker right now
+    /// (counted as a rejected call, exactly as `call` would count it).
+    pub fn refused_now(&self, op: Operation) -> Option<UpstreamError> {
+        let rejected = self.breaker.would_reject()?;
+        metrics::counter!(m::UPSTREAM_REQUESTS_TOTAL, "operation" => op.as_str(), "result" => "rejected")
+            .increment(1);
+        Some(UpstreamError::Rejected(rejected))
+    }
+
     /// One logical call: one breaker permit, one outcome. With `retries`,
     /// transient failures are retried inside the permit (the breaker sees one
     /// failure, never a storm).
