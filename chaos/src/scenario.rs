@@ -716,6 +716,8 @@ pub struct Sample {
     /// A well-formed answer saying the entity does not exist (404, or
     /// by-refs with `null` items).
     pub absent: bool,
+    /// The `Age` header, in seconds.
+    pub age: Option<u64>,
 }
 
 impl Sample {
@@ -838,8 +840,8 @@ async fn read_once(
     let at = origin.elapsed();
     let started = Instant::now();
     let result = request.send().await;
-    let (status, stale, marked_ok, body_ok, absent) = match result {
-        Err(_) => (0, None, true, false, false),
+    let (status, stale, marked_ok, body_ok, absent, age) = match result {
+        Err(_) => (0, None, true, false, false, None),
         Ok(resp) => {
             let status = resp.status().as_u16();
             let header = |n: &str| {
@@ -854,6 +856,7 @@ async fn read_once(
                 _ => None,
             });
             let ttl_negative = header("cache-status").is_some_and(|c| c.contains("ttl=-"));
+            let age = header("age").and_then(|a| a.trim().parse::<u64>().ok());
             let marked_ok = stale == Some(ttl_negative);
             let body = resp
                 .bytes()
@@ -884,7 +887,7 @@ async fn read_once(
                 }
                 _ => status == 404,
             };
-            (status, stale, marked_ok, body_ok, absent)
+            (status, stale, marked_ok, body_ok, absent, age)
         }
     };
     Sample {
@@ -896,6 +899,7 @@ async fn read_once(
         marked_ok,
         body_ok,
         absent,
+        age,
     }
 }
 

@@ -393,7 +393,9 @@ impl Checked {
         }
     }
 
-    /// Invariant: `X-Catalog-Stale` is present and agrees with `Cache-Status`.
+    /// Invariant: `X-Catalog-Stale` is present and agrees with `Cache-Status`,
+    /// and a 200 older than `fresh_for` (by its `Age`, with a second to
+    /// spare for rounding) is marked stale.
     fn marking(&mut self, samples: &[Sample]) {
         let bad = samples
             .iter()
@@ -402,6 +404,17 @@ impl Checked {
         if bad > 0 {
             self.fail(format!(
                 "{bad} answers where X-Catalog-Stale and Cache-Status disagree (stale must carry ttl=-, fresh must not)"
+            ));
+        }
+        let old_unmarked = samples
+            .iter()
+            .filter(|s| s.status == 200 && s.stale == Some(false))
+            .filter(|s| s.age.is_some_and(|a| a > FRESH_FOR.as_secs()))
+            .count();
+        if old_unmarked > 0 {
+            self.fail(format!(
+                "{old_unmarked} answers with Age over fresh_for ({}s) were not marked stale",
+                FRESH_FOR.as_secs()
             ));
         }
     }
@@ -556,7 +569,12 @@ async fn drive(
     tokio::time::sleep_until(origin + fault_at + plan.hold).await;
     let clear_at = origin.elapsed();
     let requests_during = match requests_before {
-        Some(before) => lab.upstream.requests().await.ok().map(|after| after.saturating_sub(before)),
+        Some(before) => lab
+            .upstream
+            .requests()
+            .await
+            .ok()
+            .map(|after| after.saturating_sub(before)),
         None => None,
     };
     match &plan.inject {
@@ -642,7 +660,7 @@ async fn drive(
         let n = samples.iter().filter(|s| s.absent).count();
         if n > 0 {
             c.note(format!(
-                "{n} reads answered 404 (or by-refs null) after revalidating with the empty upstream; the mirror kept every entity"
+                "{n} reads answered 404 (or by-refs null): the empty upstream's answer on revalidation, passed through"
             ));
         }
     }
