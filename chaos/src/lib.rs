@@ -6,7 +6,9 @@
 //! semantics over a snapshot (using `filter` and `search`, a plain scan over
 //! `serde_json::Value`, independent of the sidecar) → `fake` serves it over
 //! HTTP under `/api/catalog`, shaped by `faults`, with `control` as the
-//! separate operator listener.
+//! separate operator listener. `scenario` (the harness: child processes,
+//! readers, status sampling) and `scenarios` (the faults and their
+//! invariants) make `catalog-chaos run`.
 
 mod catalog;
 mod control;
@@ -14,6 +16,8 @@ pub mod fake;
 pub mod faults;
 pub mod filter;
 pub mod generate;
+pub mod scenario;
+pub mod scenarios;
 pub mod search;
 mod store;
 

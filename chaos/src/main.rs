@@ -1,11 +1,12 @@
-//! `catalog-chaos`: the demo catalog (`fake-catalog`) and, later, the chaos
-//! scenarios. Parses arguments, starts logging, runs the subcommand.
+//! `catalog-chaos`: the demo catalog (`fake-catalog`) and the chaos
+//! scenarios (`run`). Parses arguments, starts logging, runs the subcommand.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use catalog_chaos::fake::{until_signal, DEFAULT_CONTROL, DEFAULT_ENTITIES, DEFAULT_LISTEN};
-use catalog_chaos::{FakeCatalog, FakeOptions};
+use catalog_chaos::{scenario, scenarios, FakeCatalog, FakeOptions};
 use clap::{Parser, Subcommand};
 
 /// A Backstage-compatible demo catalog with fault injection.
@@ -36,6 +37,29 @@ enum Command {
         #[arg(long, env = "CATALOG_CHAOS_TOKEN")]
         token: Option<String>,
     },
+    /// Drive the real catalog-cache binary through one fault per scenario
+    /// while clients read; print a table; exit 0 only if every verdict passes.
+    Run {
+        /// CI sizes: smaller catalogs, fewer readers and kills (see README).
+        #[arg(long)]
+        quick: bool,
+        /// The catalog-cache binary (else CATALOG_CACHE_BIN, else next to this one).
+        #[arg(long)]
+        sidecar: Option<PathBuf>,
+        /// Only these scenarios (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Run the scenarios a weakening targets against that weakened
+        /// configuration; they must FAIL.
+        #[arg(long)]
+        weaken: Option<String>,
+        /// List the scenarios and weakenings and exit.
+        #[arg(long)]
+        list: bool,
+        /// Generator seed.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
 }
 
 #[tokio::main]
@@ -49,6 +73,67 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Run {
+            quick,
+            sidecar,
+            only,
+            weaken,
+            list,
+            seed,
+        } => {
+            if list {
+                println!("scenarios: {}", scenarios::names().join(", "));
+                for w in scenarios::WEAKENINGS {
+                    println!(
+                        "--weaken {}: {} (must FAIL: {})",
+                        w.name,
+                        w.about,
+                        w.breaks.join(", ")
+                    );
+                }
+                return ExitCode::SUCCESS;
+            }
+            let sidecar = match scenario::find_sidecar(sidecar.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("catalog-chaos: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let opts = scenarios::RunOptions {
+                quick,
+                sidecar,
+                only,
+                weaken,
+                seed,
+            };
+            let started = std::time::Instant::now();
+            // Ctrl-C ends the run; dropping the scenario kills its children.
+            let rows = tokio::select! {
+                r = scenarios::run(&opts) => r,
+                _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
+            };
+            match rows {
+                Ok(rows) => {
+                    print!("{}", scenario::render_table(&rows));
+                    println!("total {:.0}s", started.elapsed().as_secs_f64());
+                    let failed = rows
+                        .iter()
+                        .filter(|r| r.verdict == scenario::Verdict::Fail)
+                        .count();
+                    if failed == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        println!("{failed} scenario(s) failed");
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("catalog-chaos: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::FakeCatalog {
             listen,
             control,

@@ -1,0 +1,1187 @@
+//! The chaos harness: real processes, real HTTP, measured reads.
+//!
+//! `scenarios` drives one fault per scenario through the pieces here: `Proc`
+//! (a child process killed by PID when dropped, also on panic), `Lab` (a
+//! fresh data dir, the demo catalog and the real `catalog-cache` binary on
+//! free loopback ports), `Load` (concurrent readers recording every answer),
+//! `Monitor` (the sidecar's `/status` sampled over time) and `Outcome` (one
+//! table row). Every wait here has a deadline.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// The admin token every scenario's sidecar is started with.
+pub const ADMIN_TOKEN: &str = "chaos-admin-token";
+/// Env var naming the `catalog-cache` binary when `--sidecar` is not given.
+pub const ENV_SIDECAR_BIN: &str = "CATALOG_CACHE_BIN";
+/// The revalidate budget the scenarios configure.
+pub const BUDGET: Duration = Duration::from_millis(250);
+/// Freshness the scenarios configure: older data is revalidated.
+pub const FRESH_FOR: Duration = Duration::from_secs(2);
+
+/// Why a run could not be carried out (as opposed to a scenario failing).
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// The `catalog-cache` binary was not found.
+    #[error("cannot find the catalog-cache binary (tried {0}); build it with `cargo build --bin catalog-cache` or pass --sidecar PATH")]
+    NoSidecar(String),
+    /// A child process could not be started.
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        /// Which process.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Something did not happen in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// An HTTP exchange with the demo catalog or the sidecar failed.
+    #[error("{0}")]
+    Http(String),
+    /// A temporary directory could not be made.
+    #[error("cannot create a data directory: {0}")]
+    TempDir(std::io::Error),
+}
+
+/// Finds the sidecar binary: `--sidecar`, then `CATALOG_CACHE_BIN`, then
+/// `catalog-cache` next to this executable (or one directory up, for test
+/// binaries in `deps/`).
+pub fn find_sidecar(explicit: Option<&Path>) -> Result<PathBuf, HarnessError> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os(ENV_SIDECAR_BIN) {
+        return Ok(PathBuf::from(p));
+    }
+    let mut tried = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        let mut dir = exe.parent().map(Path::to_path_buf);
+        for _ in 0..2 {
+            let Some(d) = dir else { break };
+            let candidate = d.join("catalog-cache");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+            tried.push(candidate.display().to_string());
+            dir = d.parent().map(Path::to_path_buf);
+        }
+    }
+    Err(HarnessError::NoSidecar(tried.join(", ")))
+}
+
+/// A child process that is SIGKILLed (by its PID) and reaped when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Starts `cmd`; stdout and stderr go to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc, HarnessError> {
+        let spawn_err = |source| HarnessError::Spawn {
+            what: name.to_string(),
+            source,
+        };
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(spawn_err)?;
+        let err = out.try_clone().map_err(spawn_err)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(spawn_err)?;
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+        })
+    }
+
+    /// The PID, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether it has exited by itself.
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
+    /// SIGKILL and reap (idempotent).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // `Child::kill` is SIGKILL on Unix: no chance to clean up, which
+            // is the point of the kill scenarios.
+            let _ = c.kill();
+            let _ = c.wait();
+            tracing::debug!(name = %self.name, pid = c.id(), "killed");
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> Result<u16, HarnessError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| HarnessError::Http(format!("cannot find a free port: {e}")))
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(1))
+        .pool_max_idle_per_host(32)
+        .build()
+        .unwrap_or_default()
+}
+
+/// Sizes and timings of one run.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Quick (CI) mode.
+    pub quick: bool,
+    /// Entities in the demo catalog for fault scenarios.
+    pub entities: usize,
+    /// Entities for the kill-during-sync scenario.
+    pub kill_entities: usize,
+    /// Sidecar kills in the kill-during-sync scenario.
+    pub kills: usize,
+    /// Concurrent readers.
+    pub clients: usize,
+    /// Allowance over the revalidate budget for one read.
+    pub margin: Duration,
+    /// Generator seed.
+    pub seed: u64,
+}
+
+impl Tuning {
+    /// The quick (CI) or full sizes.
+    pub fn new(quick: bool, seed: u64) -> Tuning {
+        if quick {
+            Tuning {
+                quick,
+                entities: 2000,
+                kill_entities: 5000,
+                kills: 10,
+                clients: 4,
+                margin: Duration::from_millis(150),
+                seed,
+            }
+        } else {
+            Tuning {
+                quick,
+                entities: 5000,
+                kill_entities: 20_000,
+                kills: 30,
+                clients: 8,
+                margin: Duration::from_millis(150),
+                seed,
+            }
+        }
+    }
+
+    /// Longest acceptable entity read.
+    pub fn read_bound(&self) -> Duration {
+        BUDGET + self.margin
+    }
+}
+
+/// The sidecar's environment for the scenarios: short timings so that a
+/// fault's consequences show within seconds.
+pub fn base_env(dir: &Path) -> Vec<(String, String)> {
+    [
+        ("CATALOG_CACHE_ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
+        (
+            "CATALOG_CACHE_ADMIN_TOKEN_FILE",
+            dir.join("admin.token").display().to_string(),
+        ),
+        ("CATALOG_CACHE_MIRROR_SYNC_INTERVAL", "1s".into()),
+        ("CATALOG_CACHE_FRESHNESS_FRESH_FOR", "2s".into()),
+        ("CATALOG_CACHE_FRESHNESS_REVALIDATE_BUDGET", "250ms".into()),
+        ("CATALOG_CACHE_FRESHNESS_NEGATIVE_TTL", "1s".into()),
+        ("CATALOG_CACHE_BREAKER_OPEN_FOR", "500ms".into()),
+        ("CATALOG_CACHE_BREAKER_MAX_OPEN", "2s".into()),
+        ("CATALOG_CACHE_LOG_LEVEL", "warn".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The demo catalog as a child process.
+pub struct Upstream {
+    /// The process (`None` while killed).
+    pub proc: Option<Proc>,
+    /// Catalog listener.
+    pub listen: String,
+    /// Control listener.
+    pub control: String,
+    entities: usize,
+    seed: u64,
+    log: PathBuf,
+    /// Prefix command (e.g. `ip netns exec NS`), empty for none.
+    wrapper: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl Upstream {
+    /// Starts a demo catalog on the given listeners and waits until its
+    /// control API answers.
+    pub async fn start(
+        listen: String,
+        control: String,
+        entities: usize,
+        seed: u64,
+        log: PathBuf,
+        wrapper: Vec<String>,
+    ) -> Result<Upstream, HarnessError> {
+        let mut up = Upstream {
+            proc: None,
+            listen,
+            control,
+            entities,
+            seed,
+            log,
+            wrapper,
+            http: http_client(),
+        };
+        up.restart().await?;
+        Ok(up)
+    }
+
+    /// The upstream URL the sidecar is given.
+    pub fn url(&self) -> String {
+        format!("http://{}{}", self.listen, crate::fake::MOUNT)
+    }
+
+    /// SIGKILLs the process: an outage.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts the process again on the same ports (same seed, same entities).
+    pub async fn restart(&mut self) -> Result<(), HarnessError> {
+        self.kill();
+        let exe = std::env::current_exe().map_err(|source| HarnessError::Spawn {
+            what: "catalog-chaos fake-catalog".into(),
+            source,
+        })?;
+        let mut args: Vec<String> = self.wrapper.clone();
+        args.push(exe.display().to_string());
+        args.extend([
+            "fake-catalog".into(),
+            "--listen".into(),
+            self.listen.clone(),
+            "--control".into(),
+            self.control.clone(),
+            "--entities".into(),
+            self.entities.to_string(),
+            "--seed".into(),
+            self.seed.to_string(),
+        ]);
+        let mut cmd = Command::new(&args[0]);
+        cmd.args(&args[1..]).env("RUST_LOG", "warn");
+        self.proc = Some(Proc::spawn("fake-catalog", cmd, &self.log)?);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self
+                .http
+                .get(self.control_url("/faults"))
+                .send()
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline || self.proc.as_mut().is_some_and(Proc::exited) {
+                return Err(HarnessError::Timeout(format!(
+                    "the demo catalog did not start on {} (log: {})",
+                    self.control,
+                    self.log.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn control_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.control)
+    }
+
+    async fn control(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, HarnessError> {
+        // The demo catalog's own edits can take seconds on a large catalog.
+        let mut req = self
+            .http
+            .request(method, self.control_url(path))
+            .timeout(Duration::from_secs(60));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| HarnessError::Http(format!("control {path}: {e}")))?;
+        if !resp.status().is_success() {
+            return Err(HarnessError::Http(format!(
+                "control {path}: {}",
+                resp.status()
+            )));
+        }
+        Ok(resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `PUT /faults` (replaces the fault set).
+    pub async fn set_faults(&self, faults: Value) -> Result<(), HarnessError> {
+        self.control(reqwest::Method::PUT, "/faults", Some(faults))
+            .await
+            .map(drop)
+    }
+
+    /// `DELETE /faults`.
+    pub async fn clear_faults(&self) -> Result<(), HarnessError> {
+        self.control(reqwest::Method::DELETE, "/faults", None)
+            .await
+            .map(drop)
+    }
+
+    /// Requests that reached the catalog port so far.
+    pub async fn requests(&self) -> Result<u64, HarnessError> {
+        let v = self.control(reqwest::Method::GET, "/stats", None).await?;
+        Ok(v["total"].as_u64().unwrap_or(0))
+    }
+
+    /// Edits `count` random entities (new etags).
+    pub async fn mutate(&self, count: usize) -> Result<(), HarnessError> {
+        self.control(
+            reqwest::Method::POST,
+            "/mutate",
+            Some(json!({ "count": count })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Every entity's identity, read directly from the demo catalog.
+    pub async fn targets(&self) -> Result<Vec<Target>, HarnessError> {
+        let url = format!(
+            "{}/entities/by-query?fields=kind,metadata.name,metadata.namespace,metadata.uid&limit={}",
+            self.url(),
+            self.entities + 1
+        );
+        let v: Value = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|e| HarnessError::Http(format!("entity list: {e}")))?
+            .json()
+            .await
+            .map_err(|e| HarnessError::Http(format!("entity list: {e}")))?;
+        let items = v["items"].as_array().cloned().unwrap_or_default();
+        let targets: Vec<Target> = items
+            .iter()
+            .filter_map(|e| {
+                Some(Target {
+                    kind: e["kind"].as_str()?.to_string(),
+                    namespace: e["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or("default")
+                        .to_string(),
+                    name: e["metadata"]["name"].as_str()?.to_string(),
+                    uid: e["metadata"]["uid"].as_str()?.to_string(),
+                })
+            })
+            .collect();
+        if targets.is_empty() {
+            return Err(HarnessError::Http(
+                "the demo catalog listed no entities".into(),
+            ));
+        }
+        Ok(targets)
+    }
+}
+
+/// The real sidecar binary as a child process.
+pub struct SidecarProc {
+    /// The process (`None` while killed).
+    pub proc: Option<Proc>,
+    bin: PathBuf,
+    /// Its data dir.
+    pub dir: PathBuf,
+    /// Proxy listener.
+    pub proxy: String,
+    /// Admin listener.
+    pub admin: String,
+    upstream_url: String,
+    env: Vec<(String, String)>,
+    http: reqwest::Client,
+}
+
+impl SidecarProc {
+    /// The mirror file.
+    pub fn db(&self) -> PathBuf {
+        self.dir.join("catalog-cache.db")
+    }
+
+    /// Its log file.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("sidecar.log")
+    }
+
+    /// Proxy base URL, `http://ADDR/api/catalog`.
+    pub fn catalog_url(&self) -> String {
+        format!("http://{}/api/catalog", self.proxy)
+    }
+
+    /// Starts (or restarts) the process on the same ports and data dir.
+    pub fn start(&mut self) -> Result<(), HarnessError> {
+        self.kill();
+        let mut cmd = Command::new(&self.bin);
+        cmd.current_dir(&self.dir)
+            .args(["serve", "--upstream", &self.upstream_url])
+            .args(["--listen-proxy", &self.proxy, "--listen-admin", &self.admin])
+            .arg("--mirror")
+            .arg(self.db());
+        // The sidecar refuses unknown CATALOG_CACHE_* variables, and the
+        // scenario, not the caller's shell, decides its configuration.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("CATALOG_CACHE_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        self.proc = Some(Proc::spawn("catalog-cache", cmd, &self.log())?);
+        Ok(())
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// `GET /status`.
+    pub async fn status(&self) -> Result<Value, HarnessError> {
+        self.http
+            .get(self.admin_url("/status"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .map_err(|e| HarnessError::Http(format!("status: {e}")))?
+            .json()
+            .await
+            .map_err(|e| HarnessError::Http(format!("status: {e}")))
+    }
+
+    /// `GET /readyz` status code (0 when it does not answer).
+    pub async fn readyz(&self) -> u16 {
+        match self
+            .http
+            .get(self.admin_url("/readyz"))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+        {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        }
+    }
+
+    /// An authorized admin mutation; returns the status code.
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> Result<u16, HarnessError> {
+        let r = self
+            .http
+            .request(method, self.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .timeout(Duration::from_secs(30))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| HarnessError::Http(format!("{path}: {e}")))?;
+        Ok(r.status().as_u16())
+    }
+
+    /// Waits until `/readyz` answers 200 and the mirror holds `entities`.
+    pub async fn wait_ready(
+        &self,
+        entities: usize,
+        within: Duration,
+    ) -> Result<Duration, HarnessError> {
+        let started = Instant::now();
+        let deadline = started + within;
+        loop {
+            if self.readyz().await == 200 {
+                if let Ok(s) = self.status().await {
+                    if s["mirror"]["entities"].as_u64() == Some(entities as u64) {
+                        return Ok(started.elapsed());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout(format!(
+                    "the sidecar was not ready with {entities} entities within {within:?} (log: {})",
+                    self.log().display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// One scenario's processes and data dir. Dropping it kills both
+/// processes and removes the dir (kept when `keep` is set, for a FAIL).
+pub struct Lab {
+    /// The demo catalog.
+    pub upstream: Upstream,
+    /// The sidecar.
+    pub sidecar: SidecarProc,
+    /// Every entity's identity.
+    pub targets: Arc<Vec<Target>>,
+    /// Entities in the catalog.
+    pub entities: usize,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Lab {
+    /// Starts a demo catalog with `entities` and a sidecar in front of it
+    /// with `extra_env` on top of [`base_env`], and waits for the first sync.
+    pub async fn start(
+        bin: &Path,
+        entities: usize,
+        seed: u64,
+        extra_env: &[(String, String)],
+    ) -> Result<Lab, HarnessError> {
+        Self::start_with(bin, entities, seed, extra_env, None).await
+    }
+
+    /// Like `start`, with the demo catalog at `upstream_at` (listen, control
+    /// and a wrapper command) instead of free loopback ports.
+    pub async fn start_with(
+        bin: &Path,
+        entities: usize,
+        seed: u64,
+        extra_env: &[(String, String)],
+        upstream_at: Option<(String, String, Vec<String>)>,
+    ) -> Result<Lab, HarnessError> {
+        let dir = tempfile::Builder::new()
+            .prefix("catalog-chaos-")
+            .tempdir()
+            .map_err(HarnessError::TempDir)?;
+        let path = dir.path().to_path_buf();
+        let (listen, control, wrapper) = match upstream_at {
+            Some(at) => at,
+            None => (
+                format!("127.0.0.1:{}", free_port()?),
+                format!("127.0.0.1:{}", free_port()?),
+                Vec::new(),
+            ),
+        };
+        let upstream = Upstream::start(
+            listen,
+            control,
+            entities,
+            seed,
+            path.join("fake.log"),
+            wrapper,
+        )
+        .await?;
+        let mut env = base_env(&path);
+        env.extend(extra_env.iter().cloned());
+        let mut sidecar = SidecarProc {
+            proc: None,
+            bin: bin.to_path_buf(),
+            dir: path,
+            proxy: format!("127.0.0.1:{}", free_port()?),
+            admin: format!("127.0.0.1:{}", free_port()?),
+            upstream_url: upstream.url(),
+            env,
+            http: http_client(),
+        };
+        sidecar.start()?;
+        let targets = Arc::new(upstream.targets().await?);
+        sidecar
+            .wait_ready(targets.len(), Duration::from_secs(90))
+            .await?;
+        Ok(Lab {
+            entities: targets.len(),
+            upstream,
+            sidecar,
+            targets,
+            dir: Some(dir),
+        })
+    }
+
+    /// Keeps the data dir (logs, database) after the run; returns its path.
+    pub fn keep(&mut self) -> Option<PathBuf> {
+        self.dir.take().map(|d| d.keep())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.sidecar.kill();
+        self.upstream.kill();
+    }
+}
+
+/// One entity the readers may ask for.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `kind`.
+    pub kind: String,
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.uid`.
+    pub uid: String,
+}
+
+impl Target {
+    fn lower_ref(&self) -> String {
+        format!("{}:{}/{}", self.kind, self.namespace, self.name).to_lowercase()
+    }
+}
+
+/// Which kind of entity read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOp {
+    /// `GET /entities/by-name/...`.
+    ByName,
+    /// `GET /entities/by-uid/...`.
+    ByUid,
+    /// `POST /entities/by-refs` with three refs.
+    ByRefs,
+}
+
+/// One read as a client saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Start, since the scenario's origin.
+    pub at: Duration,
+    /// How long it took.
+    pub latency: Duration,
+    /// What was asked.
+    pub op: ReadOp,
+    /// HTTP status, 0 for a transport error.
+    pub status: u16,
+    /// `X-Catalog-Stale` as sent (`None` when missing).
+    pub stale: Option<bool>,
+    /// Whether `X-Catalog-Stale` and `Cache-Status` agree (`ttl=-` exactly
+    /// when stale).
+    pub marked_ok: bool,
+    /// Whether the body held the entities asked for.
+    pub body_ok: bool,
+    /// A well-formed answer saying the entity does not exist (404, or
+    /// by-refs with `null` items).
+    pub absent: bool,
+    /// The `Age` header, in seconds.
+    pub age: Option<u64>,
+}
+
+impl Sample {
+    /// A good answer: 200 with the right entities.
+    pub fn ok(&self) -> bool {
+        self.status == 200 && self.body_ok
+    }
+
+    /// When it finished, since the scenario's origin.
+    pub fn end(&self) -> Duration {
+        self.at + self.latency
+    }
+}
+
+/// Concurrent readers of random mirrored entities.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<Vec<Sample>>>,
+}
+
+impl Load {
+    /// Starts `clients` readers against `catalog_url` (the sidecar's proxy).
+    pub fn start(
+        catalog_url: String,
+        targets: Arc<Vec<Target>>,
+        clients: usize,
+        origin: Instant,
+        seed: u64,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let http = http_client();
+        let handles = (0..clients)
+            .map(|n| {
+                let (stop, http, targets, base) = (
+                    stop.clone(),
+                    http.clone(),
+                    targets.clone(),
+                    catalog_url.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut rng =
+                        StdRng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(n as u64));
+                    let mut samples = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        samples.push(read_once(&http, &base, &targets, &mut rng, origin).await);
+                        tokio::time::sleep(Duration::from_millis(4)).await;
+                    }
+                    samples
+                })
+            })
+            .collect();
+        Load { stop, handles }
+    }
+
+    /// Stops the readers and returns every sample, in start order.
+    pub async fn stop(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for h in self.handles {
+            if let Ok(s) = h.await {
+                all.extend(s);
+            }
+        }
+        all.sort_by_key(|s| s.at);
+        all
+    }
+}
+
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+fn uid_of(v: &Value) -> Option<&str> {
+    v["metadata"]["uid"].as_str()
+}
+
+async fn read_once(
+    http: &reqwest::Client,
+    base: &str,
+    targets: &[Target],
+    rng: &mut StdRng,
+    origin: Instant,
+) -> Sample {
+    let pick = |rng: &mut StdRng| &targets[rng.random_range(0..targets.len())];
+    let roll = rng.random_range(0..10);
+    let (op, request, expect): (ReadOp, reqwest::RequestBuilder, Vec<String>) = if roll < 6 {
+        let t = pick(rng);
+        let url = format!(
+            "{base}/entities/by-name/{}/{}/{}",
+            encode_segment(&t.kind),
+            encode_segment(&t.namespace),
+            encode_segment(&t.name)
+        );
+        (ReadOp::ByName, http.get(url), vec![t.uid.clone()])
+    } else if roll < 8 {
+        let t = pick(rng);
+        let url = format!("{base}/entities/by-uid/{}", encode_segment(&t.uid));
+        (ReadOp::ByUid, http.get(url), vec![t.uid.clone()])
+    } else {
+        let picked: Vec<&Target> = (0..3).map(|_| pick(rng)).collect();
+        let refs: Vec<String> = picked.iter().map(|t| t.lower_ref()).collect();
+        let req = http
+            .post(format!("{base}/entities/by-refs"))
+            .json(&json!({ "entityRefs": refs }));
+        (
+            ReadOp::ByRefs,
+            req,
+            picked.iter().map(|t| t.uid.clone()).collect(),
+        )
+    };
+    let at = origin.elapsed();
+    let started = Instant::now();
+    let result = request.send().await;
+    let (status, stale, marked_ok, body_ok, absent, age) = match result {
+        Err(_) => (0, None, true, false, false, None),
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let header = |n: &str| {
+                resp.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let stale = header("x-catalog-stale").and_then(|v| match v.as_str() {
+                "true" => Some(true),
+                "false" => Some(false),
+                _ => None,
+            });
+            let ttl_negative = header("cache-status").is_some_and(|c| c.contains("ttl=-"));
+            let age = header("age").and_then(|a| a.trim().parse::<u64>().ok());
+            let marked_ok = stale == Some(ttl_negative);
+            let body = resp
+                .bytes()
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .unwrap_or(Value::Null);
+            let items = body["items"].as_array();
+            let body_ok = status == 200
+                && match op {
+                    ReadOp::ByRefs => items.is_some_and(|items| {
+                        items.len() == expect.len()
+                            && items.iter().zip(&expect).all(|(i, u)| uid_of(i) == Some(u))
+                    }),
+                    _ => uid_of(&body) == Some(&expect[0]),
+                };
+            let absent = match op {
+                ReadOp::ByRefs => {
+                    status == 200
+                        && items.is_some_and(|items| {
+                            items.len() == expect.len()
+                                && items
+                                    .iter()
+                                    .zip(&expect)
+                                    .all(|(i, u)| i.is_null() || uid_of(i) == Some(u))
+                        })
+                        && !body_ok
+                }
+                _ => status == 404,
+            };
+            (status, stale, marked_ok, body_ok, absent, age)
+        }
+    };
+    Sample {
+        at,
+        latency: started.elapsed(),
+        op,
+        status,
+        stale,
+        marked_ok,
+        body_ok,
+        absent,
+        age,
+    }
+}
+
+/// One `/status` observation.
+#[derive(Debug, Clone)]
+pub struct StatusSample {
+    /// When, since the scenario's origin.
+    pub at: Duration,
+    /// `breaker.state`.
+    pub breaker: String,
+    /// `breaker.mode`.
+    pub mode: String,
+    /// `mirror.entities`.
+    pub entities: Option<u64>,
+    /// `mirror.generation`.
+    pub generation: Option<u64>,
+    /// Whether deletions are held.
+    pub held: bool,
+    /// `last_sync.at` and `last_sync.result`.
+    pub last_sync: Option<(String, String)>,
+}
+
+/// Samples the sidecar's `/status` every 50 ms until stopped.
+pub struct Monitor {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Vec<StatusSample>>,
+}
+
+impl Monitor {
+    /// Starts sampling.
+    pub fn start(admin: String, origin: Instant) -> Monitor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let http = http_client();
+        let handle = tokio::spawn(async move {
+            let mut out = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let at = origin.elapsed();
+                let got = http
+                    .get(format!("http://{admin}/status"))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await;
+                if let Ok(resp) = got {
+                    if let Ok(v) = resp.json::<Value>().await {
+                        out.push(status_sample(at, &v));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            out
+        });
+        Monitor { stop, handle }
+    }
+
+    /// Stops and returns the samples.
+    pub async fn stop(self) -> Vec<StatusSample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.await.unwrap_or_default()
+    }
+}
+
+/// Reads the fields the scenarios check from a `/status` body.
+pub fn status_sample(at: Duration, v: &Value) -> StatusSample {
+    StatusSample {
+        at,
+        breaker: v["breaker"]["state"].as_str().unwrap_or("?").to_string(),
+        mode: v["breaker"]["mode"].as_str().unwrap_or("?").to_string(),
+        entities: v["mirror"]["entities"].as_u64(),
+        generation: v["mirror"]["generation"].as_u64(),
+        held: !v["held_deletions"].is_null(),
+        last_sync: v["last_sync"]["at"].as_str().map(|at| {
+            (
+                at.to_string(),
+                v["last_sync"]["result"].as_str().unwrap_or("?").to_string(),
+            )
+        }),
+    }
+}
+
+/// PASS, FAIL or SKIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every invariant held.
+    Pass,
+    /// An invariant broke.
+    Fail,
+    /// The machine cannot run it (said why).
+    Skip,
+}
+
+impl Verdict {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Pass => "PASS",
+            Self::Fail => "FAIL",
+            Self::Skip => "SKIP",
+        }
+    }
+}
+
+/// One row of the final table.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Scenario name.
+    pub name: String,
+    /// Reads made.
+    pub reads: usize,
+    /// Reads that broke the scenario's read invariant.
+    pub failed: usize,
+    /// Answers marked stale.
+    pub stale: usize,
+    /// Slowest read.
+    pub worst: Duration,
+    /// From the fault to the breaker leaving `closed`.
+    pub opened_after: Option<Duration>,
+    /// From the end of the fault to the breaker closed and a good sync.
+    pub recovered_after: Option<Duration>,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Why it failed or was skipped, and other facts worth a line.
+    pub notes: Vec<String>,
+    /// Wall time of the scenario.
+    pub took: Duration,
+}
+
+impl Outcome {
+    /// A row for a scenario that could not run on this machine.
+    pub fn skipped(name: &str, why: String) -> Outcome {
+        Outcome {
+            name: name.to_string(),
+            reads: 0,
+            failed: 0,
+            stale: 0,
+            worst: Duration::ZERO,
+            opened_after: None,
+            recovered_after: None,
+            verdict: Verdict::Skip,
+            notes: vec![why],
+            took: Duration::ZERO,
+        }
+    }
+
+    /// A row for a scenario whose harness broke (counted as FAIL).
+    pub fn broken(name: &str, error: &HarnessError, took: Duration) -> Outcome {
+        Outcome {
+            verdict: Verdict::Fail,
+            notes: vec![format!("harness: {error}")],
+            took,
+            ..Outcome::skipped(name, String::new())
+        }
+    }
+}
+
+/// Renders the table and the notes under it.
+pub fn render_table(rows: &[Outcome]) -> String {
+    let ms =
+        |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.1}s", d.as_secs_f64()));
+    let header = [
+        "scenario",
+        "reads",
+        "failed",
+        "stale",
+        "worst ms",
+        "opened after",
+        "recovered after",
+        "took",
+        "verdict",
+    ];
+    let cells: Vec<[String; 9]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.name.clone(),
+                r.reads.to_string(),
+                r.failed.to_string(),
+                r.stale.to_string(),
+                if r.reads == 0 {
+                    "-".into()
+                } else {
+                    r.worst.as_millis().to_string()
+                },
+                ms(r.opened_after),
+                ms(r.recovered_after),
+                format!("{:.0}s", r.took.as_secs_f64()),
+                r.verdict.as_str().to_string(),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |row: &[String]| {
+        let mut s = String::from("|");
+        for (i, (c, w)) in row.iter().zip(&widths).enumerate() {
+            if i == 0 {
+                s.push_str(&format!(" {c:<w$} |"));
+            } else {
+                s.push_str(&format!(" {c:>w$} |"));
+            }
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = line(&header.map(String::from));
+    out.push('|');
+    for w in &widths {
+        out.push_str(&format!("{}|", "-".repeat(w + 2)));
+    }
+    out.push('\n');
+    for row in &cells {
+        out.push_str(&line(row));
+    }
+    for r in rows.iter().filter(|r| !r.notes.is_empty()) {
+        for n in &r.notes {
+            out.push_str(&format!("  {} [{}]: {n}\n", r.name, r.verdict.as_str()));
+        }
+    }
+    out
+}
+
+/// Runs `PRAGMA integrity_check` on a mirror file; `Ok("ok")` when intact.
+pub fn integrity_check(db: &Path) -> Result<String, String> {
+    let conn =
+        rusqlite::Connection::open(db).map_err(|e| format!("cannot open {}: {e}", db.display()))?;
+    let rows: Vec<String> = conn
+        .prepare("PRAGMA integrity_check")
+        .and_then(|mut s| s.query_map([], |r| r.get::<_, String>(0))?.collect())
+        .map_err(|e| format!("integrity_check on {}: {e}", db.display()))?;
+    Ok(rows.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_lists_every_row_and_its_notes() {
+        let mut fail = Outcome::skipped("black-hole", String::new());
+        fail.notes = vec!["3 reads slower than 400ms".into()];
+        fail.verdict = Verdict::Fail;
+        fail.reads = 10;
+        let text = render_table(&[fail, Outcome::skipped("netns-loss", "no netem".into())]);
+        assert!(text.contains("| black-hole"), "{text}");
+        assert!(text.contains("FAIL"), "{text}");
+        assert!(text.contains("netns-loss [SKIP]: no netem"), "{text}");
+    }
+
+    #[test]
+    fn a_killed_proc_is_reaped_and_kill_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let mut p = Proc::spawn("sleep", cmd, &dir.path().join("log")).unwrap();
+        let pid = p.pid().unwrap();
+        assert!(!p.exited());
+        p.kill();
+        p.kill();
+        assert!(p.pid().is_none());
+        assert!(
+            !Path::new(&format!("/proc/{pid}/cmdline")).exists() || {
+                // A recycled PID is possible in theory; the reaped child is gone.
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                    .unwrap_or_default()
+                    .is_empty()
+            }
+        );
+    }
+
+    #[test]
+    fn integrity_check_says_ok_for_a_fresh_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t(a); INSERT INTO t VALUES (1);")
+            .unwrap();
+        drop(conn);
+        assert_eq!(integrity_check(&db).unwrap(), "ok");
+        std::fs::write(&db, b"this is not a database, just forty-odd bytes of text").unwrap();
+        assert!(integrity_check(&db).is_err());
+    }
+}

@@ -1,0 +1,1017 @@
+//! The chaos scenarios of `catalog-chaos run`: one fault each, driven
+//! against the real `catalog-cache` binary while clients read, each with
+//! the invariants it checks stated in its plan.
+//!
+//! `run` picks the scenarios (`--only`, `--weaken`), runs them one after
+//! another with fresh processes and data dirs, and returns the table rows.
+//! A weakening starts the sidecar with a deliberately bad configuration;
+//! the scenarios it names must then FAIL, which proves they can.
+
+mod netns;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::scenario::{
+    integrity_check, HarnessError, Lab, Load, Monitor, Outcome, Sample, StatusSample, Tuning,
+    Verdict, FRESH_FOR,
+};
+
+/// What the operator asked for.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// CI sizes and timings.
+    pub quick: bool,
+    /// The `catalog-cache` binary.
+    pub sidecar: PathBuf,
+    /// Only these scenarios (empty: all).
+    pub only: Vec<String>,
+    /// A weakening to apply (runs only the scenarios it targets).
+    pub weaken: Option<String>,
+    /// Generator seed.
+    pub seed: u64,
+}
+
+/// A deliberately weakened sidecar configuration and the scenarios it
+/// must turn to FAIL.
+#[derive(Debug, Clone, Copy)]
+pub struct Weakening {
+    /// Its `--weaken` name.
+    pub name: &'static str,
+    /// What it does.
+    pub about: &'static str,
+    /// `CATALOG_CACHE_*` overrides.
+    pub env: &'static [(&'static str, &'static str)],
+    /// Scenarios whose verdict it must turn to FAIL.
+    pub breaks: &'static [&'static str],
+    /// An operator action taken while the fault holds, when a setting alone
+    /// cannot weaken the sidecar.
+    pub action: Option<WeakAction>,
+}
+
+/// An operator mistake a weakening makes during the fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeakAction {
+    /// `POST /admin/sync {"accept_deletions": true}`.
+    AcceptDeletions,
+}
+
+/// Every weakening.
+pub const WEAKENINGS: &[Weakening] = &[
+    Weakening {
+        name: "stale-refuse",
+        about: "stale.policy = refuse: mirrored data the upstream cannot confirm is answered 503",
+        env: &[("CATALOG_CACHE_STALE_POLICY", "refuse")],
+        breaks: &[
+            "refuse", "kill-upstream", "black-hole", "latency-2s", "slow-body", "errors-50pct", "flap-1s",
+            "rate-limited", "malformed", "truncated", "wrong-content-type", "breaker-forced-open", "kill-sidecar",
+        ],
+        action: None,
+    },
+    Weakening {
+        name: "long-budget",
+        about: "freshness.revalidate_budget = 30s: reads wait on the upstream up to its 2s timeout",
+        env: &[("CATALOG_CACHE_FRESHNESS_REVALIDATE_BUDGET", "30s")],
+        breaks: &["black-hole", "latency-2s", "slow-body"],
+        action: None,
+    },
+    Weakening {
+        name: "accept-deletions",
+        about: "the operator accepts the held deletions (POST /admin/sync {\"accept_deletions\":true}) while the upstream is empty; no setting can do it, since even max_delete_ratio = 1 keeps an empty catalog out",
+        env: &[("CATALOG_CACHE_MIRROR_MAX_DELETE_RATIO", "1")],
+        breaks: &["empty-catalog"],
+        action: Some(WeakAction::AcceptDeletions),
+    },
+    Weakening {
+        name: "one-page",
+        about: "mirror.page_size = 10000: the whole catalog is one page, so the failing third page is never asked for and the sync applies",
+        env: &[("CATALOG_CACHE_MIRROR_PAGE_SIZE", "10000")],
+        breaks: &["fail-page"],
+        action: None,
+    },
+    Weakening {
+        name: "deaf-breaker",
+        about: "breaker.consecutive_failures = min_calls = 100000: the breaker never opens",
+        env: &[
+            ("CATALOG_CACHE_BREAKER_CONSECUTIVE_FAILURES", "100000"),
+            ("CATALOG_CACHE_BREAKER_MIN_CALLS", "100000"),
+        ],
+        breaks: &["refuse", "kill-upstream", "black-hole", "rate-limited", "malformed"],
+        action: None,
+    },
+    Weakening {
+        name: "short-max-stale",
+        about: "freshness.fresh_for = max_stale = 2s: nothing older than 2s is ever served",
+        env: &[("CATALOG_CACHE_FRESHNESS_MAX_STALE", "2s")],
+        breaks: &["stale-policy-flip"],
+        action: None,
+    },
+];
+
+/// What a fault scenario does to the upstream.
+#[derive(Debug, Clone)]
+enum Inject {
+    /// `PUT /faults` with this body; cleared with `DELETE /faults`.
+    Faults(Value),
+    /// SIGKILL the demo catalog; restarted on the same ports to recover.
+    KillUpstream,
+    /// Run these commands (kernel network tools); undo with the others.
+    Commands {
+        apply: Vec<Vec<String>>,
+        undo: Vec<Vec<String>>,
+    },
+}
+
+/// Runs each command; the first failure is the error.
+fn run_commands(commands: &[Vec<String>]) -> Result<(), HarnessError> {
+    for c in commands {
+        let out = std::process::Command::new(&c[0])
+            .args(&c[1..])
+            .output()
+            .map_err(|source| HarnessError::Spawn {
+                what: c.join(" "),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(HarnessError::Http(format!(
+                "`{}` failed: {}",
+                c.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A fault scenario's plan and the invariants it checks.
+#[derive(Debug, Clone)]
+struct Plan {
+    name: &'static str,
+    inject: Inject,
+    /// How long the fault holds.
+    hold: Duration,
+    /// The breaker must leave `closed` within this of the fault.
+    expect_open: Option<Duration>,
+    /// Breaker closed and a good sync within this of the fault's end.
+    recover_within: Duration,
+    /// Reads are checked against the budget plus margin.
+    latency: bool,
+    /// An upstream 404 (by-refs: null) for a mirrored entity is a correct
+    /// answer here.
+    allow_404: bool,
+    /// The generation must not change while the fault holds.
+    generation_unchanged: bool,
+    /// `held_deletions` must be reported while the fault holds.
+    expect_held: bool,
+    /// Entities to edit upstream once the fault is set, so that a sync that
+    /// went through would make a new generation.
+    mutate: usize,
+    /// Sidecar settings this scenario needs on top of the common ones.
+    env: &'static [(&'static str, &'static str)],
+}
+
+impl Plan {
+    fn new(name: &'static str, inject: Inject) -> Plan {
+        Plan {
+            name,
+            inject,
+            hold: Duration::from_secs(5),
+            expect_open: None,
+            recover_within: Duration::from_secs(6),
+            latency: true,
+            allow_404: false,
+            generation_unchanged: false,
+            expect_held: false,
+            mutate: 0,
+            env: &[],
+        }
+    }
+}
+
+/// Connect errors and bad answers fail at once: reads go stale after
+/// `fresh_for` and their revalidations open the breaker.
+const OPEN_FAST: Duration = Duration::from_millis(3500);
+/// Timeouts fail after `upstream.timeout` (2s) more.
+const OPEN_SLOW: Duration = Duration::from_millis(5500);
+
+fn plans() -> Vec<Plan> {
+    let f = |v: Value| Inject::Faults(v);
+    let fast = |name, inject| Plan {
+        expect_open: Some(OPEN_FAST),
+        hold: Duration::from_millis(4500),
+        ..Plan::new(name, inject)
+    };
+    let slow = |name, inject| Plan {
+        expect_open: Some(OPEN_SLOW),
+        hold: Duration::from_millis(6500),
+        ..Plan::new(name, inject)
+    };
+    vec![
+        fast("refuse", f(json!({"refuse": true}))),
+        fast("kill-upstream", Inject::KillUpstream),
+        slow("black-hole", f(json!({"black_hole": true}))),
+        slow("latency-2s", f(json!({"latency": 2000}))),
+        slow(
+            "slow-body",
+            f(json!({"slow_body": {"bytes": 64, "interval_ms": 100}})),
+        ),
+        Plan::new("errors-50pct", f(json!({"error_rate": 0.5}))),
+        // With data fresh for 1s (the flap period) reads revalidate in both
+        // phases: stale answers in the down phase, fresh ones in the up phase.
+        Plan {
+            env: &[("CATALOG_CACHE_FRESHNESS_FRESH_FOR", "1s")],
+            ..Plan::new("flap-1s", f(json!({"flap": 1000})))
+        },
+        fast("rate-limited", f(json!({"too_many_requests": 2}))),
+        Plan {
+            generation_unchanged: true,
+            mutate: 100,
+            ..fast("malformed", f(json!({"malformed": true})))
+        },
+        Plan {
+            generation_unchanged: true,
+            mutate: 100,
+            ..fast("truncated", f(json!({"truncated": true})))
+        },
+        Plan {
+            generation_unchanged: true,
+            mutate: 100,
+            ..fast("wrong-content-type", f(json!({"wrong_content_type": true})))
+        },
+        Plan {
+            allow_404: true,
+            generation_unchanged: true,
+            expect_held: true,
+            ..Plan::new("empty-catalog", f(json!({"empty_catalog": true})))
+        },
+        Plan {
+            generation_unchanged: true,
+            mutate: 100,
+            hold: Duration::from_secs(4),
+            ..Plan::new("fail-page", f(json!({"fail_page": 3})))
+        },
+    ]
+}
+
+/// Every scenario name, in run order.
+pub fn names() -> Vec<&'static str> {
+    let mut v: Vec<&'static str> = plans().iter().map(|p| p.name).collect();
+    v.extend(["breaker-forced-open", "stale-policy-flip", "kill-sidecar"]);
+    v.extend(netns::NAMES);
+    v
+}
+
+/// Runs the chosen scenarios and returns one row each.
+pub async fn run(opts: &RunOptions) -> Result<Vec<Outcome>, String> {
+    let weakening = match &opts.weaken {
+        None => None,
+        Some(w) => Some(*WEAKENINGS.iter().find(|k| k.name == w).ok_or_else(|| {
+            format!(
+                "unknown weakening '{w}'; known: {}",
+                WEAKENINGS
+                    .iter()
+                    .map(|k| k.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?),
+    };
+    let all = names();
+    for o in &opts.only {
+        if !all.contains(&o.as_str()) {
+            return Err(format!("unknown scenario '{o}'; known: {}", all.join(", ")));
+        }
+    }
+    let chosen: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|n| opts.only.is_empty() || opts.only.iter().any(|o| o == n))
+        .filter(|n| weakening.is_none_or(|w| w.breaks.contains(n)))
+        .collect();
+    if chosen.is_empty() {
+        return Err("no scenario selected".into());
+    }
+    let extra: Vec<(String, String)> = weakening
+        .map(|w| {
+            w.env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let tuning = Tuning::new(opts.quick, opts.seed);
+    let mut rows = Vec::new();
+    for name in chosen {
+        eprintln!("catalog-chaos: scenario {name} ...");
+        let started = Instant::now();
+        let result = match name {
+            "breaker-forced-open" => breaker_forced_open(opts, &tuning, &extra).await,
+            "stale-policy-flip" => stale_policy_flip(opts, &tuning, &extra).await,
+            "kill-sidecar" => kill_sidecar(opts, &tuning, &extra).await,
+            n if netns::NAMES.contains(&n) => netns::run(n, opts, &tuning, &extra).await,
+            n => {
+                let plan = plans()
+                    .into_iter()
+                    .find(|p| p.name == n)
+                    .ok_or("no such plan")?;
+                fault_scenario(
+                    &plan,
+                    opts,
+                    &tuning,
+                    &extra,
+                    weakening.and_then(|w| w.action),
+                )
+                .await
+            }
+        };
+        let mut row = result.unwrap_or_else(|e| Outcome::broken(name, &e, started.elapsed()));
+        row.took = started.elapsed();
+        eprintln!(
+            "catalog-chaos: scenario {name}: {:?} in {:.1}s",
+            row.verdict,
+            row.took.as_secs_f64()
+        );
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// Read and status facts every scenario reports the same way.
+struct Checked {
+    outcome: Outcome,
+}
+
+impl Checked {
+    fn new(name: &str, samples: &[Sample]) -> Checked {
+        Checked {
+            outcome: Outcome {
+                name: name.to_string(),
+                reads: samples.len(),
+                failed: 0,
+                stale: samples.iter().filter(|s| s.stale == Some(true)).count(),
+                worst: samples.iter().map(|s| s.latency).max().unwrap_or_default(),
+                opened_after: None,
+                recovered_after: None,
+                verdict: Verdict::Pass,
+                notes: Vec::new(),
+                took: Duration::ZERO,
+            },
+        }
+    }
+
+    fn fail(&mut self, note: String) {
+        self.outcome.verdict = Verdict::Fail;
+        self.outcome.notes.push(note);
+    }
+
+    fn note(&mut self, note: String) {
+        self.outcome.notes.push(note);
+    }
+
+    /// Invariant: every read of a mirrored entity answered 200 with the
+    /// right entities (optionally an upstream 404).
+    fn reads_succeed(&mut self, samples: &[&Sample], allow_404: bool) {
+        let bad: Vec<&&Sample> = samples
+            .iter()
+            .filter(|s| !(s.ok() || (allow_404 && s.absent)))
+            .collect();
+        self.outcome.failed += bad.len();
+        if let Some(first) = bad.first() {
+            let mut by_status = std::collections::BTreeMap::new();
+            for s in &bad {
+                *by_status.entry(s.status).or_insert(0usize) += 1;
+            }
+            self.fail(format!(
+                "{} reads of mirrored entities failed (by status, 0 = transport error: {by_status:?}); first at {:.1}s ({:?})",
+                bad.len(),
+                first.at.as_secs_f64(),
+                first.op
+            ));
+        }
+    }
+
+    /// Invariant: `X-Catalog-Stale` is present and agrees with `Cache-Status`,
+    /// and a 200 older than `fresh_for` (by its `Age`, with a second to
+    /// spare for rounding) is marked stale.
+    fn marking(&mut self, samples: &[Sample]) {
+        let bad = samples
+            .iter()
+            .filter(|s| s.status != 0 && !s.marked_ok)
+            .count();
+        if bad > 0 {
+            self.fail(format!(
+                "{bad} answers where X-Catalog-Stale and Cache-Status disagree (stale must carry ttl=-, fresh must not)"
+            ));
+        }
+        let old_unmarked = samples
+            .iter()
+            .filter(|s| s.status == 200 && s.stale == Some(false))
+            .filter(|s| s.age.is_some_and(|a| a > FRESH_FOR.as_secs()))
+            .count();
+        if old_unmarked > 0 {
+            self.fail(format!(
+                "{old_unmarked} answers with Age over fresh_for ({}s) were not marked stale",
+                FRESH_FOR.as_secs()
+            ));
+        }
+    }
+
+    /// Invariant: no read slower than the budget plus margin.
+    fn latency(&mut self, samples: &[Sample], tuning: &Tuning) {
+        let bound = tuning.read_bound();
+        let slow: Vec<&Sample> = samples.iter().filter(|s| s.latency > bound).collect();
+        if let Some(worst) = slow.iter().max_by_key(|s| s.latency) {
+            self.fail(format!(
+                "{} reads slower than {}ms (revalidate budget + margin); worst {}ms at {:.1}s",
+                slow.len(),
+                bound.as_millis(),
+                worst.latency.as_millis(),
+                worst.at.as_secs_f64()
+            ));
+        }
+    }
+
+    /// Invariant: the entity count is always the one full catalog.
+    fn no_partial_generation(&mut self, status: &[StatusSample], entities: usize) {
+        let odd: Vec<&StatusSample> = status
+            .iter()
+            .filter(|s| s.entities.is_some_and(|n| n != entities as u64))
+            .collect();
+        if let Some(first) = odd.first() {
+            self.fail(format!(
+                "the mirror showed {:?} entities at {:.1}s instead of {entities} ({} samples off)",
+                first.entities,
+                first.at.as_secs_f64(),
+                odd.len()
+            ));
+        }
+    }
+}
+
+/// The first status sample at or after `from` where the breaker is not closed.
+fn opened_at(status: &[StatusSample], from: Duration) -> Option<Duration> {
+    status
+        .iter()
+        .find(|s| s.at >= from && s.breaker != "closed")
+        .map(|s| s.at - from)
+}
+
+/// From `from`, the first sample with the breaker closed and a good sync
+/// newer than the one known at `from`.
+fn recovered_at(status: &[StatusSample], from: Duration) -> Option<Duration> {
+    let before = status
+        .iter()
+        .rev()
+        .find(|s| s.at <= from)
+        .and_then(|s| s.last_sync.clone());
+    status
+        .iter()
+        .filter(|s| s.at >= from)
+        .find(|s| {
+            s.breaker == "closed"
+                && s.last_sync.as_ref().is_some_and(|l| {
+                    Some(l) != before.as_ref() && (l.1 == "applied" || l.1 == "unchanged")
+                })
+        })
+        .map(|s| s.at - from)
+}
+
+/// Waits (with load running) until recovery is visible in `/status`.
+async fn wait_recovered(lab: &Lab, origin: Instant, from: Duration, within: Duration) {
+    let deadline = origin + from + within + Duration::from_millis(500);
+    // The sync known when the fault ended is not a recovery.
+    let mut samples = Vec::new();
+    if let Ok(v) = lab.sidecar.status().await {
+        samples.push(crate::scenario::status_sample(from, &v));
+    }
+    while Instant::now() < deadline {
+        if let Ok(v) = lab.sidecar.status().await {
+            samples.push(crate::scenario::status_sample(origin.elapsed(), &v));
+            if recovered_at(&samples, from).is_some() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn fault_scenario(
+    plan: &Plan,
+    opts: &RunOptions,
+    tuning: &Tuning,
+    extra: &[(String, String)],
+    action: Option<WeakAction>,
+) -> Result<Outcome, HarnessError> {
+    // The weakening comes last so that it wins over the scenario's settings.
+    let mut env: Vec<(String, String)> = plan
+        .env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.extend(extra.iter().cloned());
+    let mut lab = Lab::start(&opts.sidecar, tuning.entities, tuning.seed, &env).await?;
+    drive(plan, &mut lab, tuning, action).await
+}
+
+/// Runs a fault plan against a started lab and checks its invariants.
+async fn drive(
+    plan: &Plan,
+    lab: &mut Lab,
+    tuning: &Tuning,
+    action: Option<WeakAction>,
+) -> Result<Outcome, HarnessError> {
+    let origin = Instant::now();
+    let monitor = Monitor::start(lab.sidecar.admin.clone(), origin);
+    let load = Load::start(
+        lab.sidecar.catalog_url(),
+        lab.targets.clone(),
+        tuning.clients,
+        origin,
+        tuning.seed,
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fault_at = origin.elapsed();
+    let requests_before = match &plan.inject {
+        Inject::Faults(_) => lab.upstream.requests().await.ok(),
+        _ => None,
+    };
+    match &plan.inject {
+        Inject::Faults(v) => lab.upstream.set_faults(v.clone()).await?,
+        Inject::KillUpstream => lab.upstream.kill(),
+        Inject::Commands { apply, .. } => run_commands(apply)?,
+    }
+    if plan.mutate > 0 {
+        // Let a sync that began before the fault finish first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Inject::Faults(_) = plan.inject {
+            lab.upstream.mutate(plan.mutate).await?;
+        }
+    }
+    let generation_at_fault = lab
+        .sidecar
+        .status()
+        .await
+        .ok()
+        .and_then(|v| v["mirror"]["generation"].as_u64());
+    if action == Some(WeakAction::AcceptDeletions) {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        lab.sidecar
+            .admin(
+                reqwest::Method::POST,
+                "/admin/sync",
+                json!({"accept_deletions": true}),
+            )
+            .await?;
+    }
+    tokio::time::sleep_until(origin + fault_at + plan.hold).await;
+    let clear_at = origin.elapsed();
+    let requests_during = match requests_before {
+        Some(before) => lab
+            .upstream
+            .requests()
+            .await
+            .ok()
+            .map(|after| after.saturating_sub(before)),
+        None => None,
+    };
+    match &plan.inject {
+        Inject::Faults(_) => lab.upstream.clear_faults().await?,
+        Inject::KillUpstream => lab.upstream.restart().await?,
+        Inject::Commands { undo, .. } => run_commands(undo)?,
+    }
+    wait_recovered(lab, origin, clear_at, plan.recover_within).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let samples = load.stop().await;
+    let status = monitor.stop().await;
+
+    let mut c = Checked::new(plan.name, &samples);
+    let all: Vec<&Sample> = samples.iter().collect();
+    c.reads_succeed(&all, plan.allow_404);
+    c.marking(&samples);
+    if plan.latency {
+        c.latency(&samples, tuning);
+    }
+    c.no_partial_generation(&status, lab.entities);
+    c.outcome.opened_after = opened_at(&status, fault_at);
+    c.outcome.recovered_after = recovered_at(&status, clear_at);
+    if let Some(bound) = plan.expect_open {
+        match c.outcome.opened_after {
+            Some(t) if t <= bound => {}
+            Some(t) => c.fail(format!(
+                "the breaker opened {:.1}s after the fault, later than the {:.1}s bound",
+                t.as_secs_f64(),
+                bound.as_secs_f64()
+            )),
+            None => c.fail(format!(
+                "the breaker never opened (bound {:.1}s)",
+                bound.as_secs_f64()
+            )),
+        }
+    }
+    match c.outcome.recovered_after {
+        Some(t) if t <= plan.recover_within => {}
+        Some(t) => c.fail(format!(
+            "recovered {:.1}s after the fault ended, later than the {:.0}s bound",
+            t.as_secs_f64(),
+            plan.recover_within.as_secs_f64()
+        )),
+        None => c.fail(format!(
+            "no recovery (breaker closed and a good sync) within {:.0}s of the fault's end",
+            plan.recover_within.as_secs_f64()
+        )),
+    }
+    let during: Vec<&StatusSample> = status
+        .iter()
+        .filter(|s| s.at >= fault_at && s.at <= clear_at)
+        .collect();
+    if plan.generation_unchanged {
+        let changed = during
+            .iter()
+            .find(|s| s.generation.is_some() && s.generation != generation_at_fault);
+        if let Some(s) = changed {
+            c.fail(format!(
+                "the generation changed from {generation_at_fault:?} to {:?} at {:.1}s while the fault held",
+                s.generation,
+                s.at.as_secs_f64()
+            ));
+        }
+        if plan.mutate > 0 {
+            let after = status.last().and_then(|s| s.generation);
+            if after == generation_at_fault {
+                c.note(format!("generation still {after:?} after recovery (the edited entities were not synced yet)"));
+            }
+        }
+    }
+    if let Some(n) = requests_during {
+        c.note(format!(
+            "the upstream saw {n} requests in the {:.1}s the fault held",
+            plan.hold.as_secs_f64()
+        ));
+    }
+    if plan.expect_held && !during.iter().any(|s| s.held) {
+        c.fail(
+            "held_deletions was never reported while the upstream served an empty catalog".into(),
+        );
+    }
+    if plan.allow_404 {
+        let n = samples.iter().filter(|s| s.absent).count();
+        if n > 0 {
+            c.note(format!(
+                "{n} reads answered 404 (or by-refs null): the empty upstream's answer on revalidation, passed through"
+            ));
+        }
+    }
+    keep_on_failure(&mut c, lab, &status);
+    Ok(c.outcome)
+}
+
+/// On FAIL, keeps the data dir (logs, database) and writes the status
+/// samples next to them, so the failure can be read afterwards.
+fn keep_on_failure(c: &mut Checked, lab: &mut Lab, status: &[StatusSample]) {
+    if c.outcome.verdict != Verdict::Fail {
+        return;
+    }
+    if let Some(dir) = lab.keep() {
+        let text: String = status.iter().map(|s| format!("{s:?}\n")).collect();
+        let _ = std::fs::write(dir.join("status-samples.txt"), text);
+        c.note(format!(
+            "logs, database and status samples kept in {}",
+            dir.display()
+        ));
+    }
+}
+
+/// Operator flips the breaker open during load: zero upstream calls while
+/// open, reads keep succeeding (stale-marked once `fresh_for` passes), and
+/// back to `auto` it closes again.
+async fn breaker_forced_open(
+    opts: &RunOptions,
+    tuning: &Tuning,
+    extra: &[(String, String)],
+) -> Result<Outcome, HarnessError> {
+    let mut lab = Lab::start(&opts.sidecar, tuning.entities, tuning.seed, extra).await?;
+    let origin = Instant::now();
+    let monitor = Monitor::start(lab.sidecar.admin.clone(), origin);
+    let load = Load::start(
+        lab.sidecar.catalog_url(),
+        lab.targets.clone(),
+        tuning.clients,
+        origin,
+        tuning.seed,
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let asked_at = origin.elapsed();
+    let code = lab
+        .sidecar
+        .admin(
+            reqwest::Method::PUT,
+            "/admin/breaker",
+            json!({"mode": "open", "reason": "chaos: forced open"}),
+        )
+        .await?;
+    // A call the sidecar began just before the flip may still land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let calls_before = lab.upstream.requests().await?;
+    let open_from = origin.elapsed();
+    tokio::time::sleep(FRESH_FOR + Duration::from_millis(1500)).await;
+    let calls_after = lab.upstream.requests().await?;
+    let open_until = origin.elapsed();
+    let code_back = lab
+        .sidecar
+        .admin(
+            reqwest::Method::PUT,
+            "/admin/breaker",
+            json!({"mode": "auto", "reason": "chaos: back"}),
+        )
+        .await?;
+    let back_at = origin.elapsed();
+    wait_recovered(&lab, origin, back_at, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let samples = load.stop().await;
+    let status = monitor.stop().await;
+
+    let mut c = Checked::new("breaker-forced-open", &samples);
+    if code != 200 || code_back != 200 {
+        c.fail(format!("PUT /admin/breaker answered {code} / {code_back}"));
+    }
+    let all: Vec<&Sample> = samples.iter().collect();
+    c.reads_succeed(&all, false);
+    c.marking(&samples);
+    c.latency(&samples, tuning);
+    c.no_partial_generation(&status, lab.entities);
+    c.outcome.opened_after = status
+        .iter()
+        .find(|s| s.at >= asked_at && s.mode == "open")
+        .map(|s| s.at - asked_at);
+    c.outcome.recovered_after = recovered_at(&status, back_at);
+    if calls_after != calls_before {
+        c.fail(format!(
+            "{} upstream requests while the breaker was forced open ({:.1}s..{:.1}s)",
+            calls_after - calls_before,
+            open_from.as_secs_f64(),
+            open_until.as_secs_f64()
+        ));
+    }
+    if !samples
+        .iter()
+        .any(|s| s.at > open_from + FRESH_FOR && s.at < open_until && s.stale == Some(true))
+    {
+        c.fail("no stale-marked read while forced open past fresh_for".into());
+    }
+    if c.outcome
+        .opened_after
+        .is_none_or(|t| t > Duration::from_millis(500))
+    {
+        c.fail(format!(
+            "status did not show breaker mode open within 0.5s of the PUT ({:?})",
+            c.outcome.opened_after
+        ));
+    }
+    if c.outcome
+        .recovered_after
+        .is_none_or(|t| t > Duration::from_secs(5))
+    {
+        c.fail("no recovery within 5s of mode auto".into());
+    }
+    keep_on_failure(&mut c, &mut lab, &status);
+    Ok(c.outcome)
+}
+
+/// Operator switches the stale policy to `refuse` during an outage and
+/// back: stale reads turn 503 at once, then 200 stale-marked at once.
+async fn stale_policy_flip(
+    opts: &RunOptions,
+    tuning: &Tuning,
+    extra: &[(String, String)],
+) -> Result<Outcome, HarnessError> {
+    let mut lab = Lab::start(&opts.sidecar, tuning.entities, tuning.seed, extra).await?;
+    let origin = Instant::now();
+    let monitor = Monitor::start(lab.sidecar.admin.clone(), origin);
+    let load = Load::start(
+        lab.sidecar.catalog_url(),
+        lab.targets.clone(),
+        tuning.clients,
+        origin,
+        tuning.seed,
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lab.upstream.set_faults(json!({"refuse": true})).await?;
+    let fault_at = origin.elapsed();
+    // Data turns stale `fresh_for` after the last good sync.
+    tokio::time::sleep(FRESH_FOR + Duration::from_millis(1500)).await;
+    let code_refuse = lab
+        .sidecar
+        .admin(
+            reqwest::Method::PUT,
+            "/admin/stale",
+            json!({"policy": "refuse", "reason": "chaos"}),
+        )
+        .await?;
+    let refuse_at = origin.elapsed();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let serve_asked = origin.elapsed();
+    let code_serve = lab
+        .sidecar
+        .admin(
+            reqwest::Method::PUT,
+            "/admin/stale",
+            json!({"policy": "serve", "reason": "chaos"}),
+        )
+        .await?;
+    let serve_at = origin.elapsed();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let clear_at = origin.elapsed();
+    lab.upstream.clear_faults().await?;
+    wait_recovered(&lab, origin, clear_at, Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let samples = load.stop().await;
+    let status = monitor.stop().await;
+
+    let mut c = Checked::new("stale-policy-flip", &samples);
+    if code_refuse != 200 || code_serve != 200 {
+        c.fail(format!(
+            "PUT /admin/stale answered {code_refuse} / {code_serve}"
+        ));
+    }
+    let refusing = |s: &&Sample| s.at >= refuse_at && s.end() <= serve_asked;
+    let serving: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.at < refuse_at && s.end() <= refuse_at || s.at >= serve_at)
+        .collect();
+    c.reads_succeed(&serving, false);
+    let refused: Vec<&Sample> = samples.iter().filter(refusing).collect();
+    let served_anyway = refused.iter().filter(|s| s.status != 503).count();
+    if refused.is_empty() {
+        c.fail("no read completed while the policy was refuse".into());
+    } else if served_anyway > 0 {
+        c.outcome.failed += served_anyway;
+        c.fail(format!(
+            "{served_anyway} of {} reads were not 503 while the stale policy was refuse",
+            refused.len()
+        ));
+    } else {
+        c.note(format!("{} reads refused (503) as asked", refused.len()));
+    }
+    let unmarked = samples
+        .iter()
+        .filter(|s| s.at >= serve_at && s.end() <= clear_at)
+        .filter(|s| s.stale != Some(true))
+        .count();
+    if unmarked > 0 {
+        c.fail(format!("{unmarked} reads after switching back to serve (upstream still down) were not stale-marked"));
+    }
+    c.marking(&samples);
+    c.latency(&samples, tuning);
+    c.no_partial_generation(&status, lab.entities);
+    c.outcome.opened_after = opened_at(&status, fault_at);
+    c.outcome.recovered_after = recovered_at(&status, clear_at);
+    if c.outcome
+        .recovered_after
+        .is_none_or(|t| t > Duration::from_secs(6))
+    {
+        c.fail("no recovery within 6s of the upstream's return".into());
+    }
+    keep_on_failure(&mut c, &mut lab, &status);
+    Ok(c.outcome)
+}
+
+/// SIGKILL the sidecar during syncs, repeatedly: the mirror passes
+/// `integrity_check` after every kill and reopens with the full catalog;
+/// restarted while the upstream is down it is ready from disk at once.
+async fn kill_sidecar(
+    opts: &RunOptions,
+    tuning: &Tuning,
+    extra: &[(String, String)],
+) -> Result<Outcome, HarnessError> {
+    let ready_bound = Duration::from_secs(if tuning.quick { 10 } else { 5 });
+    let mut lab = Lab::start(&opts.sidecar, tuning.kill_entities, tuning.seed, extra).await?;
+    let mut notes = Vec::new();
+    let mut problems = Vec::new();
+    let first = lab.sidecar.status().await?;
+    let sync_ms = (first["last_sync"]["duration_seconds"]
+        .as_f64()
+        .unwrap_or(0.5)
+        * 1000.0)
+        .max(50.0) as u64;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(tuning.seed);
+    let mut worst_ready = Duration::ZERO;
+    // Kills before the sync's commit keep the old generation, kills after
+    // it find the new one: both must happen for the scenario to mean much.
+    let (mut kept_old, mut found_new) = (0usize, 0usize);
+    for round in 1..=tuning.kills {
+        let generation_before = lab.sidecar.status().await?["mirror"]["generation"].as_u64();
+        lab.upstream.mutate(200).await?;
+        let admin = lab.sidecar.admin.clone();
+        // The sync this request starts is what the kill interrupts.
+        let sync = tokio::spawn(async move {
+            let _ = reqwest::Client::new()
+                .post(format!("http://{admin}/admin/sync"))
+                .bearer_auth(crate::scenario::ADMIN_TOKEN)
+                .json(&json!({}))
+                .timeout(Duration::from_secs(30))
+                .send()
+                .await;
+        });
+        let delay = rand::Rng::random_range(&mut rng, 0..=sync_ms * 6 / 5 + 30);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        lab.sidecar.kill();
+        sync.abort();
+        let db = lab.sidecar.db();
+        match tokio::task::spawn_blocking(move || integrity_check(&db)).await {
+            Ok(Ok(s)) if s == "ok" => {}
+            Ok(Ok(s)) => problems.push(format!(
+                "kill {round} (at {delay}ms): integrity_check said {s}"
+            )),
+            Ok(Err(e)) => problems.push(format!("kill {round}: {e}")),
+            Err(e) => problems.push(format!("kill {round}: {e}")),
+        }
+        lab.sidecar.start()?;
+        match lab
+            .sidecar
+            .wait_ready(lab.entities, Duration::from_secs(60))
+            .await
+        {
+            Ok(t) => {
+                worst_ready = worst_ready.max(t);
+                let after = lab.sidecar.status().await?["mirror"]["generation"].as_u64();
+                if after == generation_before {
+                    kept_old += 1;
+                } else {
+                    found_new += 1;
+                }
+            }
+            Err(e) => {
+                problems.push(format!("kill {round}: {e}"));
+                break;
+            }
+        }
+    }
+    notes.push(format!(
+        "{} kills during syncs of {} entities (a sync took ~{sync_ms}ms): {kept_old} reopened with the old generation, {found_new} with the new; slowest restart to ready {}ms",
+        tuning.kills,
+        lab.entities,
+        worst_ready.as_millis()
+    ));
+    // Cold start during an outage.
+    lab.upstream.set_faults(json!({"refuse": true})).await?;
+    lab.sidecar.kill();
+    lab.sidecar.start()?;
+    let restarted = Instant::now();
+    let origin = restarted;
+    let mut ready_after = None;
+    while restarted.elapsed() < ready_bound + Duration::from_secs(5) {
+        if lab.sidecar.readyz().await == 200 {
+            ready_after = Some(restarted.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let load = Load::start(
+        lab.sidecar.catalog_url(),
+        lab.targets.clone(),
+        tuning.clients,
+        origin,
+        tuning.seed,
+    );
+    tokio::time::sleep(FRESH_FOR + Duration::from_secs(1)).await;
+    let samples = load.stop().await;
+    let count = lab
+        .sidecar
+        .status()
+        .await
+        .ok()
+        .and_then(|v| v["mirror"]["entities"].as_u64());
+    let mut c = Checked::new("kill-sidecar", &samples);
+    c.outcome.notes = notes;
+    for p in problems {
+        c.fail(p);
+    }
+    match ready_after {
+        Some(t) if t <= ready_bound => c.note(format!(
+            "restarted with the upstream down: /readyz 200 after {}ms",
+            t.as_millis()
+        )),
+        Some(t) => c.fail(format!(
+            "restarted with the upstream down: ready after {}ms, bound {}ms",
+            t.as_millis(),
+            ready_bound.as_millis()
+        )),
+        None => c.fail("restarted with the upstream down: never ready".into()),
+    }
+    c.outcome.recovered_after = ready_after;
+    if count != Some(lab.entities as u64) {
+        c.fail(format!(
+            "after the outage restart the mirror holds {count:?} entities, not {}",
+            lab.entities
+        ));
+    }
+    let all: Vec<&Sample> = samples.iter().collect();
+    c.reads_succeed(&all, false);
+    c.marking(&samples);
+    c.latency(&samples, tuning);
+    keep_on_failure(&mut c, &mut lab, &[]);
+    Ok(c.outcome)
+}
