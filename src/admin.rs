@@ -48,7 +48,10 @@ pub fn router(sidecar: Arc<Sidecar>) -> Router {
                 async move {
                     sidecar.publish_gauges();
                     (
-                        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
                         prometheus.render(),
                     )
                 }
@@ -72,11 +75,21 @@ struct AdminError {
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
         let (status, body) = error_body(self.kind, &self.message, &self.method, self.url);
-        (status, [(http::header::CONTENT_TYPE, "application/json")], body).into_response()
+        (
+            status,
+            [(http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
     }
 }
 
-fn authorize(sidecar: &Sidecar, headers: &HeaderMap, method: Method, url: &'static str) -> Result<String, AdminError> {
+fn authorize(
+    sidecar: &Sidecar,
+    headers: &HeaderMap,
+    method: Method,
+    url: &'static str,
+) -> Result<String, AdminError> {
     let presented = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -97,7 +110,9 @@ fn authorize(sidecar: &Sidecar, headers: &HeaderMap, method: Method, url: &'stat
         }),
         None => Err(AdminError {
             kind: ErrorKind::Authentication,
-            message: "Missing credentials: send Authorization: Bearer <admin token> (admin.token_file)".into(),
+            message:
+                "Missing credentials: send Authorization: Bearer <admin token> (admin.token_file)"
+                    .into(),
             method,
             url,
         }),
@@ -256,8 +271,13 @@ fn bad_request(method: Method, url: &'static str, message: String) -> AdminError
     }
 }
 
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], method: Method, url: &'static str) -> Result<T, AdminError> {
-    serde_json::from_slice(body).map_err(|e| bad_request(method, url, format!("Invalid request body: {e}")))
+fn parse_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    method: Method,
+    url: &'static str,
+) -> Result<T, AdminError> {
+    serde_json::from_slice(body)
+        .map_err(|e| bad_request(method, url, format!("Invalid request body: {e}")))
 }
 
 async fn put_breaker(
@@ -268,10 +288,13 @@ async fn put_breaker(
     let url = "/admin/breaker";
     let actor = authorize(&sidecar, &headers, Method::PUT, url)?;
     let change: BreakerChange = parse_body(&body, Method::PUT, url)?;
-    let mode: BreakerMode = change
-        .mode
-        .parse()
-        .map_err(|e: crate::breaker::ParseBreakerError| bad_request(Method::PUT, url, e.to_string()))?;
+    let mode: BreakerMode =
+        change
+            .mode
+            .parse()
+            .map_err(|e: crate::breaker::ParseBreakerError| {
+                bad_request(Method::PUT, url, e.to_string())
+            })?;
     let for_ = change
         .for_
         .as_deref()
@@ -279,15 +302,24 @@ async fn put_breaker(
             humantime::parse_duration(d)
                 .ok()
                 .filter(|d| !d.is_zero())
-                .ok_or_else(|| bad_request(Method::PUT, url, format!("Invalid duration '{d}' for 'for': write e.g. 10m, 2h")))
+                .ok_or_else(|| {
+                    bad_request(
+                        Method::PUT,
+                        url,
+                        format!("Invalid duration '{d}' for 'for': write e.g. 10m, 2h"),
+                    )
+                })
         })
         .transpose()?;
     let s = sidecar.clone();
     let reason = change.reason.clone();
-    tokio::task::spawn_blocking(move || s.flags.set_mode(&s.mirror, mode, reason.as_deref(), for_, &actor))
-        .await
-        .map_err(|e| internal(Method::PUT, url, e.to_string()))?
-        .map_err(|e| internal(Method::PUT, url, e.to_string()))?;
+    tokio::task::spawn_blocking(move || {
+        s.flags
+            .set_mode(&s.mirror, mode, reason.as_deref(), for_, &actor)
+    })
+    .await
+    .map_err(|e| internal(Method::PUT, url, e.to_string()))?
+    .map_err(|e| internal(Method::PUT, url, e.to_string()))?;
     sidecar.breaker.set_mode(mode);
     sidecar.publish_gauges();
     Ok(Json(breaker_view(&sidecar)))
@@ -334,13 +366,24 @@ async fn put_stale(
             humantime::parse_duration(d)
                 .ok()
                 .filter(|d| !d.is_zero())
-                .ok_or_else(|| bad_request(Method::PUT, url, format!("Invalid duration '{d}' for max_stale: write e.g. 24h")))
+                .ok_or_else(|| {
+                    bad_request(
+                        Method::PUT,
+                        url,
+                        format!("Invalid duration '{d}' for max_stale: write e.g. 24h"),
+                    )
+                })
         })
         .transpose()?;
     let s = sidecar.clone();
     tokio::task::spawn_blocking(move || {
-        s.flags
-            .set_stale(&s.mirror, policy, max_stale, change.reason.as_deref(), &actor)
+        s.flags.set_stale(
+            &s.mirror,
+            policy,
+            max_stale,
+            change.reason.as_deref(),
+            &actor,
+        )
     })
     .await
     .map_err(|e| internal(Method::PUT, url, e.to_string()))?
@@ -379,7 +422,9 @@ async fn get_snapshot(State(sidecar): State<Arc<Sidecar>>) -> Result<Response, A
     let bytes = tokio::task::spawn_blocking(move || {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("snapshot.db");
-        mirror.export(&file).map_err(|e| std::io::Error::other(e.to_string()))?;
+        mirror
+            .export(&file)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         std::fs::read(&file)
     })
     .await
@@ -388,7 +433,10 @@ async fn get_snapshot(State(sidecar): State<Arc<Sidecar>>) -> Result<Response, A
     Ok((
         [
             (http::header::CONTENT_TYPE, "application/vnd.sqlite3"),
-            (http::header::CONTENT_DISPOSITION, "attachment; filename=\"catalog-cache-snapshot.db\""),
+            (
+                http::header::CONTENT_DISPOSITION,
+                "attachment; filename=\"catalog-cache-snapshot.db\"",
+            ),
         ],
         Body::from(bytes),
     )

@@ -55,7 +55,12 @@ struct NegativeExpiry {
 }
 
 impl Expiry<HotKey, HotEntry> for NegativeExpiry {
-    fn expire_after_create(&self, _key: &HotKey, value: &HotEntry, _now: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _key: &HotKey,
+        value: &HotEntry,
+        _now: Instant,
+    ) -> Option<Duration> {
         match value {
             HotEntry::Missing { .. } => Some(self.negative_ttl),
             _ => None,

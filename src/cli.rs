@@ -214,7 +214,9 @@ pub fn init_logging(config: &Config, flag: Option<&str>) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -251,7 +253,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Demo { entities, data_dir } => {
             let config = load_config(None)?;
             init_logging(&config, cli.log_format.as_deref());
-            crate::demo::run(entities, &data_dir).await.map_err(Failure::failed)
+            crate::demo::run(entities, &data_dir)
+                .await
+                .map_err(Failure::failed)
         }
         Command::Status { target, json } => status(&target, json).await,
         Command::Breaker {
@@ -284,7 +288,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         } => match policy {
             None => show(&target, "/admin/stale").await,
             Some(policy) => {
-                let body = serde_json::json!({"policy": policy, "max_stale": max_stale, "reason": reason});
+                let body =
+                    serde_json::json!({"policy": policy, "max_stale": max_stale, "reason": reason});
                 let answer = admin_call(&target, Method::PUT, "/admin/stale", Some(body)).await?;
                 println!(
                     "stale policy {} (max_stale {}s)",
@@ -344,7 +349,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 async fn serve(config: Config) -> Result<(), Failure> {
-    let (proxy, admin) = crate::sidecar::bind(&config).await.map_err(Failure::failed)?;
+    let (proxy, admin) = crate::sidecar::bind(&config)
+        .await
+        .map_err(Failure::failed)?;
     let sidecar = tokio::task::spawn_blocking(move || Sidecar::open(config, Clock::system()))
         .await
         .map_err(Failure::failed)?
@@ -360,13 +367,14 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -383,7 +391,8 @@ async fn snapshot(action: SnapshotAction) -> Result<(), Failure> {
         SnapshotAction::Export { file, config } => {
             let config = load_config(config.as_deref())?;
             tokio::task::spawn_blocking(move || {
-                let (mirror, _) = crate::mirror::Mirror::open(&config.mirror.path).map_err(Failure::failed)?;
+                let (mirror, _) =
+                    crate::mirror::Mirror::open(&config.mirror.path).map_err(Failure::failed)?;
                 let meta = mirror.meta().map_err(Failure::failed)?;
                 mirror.export(&file).map_err(Failure::failed)?;
                 match meta {
@@ -433,19 +442,29 @@ async fn snapshot(action: SnapshotAction) -> Result<(), Failure> {
 async fn status(target: &Target, json: bool) -> Result<(), Failure> {
     let status = admin_call(target, Method::GET, "/status", None).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).unwrap_or_default()
+        );
         return Ok(());
     }
     let b = &status["breaker"];
     let s = &status["stale"];
     let m = &status["mirror"];
     let l = &status["last_sync"];
-    println!("ready:      {} ({})", status["ready"], status["ready_reason"].as_str().unwrap_or(""));
+    println!(
+        "ready:      {} ({})",
+        status["ready"],
+        status["ready_reason"].as_str().unwrap_or("")
+    );
     println!(
         "breaker:    state {}, mode {}{}",
         b["state"].as_str().unwrap_or("?"),
         b["mode"].as_str().unwrap_or("?"),
-        b["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default()
+        b["reason"]
+            .as_str()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
     );
     println!(
         "stale:      policy {}, max_stale {}s",
@@ -469,7 +488,10 @@ async fn status(target: &Target, json: bool) -> Result<(), Failure> {
             l["result"].as_str().unwrap_or("?"),
             l["at"].as_str().unwrap_or("?"),
             l["duration_seconds"].as_f64().unwrap_or(0.0),
-            l["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default()
+            l["error"]
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
         );
     }
     if let Some(h) = status["held_deletions"].as_object() {
@@ -495,7 +517,10 @@ async fn status(target: &Target, json: bool) -> Result<(), Failure> {
                 a["subject"].as_str().unwrap_or(""),
                 a["from"].as_str().unwrap_or("-"),
                 a["to"].as_str().unwrap_or(""),
-                a["reason"].as_str().map(|r| format!("  ({r})")).unwrap_or_default()
+                a["reason"]
+                    .as_str()
+                    .map(|r| format!("  ({r})"))
+                    .unwrap_or_default()
             );
         }
     }
@@ -504,7 +529,10 @@ async fn status(target: &Target, json: bool) -> Result<(), Failure> {
 
 async fn show(target: &Target, path: &str) -> Result<(), Failure> {
     let answer = admin_call(target, Method::GET, path, None).await?;
-    println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&answer).unwrap_or_default()
+    );
     Ok(())
 }
 
@@ -567,7 +595,12 @@ async fn admin_request(
     };
     tokio::time::timeout(crate::admin::CLI_TIMEOUT, exchange)
         .await
-        .map_err(|_| Failure::failed(format!("{url} did not answer within {:?}", crate::admin::CLI_TIMEOUT)))?
+        .map_err(|_| {
+            Failure::failed(format!(
+                "{url} did not answer within {:?}",
+                crate::admin::CLI_TIMEOUT
+            ))
+        })?
 }
 
 async fn admin_call(
@@ -577,10 +610,16 @@ async fn admin_call(
     body: Option<serde_json::Value>,
 ) -> Result<serde_json::Value, Failure> {
     let (status, bytes) = admin_request(target, method, path, body).await?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| Failure::failed(format!("the sidecar answered {status} with a body that is not JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        Failure::failed(format!(
+            "the sidecar answered {status} with a body that is not JSON: {e}"
+        ))
+    })?;
     if !status.is_success() {
-        let message = value["error"]["message"].as_str().unwrap_or("no message").to_string();
+        let message = value["error"]["message"]
+            .as_str()
+            .unwrap_or("no message")
+            .to_string();
         let code = if status == StatusCode::BAD_REQUEST || status == StatusCode::UNAUTHORIZED {
             2
         } else {
@@ -604,7 +643,6 @@ pub fn exit_code(result: Result<(), Failure>) -> ExitCode {
         }
     }
 }
-
 
 /// How long `demo` waits for the first sync before printing instructions.
 pub const DEMO_FIRST_SYNC_WAIT: Duration = Duration::from_secs(30);

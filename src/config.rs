@@ -395,7 +395,9 @@ impl FromStr for Dur {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
-            format!("'{s}' is not a duration ({e}); write a number and a unit, like 250ms, 90s or 24h")
+            format!(
+                "'{s}' is not a duration ({e}); write a number and a unit, like 250ms, 90s or 24h"
+            )
         })
     }
 }
@@ -438,7 +440,11 @@ impl FromStr for ByteSize {
             "GiB" => 1 << 30,
             "KB" => 1_000,
             "MB" => 1_000_000,
-            _ => return Err(format!("'{s}' is not a size; write e.g. 512KiB, 1MiB or 1048576")),
+            _ => {
+                return Err(format!(
+                    "'{s}' is not a size; write e.g. 512KiB, 1MiB or 1048576"
+                ))
+            }
         };
         number
             .parse::<u64>()
@@ -545,10 +551,12 @@ impl Config {
             }
         };
         let mut table = match text {
-            Some(text) => toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Syntax {
-                path: file.clone(),
-                reason: e.message().to_string(),
-            })?,
+            Some(text) => {
+                toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Syntax {
+                    path: file.clone(),
+                    reason: e.message().to_string(),
+                })?
+            }
             None => toml::Table::new(),
         };
         overlay_env(&mut table, env)?;
@@ -565,10 +573,12 @@ impl Config {
     }
 
     fn from_table(table: toml::Table) -> Result<Self, ConfigError> {
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| ConfigError::Shape {
-                key: e.path().to_string(),
-                reason: e.inner().to_string(),
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Shape {
+                    key: e.path().to_string(),
+                    reason: e.inner().to_string(),
+                }
             })?;
         config.validate()?;
         Ok(config)
@@ -599,7 +609,10 @@ impl Config {
             ("upstream.timeout", self.upstream.timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("mirror.sync_interval", self.mirror.sync_interval),
-            ("freshness.revalidate_budget", self.freshness.revalidate_budget),
+            (
+                "freshness.revalidate_budget",
+                self.freshness.revalidate_budget,
+            ),
             ("freshness.max_stale", self.freshness.max_stale),
             ("breaker.window", self.breaker.window),
             ("breaker.open_for", self.breaker.open_for),
@@ -647,10 +660,7 @@ impl Config {
             return Err(invalid(
                 "freshness.fresh_for",
                 &self.freshness.fresh_for,
-                &format!(
-                    "at most freshness.max_stale ({})",
-                    self.freshness.max_stale
-                ),
+                &format!("at most freshness.max_stale ({})", self.freshness.max_stale),
             ));
         }
         if !(self.breaker.failure_rate > 0.0 && self.breaker.failure_rate <= 1.0) {
@@ -661,7 +671,10 @@ impl Config {
             ));
         }
         for (key, value) in [
-            ("breaker.consecutive_failures", self.breaker.consecutive_failures),
+            (
+                "breaker.consecutive_failures",
+                self.breaker.consecutive_failures,
+            ),
             ("breaker.min_calls", self.breaker.min_calls),
             ("breaker.half_open_probes", self.breaker.half_open_probes),
         ] {
@@ -690,7 +703,12 @@ impl Config {
                 "a size greater than zero, e.g. 1MiB",
             ));
         }
-        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
             return Err(invalid(
                 "log.level",
                 &self.log.level,
@@ -800,7 +818,10 @@ mod tests {
         let config = Config::load(
             Some(&file),
             env(&[
-                ("CATALOG_CACHE_UPSTREAM_URL", "https://backstage.example.com/api/catalog"),
+                (
+                    "CATALOG_CACHE_UPSTREAM_URL",
+                    "https://backstage.example.com/api/catalog",
+                ),
                 ("CATALOG_CACHE_BREAKER_FAILURE_RATE", "0.25"),
                 ("CATALOG_CACHE_HOT_CACHE_MAX_ENTRIES", "7"),
                 ("CATALOG_CACHE_FRESHNESS_FRESH_FOR", "30s"),
@@ -816,7 +837,10 @@ mod tests {
         assert_eq!(config.freshness.fresh_for, Dur(Duration::from_secs(30)));
         assert_eq!(config.stale.policy, StalePolicy::Refuse);
         assert_eq!(config.admin.token.as_deref(), Some("s3cret"));
-        assert_eq!(config.upstream.url, "https://backstage.example.com/api/catalog");
+        assert_eq!(
+            config.upstream.url,
+            "https://backstage.example.com/api/catalog"
+        );
         assert!(!config.to_toml().contains("s3cret"));
     }
 

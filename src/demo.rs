@@ -37,7 +37,9 @@ pub async fn run(entities: usize, data_dir: &Path) -> Result<(), String> {
     // Short intervals so that an outage shows within seconds.
     config.mirror.sync_interval = crate::config::Dur(Duration::from_secs(10));
     config.freshness.fresh_for = crate::config::Dur(Duration::from_secs(15));
-    let (proxy, admin) = crate::sidecar::bind(&config).await.map_err(|e| e.to_string())?;
+    let (proxy, admin) = crate::sidecar::bind(&config)
+        .await
+        .map_err(|e| e.to_string())?;
     let sidecar = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || Sidecar::open(config, Clock::system()))
@@ -45,7 +47,11 @@ pub async fn run(entities: usize, data_dir: &Path) -> Result<(), String> {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?
     };
-    let runner = tokio::spawn(sidecar.clone().run(proxy, admin, crate::cli::shutdown_signal()));
+    let runner = tokio::spawn(
+        sidecar
+            .clone()
+            .run(proxy, admin, crate::cli::shutdown_signal()),
+    );
     let deadline = tokio::time::Instant::now() + crate::cli::DEMO_FIRST_SYNC_WAIT;
     while sidecar.view().is_none() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -212,7 +212,11 @@ impl Flags {
             actor: "config".into(),
             expires_at: None,
         };
-        tracing::warn!(from = from.as_str(), to = mode.as_str(), "breaker override expired");
+        tracing::warn!(
+            from = from.as_str(),
+            to = mode.as_str(),
+            "breaker override expired"
+        );
         Ok(Some(mode))
     }
 

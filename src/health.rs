@@ -30,7 +30,10 @@ impl Sidecar {
         if age < fresh_for {
             return Readiness {
                 ready: true,
-                reason: format!("mirror generation {} loaded, {} old (fresh)", view.meta.id, age_text),
+                reason: format!(
+                    "mirror generation {} loaded, {} old (fresh)",
+                    view.meta.id, age_text
+                ),
             };
         }
         match stale.policy {

@@ -44,7 +44,9 @@ pub const REQUEST_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 /// Latency buckets for upstream calls, seconds.
-pub const UPSTREAM_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0];
+pub const UPSTREAM_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0,
+];
 /// Duration buckets for syncs, seconds.
 pub const SYNC_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
@@ -58,14 +60,22 @@ pub fn install() -> metrics_exporter_prometheus::PrometheusHandle {
         .get_or_init(|| {
             use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
             let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION_SECONDS.into()), REQUEST_BUCKETS)
+                .set_buckets_for_metric(
+                    Matcher::Full(REQUEST_DURATION_SECONDS.into()),
+                    REQUEST_BUCKETS,
+                )
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(UPSTREAM_REQUEST_DURATION_SECONDS.into()),
                         UPSTREAM_BUCKETS,
                     )
                 })
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(SYNC_DURATION_SECONDS.into()), SYNC_BUCKETS))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(SYNC_DURATION_SECONDS.into()),
+                        SYNC_BUCKETS,
+                    )
+                })
                 .expect("bucket lists are non-empty constants");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -82,28 +92,54 @@ pub fn install() -> metrics_exporter_prometheus::PrometheusHandle {
 /// Describes every metric (HELP lines), once the recorder is installed.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(REQUESTS_TOTAL, "Proxy requests by route and outcome (hit, stale, miss, bypass, error).");
-    describe_histogram!(REQUEST_DURATION_SECONDS, Unit::Seconds, "Proxy request latency by route.");
-    describe_counter!(UPSTREAM_REQUESTS_TOTAL, "Upstream calls by operation and result.");
-    describe_histogram!(UPSTREAM_REQUEST_DURATION_SECONDS, Unit::Seconds, "Upstream call latency by operation.");
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "Proxy requests by route and outcome (hit, stale, miss, bypass, error)."
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Proxy request latency by route."
+    );
+    describe_counter!(
+        UPSTREAM_REQUESTS_TOTAL,
+        "Upstream calls by operation and result."
+    );
+    describe_histogram!(
+        UPSTREAM_REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Upstream call latency by operation."
+    );
     describe_gauge!(BREAKER_STATE, "1 for the breaker's current state.");
     describe_gauge!(BREAKER_MODE, "1 for the operator's current breaker mode.");
     describe_counter!(BREAKER_TRANSITIONS_TOTAL, "Breaker state transitions.");
     describe_gauge!(STALE_POLICY, "1 for the stale-data policy in force.");
-    describe_gauge!(MIRROR_ENTITIES, "Entities in the current mirror generation.");
-    describe_gauge!(MIRROR_DATA_AGE_SECONDS, Unit::Seconds, "Seconds since the upstream last confirmed the mirror.");
+    describe_gauge!(
+        MIRROR_ENTITIES,
+        "Entities in the current mirror generation."
+    );
+    describe_gauge!(
+        MIRROR_DATA_AGE_SECONDS,
+        Unit::Seconds,
+        "Seconds since the upstream last confirmed the mirror."
+    );
     describe_gauge!(MIRROR_GENERATION, "Current mirror generation number.");
-    describe_counter!(SYNCS_TOTAL, "Syncs by result (applied, unchanged, failed, held).");
+    describe_counter!(
+        SYNCS_TOTAL,
+        "Syncs by result (applied, unchanged, failed, held)."
+    );
     describe_histogram!(SYNC_DURATION_SECONDS, Unit::Seconds, "Sync duration.");
     describe_gauge!(SYNC_HELD_DELETIONS, "Entities a held sync would delete.");
     describe_gauge!(HOT_CACHE_ENTRIES, "Entries in the hot cache.");
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
 }
 
+/// Per-thread handles of the request metrics, by (route, outcome).
+type RequestHandles =
+    std::collections::HashMap<(&'static str, &'static str), (metrics::Counter, metrics::Histogram)>;
+
 thread_local! {
-    static REQUEST_HANDLES: std::cell::RefCell<
-        std::collections::HashMap<(&'static str, &'static str), (metrics::Counter, metrics::Histogram)>,
-    > = std::cell::RefCell::new(std::collections::HashMap::new());
+    static REQUEST_HANDLES: std::cell::RefCell<RequestHandles> = std::cell::RefCell::new(RequestHandles::new());
 }
 
 /// Counts one proxy request and its latency. The handles are looked up in

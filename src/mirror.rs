@@ -227,7 +227,9 @@ impl Mirror {
         }
         writer.execute_batch(SCHEMA)?;
         let version: Option<String> = writer
-            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
             .optional()?;
         match version.map(|v| v.parse::<i64>().ok()) {
             None => {
@@ -284,12 +286,11 @@ impl Mirror {
                 let uid: String = row.get(0)?;
                 let body: Vec<u8> = row.get(1)?;
                 let confirmed_ms: Option<i64> = row.get(2)?;
-                let entity = Entity::from_json(Bytes::from(body)).map_err(|e| {
-                    MirrorError::BadRow {
+                let entity =
+                    Entity::from_json(Bytes::from(body)).map_err(|e| MirrorError::BadRow {
                         uid: uid.clone(),
                         reason: e.to_string(),
-                    }
-                })?;
+                    })?;
                 if let Some(ms) = confirmed_ms {
                     confirmed.insert(entity.uid.clone(), from_ms(ms));
                 }
@@ -403,7 +404,11 @@ impl Mirror {
     /// outside a generation (`store_entity`) whose uid is not in `keep`, the
     /// generation the upstream just confirmed, are dropped, so an entity the
     /// upstream deleted cannot come back at the next start.
-    pub fn confirm(&self, at: SystemTime, keep: &HashSet<Arc<str>>) -> Result<Option<GenerationMeta>, MirrorError> {
+    pub fn confirm(
+        &self,
+        at: SystemTime,
+        keep: &HashSet<Arc<str>>,
+    ) -> Result<Option<GenerationMeta>, MirrorError> {
         let mut conn = self.writer();
         let tx = conn.transaction()?;
         let Some(meta) = read_meta(&tx)? else {
@@ -436,7 +441,11 @@ impl Mirror {
 
     /// Stores one entity the upstream just returned outside a sync (a
     /// revalidation), with the time it was confirmed.
-    pub fn store_entity(&self, entity: &Entity, confirmed_at: SystemTime) -> Result<(), MirrorError> {
+    pub fn store_entity(
+        &self,
+        entity: &Entity,
+        confirmed_at: SystemTime,
+    ) -> Result<(), MirrorError> {
         self.writer().execute(
             "INSERT INTO entities (uid, entity_ref, etag, body, confirmed_ms) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (uid) DO UPDATE SET entity_ref = excluded.entity_ref, etag = excluded.etag,
@@ -567,9 +576,11 @@ impl Mirror {
     pub fn note(&self, key: &str) -> Result<Option<String>, MirrorError> {
         Ok(self
             .reader()
-            .query_row("SELECT value FROM meta WHERE key = ?1", [format!("note:{key}")], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [format!("note:{key}")],
+                |r| r.get(0),
+            )
             .optional()?)
     }
 
@@ -653,7 +664,9 @@ pub fn read_snapshot(path: &Path) -> Result<Loaded, MirrorError> {
         )));
     }
     let version: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0))
+        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+            r.get(0)
+        })
         .optional()
         .unwrap_or(None);
     if version.as_deref() != Some(&SCHEMA_VERSION.to_string()) {
@@ -691,7 +704,8 @@ fn read_meta(conn: &Connection) -> Result<Option<GenerationMeta>, MirrorError> {
             .optional()?;
         Ok(v.and_then(|v| v.parse().ok()))
     };
-    let (Some(id), Some(synced), Some(count)) = (get("generation")?, get("synced_ms")?, get("entities")?)
+    let (Some(id), Some(synced), Some(count)) =
+        (get("generation")?, get("synced_ms")?, get("entities")?)
     else {
         return Ok(None);
     };
@@ -702,7 +716,12 @@ fn read_meta(conn: &Connection) -> Result<Option<GenerationMeta>, MirrorError> {
     }))
 }
 
-fn write_meta(conn: &Connection, id: u64, synced_at: SystemTime, count: usize) -> Result<(), MirrorError> {
+fn write_meta(
+    conn: &Connection,
+    id: u64,
+    synced_at: SystemTime,
+    count: usize,
+) -> Result<(), MirrorError> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     )?;
@@ -757,7 +776,10 @@ mod tests {
     }
 
     fn etags(entities: &[Arc<Entity>]) -> HashMap<Arc<str>, Arc<str>> {
-        entities.iter().map(|e| (e.uid.clone(), e.etag.clone())).collect()
+        entities
+            .iter()
+            .map(|e| (e.uid.clone(), e.etag.clone()))
+            .collect()
     }
 
     #[test]
@@ -765,19 +787,45 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mirror, outcome) = Mirror::open(&dir.path().join("m.db")).unwrap();
         assert_eq!(outcome, OpenOutcome::Healthy);
-        let first = vec![entity("u1", "a", "e1"), entity("u2", "b", "e1"), entity("u3", "c", "e1")];
-        let (meta, stats) = mirror.apply(&first, &HashMap::new(), SystemTime::now(), "sync").unwrap();
-        assert_eq!((meta.id, meta.entities, stats.added, stats.rows_written), (1, 3, 3, 3));
+        let first = vec![
+            entity("u1", "a", "e1"),
+            entity("u2", "b", "e1"),
+            entity("u3", "c", "e1"),
+        ];
+        let (meta, stats) = mirror
+            .apply(&first, &HashMap::new(), SystemTime::now(), "sync")
+            .unwrap();
+        assert_eq!(
+            (meta.id, meta.entities, stats.added, stats.rows_written),
+            (1, 3, 3, 3)
+        );
 
-        let (meta, stats) = mirror.apply(&first, &etags(&first), SystemTime::now(), "sync").unwrap();
+        let (meta, stats) = mirror
+            .apply(&first, &etags(&first), SystemTime::now(), "sync")
+            .unwrap();
         assert_eq!(meta.id, 2);
         assert_eq!(stats.unchanged, 3);
-        assert_eq!(stats.rows_written, 0, "an unchanged catalog rewrites no entity row");
-
-        let second = vec![entity("u1", "a", "e2"), entity("u2", "b", "e1"), entity("u4", "d", "e1")];
-        let (meta, stats) = mirror.apply(&second, &etags(&first), SystemTime::now(), "sync").unwrap();
         assert_eq!(
-            (stats.added, stats.changed, stats.removed, stats.unchanged, stats.rows_written),
+            stats.rows_written, 0,
+            "an unchanged catalog rewrites no entity row"
+        );
+
+        let second = vec![
+            entity("u1", "a", "e2"),
+            entity("u2", "b", "e1"),
+            entity("u4", "d", "e1"),
+        ];
+        let (meta, stats) = mirror
+            .apply(&second, &etags(&first), SystemTime::now(), "sync")
+            .unwrap();
+        assert_eq!(
+            (
+                stats.added,
+                stats.changed,
+                stats.removed,
+                stats.unchanged,
+                stats.rows_written
+            ),
             (1, 1, 1, 1, 3)
         );
         let loaded = mirror.load().unwrap();
@@ -796,7 +844,10 @@ mod tests {
         let OpenOutcome::MovedAside(aside) = outcome else {
             panic!("corrupt file was not detected");
         };
-        assert_eq!(std::fs::read(aside).unwrap(), b"definitely not sqlite ".repeat(300));
+        assert_eq!(
+            std::fs::read(aside).unwrap(),
+            b"definitely not sqlite ".repeat(300)
+        );
         assert_eq!(mirror.meta().unwrap(), None);
     }
 
@@ -820,13 +871,18 @@ mod tests {
                 to: "open",
                 reason: Some("maintenance"),
             };
-            mirror.set_flag("breaker_mode", Some(&flag), &record).unwrap();
+            mirror
+                .set_flag("breaker_mode", Some(&flag), &record)
+                .unwrap();
         }
         let (mirror, _) = Mirror::open(&path).unwrap();
         assert_eq!(mirror.flag("breaker_mode").unwrap().unwrap().value, "open");
         let audit = mirror.recent_audit(5).unwrap();
         assert_eq!(audit.len(), 1);
-        assert_eq!((audit[0].to.as_str(), audit[0].reason.as_deref()), ("open", Some("maintenance")));
+        assert_eq!(
+            (audit[0].to.as_str(), audit[0].reason.as_deref()),
+            ("open", Some("maintenance"))
+        );
     }
 
     #[test]
@@ -835,7 +891,9 @@ mod tests {
         let (mirror, _) = Mirror::open(&dir.path().join("m.db")).unwrap();
         let synced = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let entities = vec![entity("u1", "a", "e1"), entity("u2", "b", "e1")];
-        mirror.apply(&entities, &HashMap::new(), synced, "sync").unwrap();
+        mirror
+            .apply(&entities, &HashMap::new(), synced, "sync")
+            .unwrap();
         let file = dir.path().join("snap.db");
         mirror.export(&file).unwrap();
         assert!(mirror.export(&file).is_err(), "export never overwrites");

@@ -37,7 +37,9 @@ pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-
 pub fn router(sidecar: Arc<Sidecar>) -> Router {
     Router::new()
         .fallback(handle)
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
         .with_state(sidecar)
 }
 
@@ -127,7 +129,10 @@ async fn handle(State(sidecar): State<Arc<Sidecar>>, request: Request) -> Respon
     let method = parts.method.clone();
     let full_path = parts.uri.path().to_string();
     let query = parts.uri.query().unwrap_or("").to_string();
-    let Some(path) = full_path.strip_prefix(MOUNT).filter(|p| p.is_empty() || p.starts_with('/')) else {
+    let Some(path) = full_path
+        .strip_prefix(MOUNT)
+        .filter(|p| p.is_empty() || p.starts_with('/'))
+    else {
         let incoming = Incoming {
             method: &method,
             path: &full_path,
@@ -137,7 +142,9 @@ async fn handle(State(sidecar): State<Arc<Sidecar>>, request: Request) -> Respon
         };
         let reply = sidecar.error_reply(
             ErrorKind::NotFound,
-            &format!("catalog-cache serves the catalog API under {MOUNT}; {full_path} is not part of it"),
+            &format!(
+                "catalog-cache serves the catalog API under {MOUNT}; {full_path} is not part of it"
+            ),
             &incoming,
         );
         return render(reply, "unknown", started);
@@ -173,7 +180,8 @@ async fn handle(State(sidecar): State<Arc<Sidecar>>, request: Request) -> Respon
     let body = match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => {
-            let message = format!("Request body is larger than proxy.max_request_body ({limit} bytes)");
+            let message =
+                format!("Request body is larger than proxy.max_request_body ({limit} bytes)");
             return render(
                 sidecar.error_reply(ErrorKind::TooLarge, &message, &incoming),
                 "too_large",
@@ -205,14 +213,19 @@ async fn handle(State(sidecar): State<Arc<Sidecar>>, request: Request) -> Respon
 
 /// Turns a read-path answer into an HTTP response with the staleness headers.
 fn render(reply: Reply, route: &'static str, started: Instant) -> Response {
-    m::record_request(route, reply.cache.outcome(), started.elapsed().as_secs_f64());
+    m::record_request(
+        route,
+        reply.cache.outcome(),
+        started.elapsed().as_secs_f64(),
+    );
     let mut response = Response::new(Body::from(reply.body));
     *response.status_mut() = reply.status;
     let headers = response.headers_mut();
     *headers = reply.headers;
     let cache_status = match reply.cache {
         CacheStatus::Hit => HeaderValue::from_static("catalog-cache; hit"),
-        other => HeaderValue::from_str(&other.header()).unwrap_or(HeaderValue::from_static("catalog-cache")),
+        other => HeaderValue::from_str(&other.header())
+            .unwrap_or(HeaderValue::from_static("catalog-cache")),
     };
     headers.insert(CACHE_STATUS, cache_status);
     headers.insert(http::header::AGE, HeaderValue::from(reply.age.as_secs()));
@@ -241,7 +254,13 @@ mod tests {
             route(&Method::GET, "/entities/by-name/Component/default/Checkout%2DService").unwrap(),
             Route::Entity(Lookup::ByName(ref r)) if r.name == "Checkout-Service"
         ));
-        assert_eq!(r(Method::GET, "/entities/by-name/component/default/x/ancestry"), "read_through");
+        assert_eq!(
+            r(
+                Method::GET,
+                "/entities/by-name/component/default/x/ancestry"
+            ),
+            "read_through"
+        );
         assert_eq!(r(Method::GET, "/locations/abc"), "read_through");
         assert_eq!(r(Method::GET, "/locations"), "read_through");
         assert_eq!(r(Method::DELETE, "/entities/by-uid/u"), "pass_through");

@@ -63,7 +63,9 @@ impl CacheStatus {
             Self::StaleHit { ttl } => format!("catalog-cache; hit; ttl={ttl}"),
             Self::Stored => "catalog-cache; fwd=miss; stored".into(),
             Self::Miss { status } => format!("catalog-cache; fwd=miss; fwd-status={status}"),
-            Self::Revalidated { status } => format!("catalog-cache; fwd=stale; fwd-status={status}"),
+            Self::Revalidated { status } => {
+                format!("catalog-cache; fwd=stale; fwd-status={status}")
+            }
             Self::Bypass => "catalog-cache; fwd=bypass".into(),
             Self::Unavailable => "catalog-cache; fwd=uri-miss; detail=upstream-unavailable".into(),
         }
@@ -129,7 +131,12 @@ impl ErrorKind {
 }
 
 /// Backstage's error body: `{"error":{name,message},"request":{method,url},"response":{statusCode}}`.
-pub fn error_body(kind: ErrorKind, message: &str, method: &Method, url: &str) -> (StatusCode, Bytes) {
+pub fn error_body(
+    kind: ErrorKind,
+    message: &str,
+    method: &Method,
+    url: &str,
+) -> (StatusCode, Bytes) {
     let (status, name) = kind.status_and_name();
     let body = serde_json::json!({
         "error": {"name": name, "message": message},
@@ -151,7 +158,10 @@ fn json_headers() -> HeaderMap {
 /// What a read knows locally before asking the upstream.
 enum Local {
     /// Data and when the upstream last confirmed it.
-    Found { reply: Reply, confirmed_at: SystemTime },
+    Found {
+        reply: Reply,
+        confirmed_at: SystemTime,
+    },
     /// The mirror holds a complete generation (confirmed at the given time)
     /// that does not contain the thing asked for.
     AbsentFromMirror { confirmed_at: SystemTime },
@@ -243,8 +253,14 @@ impl Sidecar {
         let negative_key = upstream_path.to_lowercase();
         // A remembered 404 stands in for the entity unless the mirror
         // confirmed the entity after the 404 was seen (a sync brought it in).
-        if let Some(HotEntry::Missing { body, at }) = self.hot.get(&HotKey::Path(negative_key.as_str().into())) {
-            if found.as_ref().is_none_or(|(_, confirmed_at)| *confirmed_at <= at) {
+        if let Some(HotEntry::Missing { body, at }) =
+            self.hot.get(&HotKey::Path(negative_key.as_str().into()))
+        {
+            let held = self.held_deletions().is_some();
+            if found
+                .as_ref()
+                .is_none_or(|(_, confirmed_at)| *confirmed_at <= at && !held)
+            {
                 return Reply {
                     status: StatusCode::NOT_FOUND,
                     headers: json_headers(),
@@ -281,16 +297,22 @@ impl Sidecar {
             ),
             Lookup::ByUid(uid) => format!("No entity with uid {uid}"),
         };
-        let on_fetched: OnFetched = Box::new(move |sidecar: &Sidecar, response: &UpstreamResponse| {
-            if response.status == StatusCode::OK {
-                match Entity::from_json(response.body.clone()) {
-                    Ok(entity) => sidecar.store_revalidated(Arc::new(entity)),
-                    Err(e) => tracing::warn!(error = %e, "upstream returned an entity the mirror cannot hold"),
+        let on_fetched: OnFetched = Box::new(
+            move |sidecar: &Sidecar, response: &UpstreamResponse| {
+                if response.status == StatusCode::OK {
+                    match Entity::from_json(response.body.clone()) {
+                        Ok(entity) => sidecar.store_revalidated(Arc::new(entity)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "upstream returned an entity the mirror cannot hold")
+                        }
+                    }
+                } else if response.status == StatusCode::NOT_FOUND {
+                    sidecar
+                        .hot
+                        .put_missing(&negative_key, response.body.clone(), sidecar.now());
                 }
-            } else if response.status == StatusCode::NOT_FOUND {
-                sidecar.hot.put_missing(&negative_key, response.body.clone(), sidecar.now());
-            }
-        });
+            },
+        );
         let request = UpstreamRequest::get(upstream_path.clone());
         self.revalidate(
             upstream_path,
@@ -313,7 +335,9 @@ impl Sidecar {
         let (hot_key, from_view) = match lookup {
             Lookup::ByName(r) => {
                 let canonical = r.canonical();
-                let found = view.as_ref().and_then(|v| v.index.by_ref(&canonical).cloned());
+                let found = view
+                    .as_ref()
+                    .and_then(|v| v.index.by_ref(&canonical).cloned());
                 (hot.then(|| HotKey::Ref(canonical.into())), found)
             }
             Lookup::ByUid(uid) => {
@@ -330,7 +354,10 @@ impl Sidecar {
             (entity, confirmed)
         });
         let from_hot = match hot_key.and_then(|k| self.hot.get(&k)) {
-            Some(HotEntry::Entity { entity, confirmed_at }) => Some((entity, confirmed_at)),
+            Some(HotEntry::Entity {
+                entity,
+                confirmed_at,
+            }) => Some((entity, confirmed_at)),
             _ => None,
         };
         match (from_hot, from_view) {
@@ -405,7 +432,10 @@ impl Sidecar {
                         })
                         .ok()
                         .is_some_and(|k| {
-                            matches!(self.hot.get(&HotKey::Path(k.into())), Some(HotEntry::Missing { .. }))
+                            matches!(
+                                self.hot.get(&HotKey::Path(k.into())),
+                                Some(HotEntry::Missing { .. })
+                            )
                         });
                     if can_match && !negative {
                         unknown = true;
@@ -421,7 +451,11 @@ impl Sidecar {
         let Some(view) = view else {
             return self
                 .revalidate(
-                    format!("POST {}\n{}", req.path_and_query(), String::from_utf8_lossy(&req.body)),
+                    format!(
+                        "POST {}\n{}",
+                        req.path_and_query(),
+                        String::from_utf8_lossy(&req.body)
+                    ),
                     Local::Unknown,
                     self.forward_request(req),
                     Operation::Revalidate,
@@ -454,14 +488,20 @@ impl Sidecar {
             }
             if let Ok(items) = serde_json::from_slice::<Items<'_>>(&response.body) {
                 for raw in items.items.into_iter().flatten() {
-                    if let Ok(entity) = Entity::from_json(Bytes::copy_from_slice(raw.get().as_bytes())) {
+                    if let Ok(entity) =
+                        Entity::from_json(Bytes::copy_from_slice(raw.get().as_bytes()))
+                    {
                         sidecar.store_revalidated(Arc::new(entity));
                     }
                 }
             }
         });
         self.revalidate(
-            format!("POST {}\n{}", req.path_and_query(), String::from_utf8_lossy(&req.body)),
+            format!(
+                "POST {}\n{}",
+                req.path_and_query(),
+                String::from_utf8_lossy(&req.body)
+            ),
             Local::Found {
                 reply: local_reply,
                 confirmed_at,
@@ -480,7 +520,12 @@ impl Sidecar {
         let Some(view) = self.view() else {
             return self
                 .revalidate(
-                    format!("{} {}\n{}", req.method, req.path_and_query(), String::from_utf8_lossy(&req.body)),
+                    format!(
+                        "{} {}\n{}",
+                        req.method,
+                        req.path_and_query(),
+                        String::from_utf8_lossy(&req.body)
+                    ),
                     Local::Unknown,
                     self.forward_request(req),
                     Operation::Query,
@@ -517,8 +562,16 @@ impl Sidecar {
         }
         self.sync_soon();
         self.revalidate(
-            format!("{} {}\n{}", req.method, req.path_and_query(), String::from_utf8_lossy(&req.body)),
-            Local::Found { reply, confirmed_at },
+            format!(
+                "{} {}\n{}",
+                req.method,
+                req.path_and_query(),
+                String::from_utf8_lossy(&req.body)
+            ),
+            Local::Found {
+                reply,
+                confirmed_at,
+            },
             self.forward_request(req),
             Operation::Query,
             Box::new(|_, _| {}),
@@ -549,7 +602,11 @@ impl Sidecar {
         let local = match stored {
             Some(answer) => {
                 let mut headers = HeaderMap::new();
-                if let Some(ct) = answer.content_type.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
+                if let Some(ct) = answer
+                    .content_type
+                    .as_deref()
+                    .and_then(|c| HeaderValue::from_str(c).ok())
+                {
                     headers.insert(http::header::CONTENT_TYPE, ct);
                 }
                 Local::Found {
@@ -566,35 +623,40 @@ impl Sidecar {
             }
             None => Local::Unknown,
         };
-        if let Local::Found { reply, confirmed_at } = &local {
+        if let Local::Found {
+            reply,
+            confirmed_at,
+        } = &local
+        {
             if self.is_fresh(*confirmed_at) {
                 return reply.clone();
             }
         }
         let store_key = key.clone();
-        let on_fetched: OnFetched = Box::new(move |sidecar: &Sidecar, response: &UpstreamResponse| {
-            if !response.status.is_success() {
-                return;
-            }
-            let answer = Arc::new(StoredAnswer {
-                status: response.status.as_u16(),
-                content_type: response
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string),
-                body: response.body.clone(),
-                stored_at: sidecar.now(),
-            });
-            sidecar.hot.put_answer(&store_key, answer.clone());
-            let mirror = sidecar.mirror.clone();
-            let k = store_key.clone();
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = mirror.store_answer(&k, &answer) {
-                    tracing::warn!(error = %e, key = %k, "cannot store a read-through answer");
+        let on_fetched: OnFetched =
+            Box::new(move |sidecar: &Sidecar, response: &UpstreamResponse| {
+                if !response.status.is_success() {
+                    return;
                 }
+                let answer = Arc::new(StoredAnswer {
+                    status: response.status.as_u16(),
+                    content_type: response
+                        .headers
+                        .get(http::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string),
+                    body: response.body.clone(),
+                    stored_at: sidecar.now(),
+                });
+                sidecar.hot.put_answer(&store_key, answer.clone());
+                let mirror = sidecar.mirror.clone();
+                let k = store_key.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = mirror.store_answer(&k, &answer) {
+                        tracing::warn!(error = %e, key = %k, "cannot store a read-through answer");
+                    }
+                });
             });
-        });
         self.revalidate(
             key,
             local,
@@ -693,6 +755,15 @@ impl Sidecar {
             Ok(Err(e)) => Err((*e).clone()),
             Err(_) => Err(UpstreamError::Timeout(budget)),
         };
+        let outcome = match outcome {
+            Ok(response) if self.contradicts_held_mirror(&local, &response) => {
+                Err(UpstreamError::Untrusted(
+                    "it reports missing entities the mirror holds while a mass deletion is held"
+                        .into(),
+                ))
+            }
+            other => other,
+        };
         match outcome {
             Ok(response) => {
                 let had_local = matches!(local, Local::Found { .. });
@@ -715,6 +786,31 @@ impl Sidecar {
         }
     }
 
+    /// While the deletion guard holds a sync, the upstream is suspected of
+    /// losing entities: an answer that says a mirrored entity is gone (a 404,
+    /// or a by-refs `null` the mirror can fill) is not taken over the mirror.
+    fn contradicts_held_mirror(&self, local: &Local, response: &UpstreamResponse) -> bool {
+        let Local::Found { reply, .. } = local else {
+            return false;
+        };
+        if self.held_deletions().is_none() {
+            return false;
+        }
+        if response.status == StatusCode::NOT_FOUND {
+            return true;
+        }
+        #[derive(serde::Deserialize)]
+        struct Items {
+            items: Vec<Option<serde::de::IgnoredAny>>,
+        }
+        let nulls = |body: &[u8]| {
+            serde_json::from_slice::<Items>(body)
+                .ok()
+                .map(|i| i.items.iter().filter(|x| x.is_none()).count())
+        };
+        matches!((nulls(&response.body), nulls(&reply.body)), (Some(up), Some(here)) if up > here)
+    }
+
     /// The staleness decision: the upstream could not answer.
     fn decide_without_upstream(
         &self,
@@ -726,10 +822,18 @@ impl Sidecar {
         let stale = self.flags.stale();
         let fresh_for = self.config.freshness.fresh_for.get();
         let (reply, confirmed_at) = match local {
-            Local::Found { reply, confirmed_at } => (reply, confirmed_at),
+            Local::Found {
+                reply,
+                confirmed_at,
+            } => (reply, confirmed_at),
             Local::AbsentFromMirror { confirmed_at } => match not_found_message {
                 Some(message) => {
-                    let (status, body) = error_body(ErrorKind::NotFound, &message, req.method, &req.path_and_query());
+                    let (status, body) = error_body(
+                        ErrorKind::NotFound,
+                        &message,
+                        req.method,
+                        &req.path_and_query(),
+                    );
                     (
                         Reply {
                             status,
@@ -742,7 +846,9 @@ impl Sidecar {
                         confirmed_at,
                     )
                 }
-                None => return self.unavailable(error, req, "the mirror cannot answer this request"),
+                None => {
+                    return self.unavailable(error, req, "the mirror cannot answer this request")
+                }
             },
             Local::Unknown => {
                 return self.unavailable(error, req, "the mirror holds no copy of this")
@@ -779,7 +885,12 @@ impl Sidecar {
     /// The sidecar's own 503, saying why and when to retry.
     fn unavailable(&self, error: &UpstreamError, req: &Incoming<'_>, detail: &str) -> Reply {
         let message = format!("The catalog is unavailable: {error}; {detail}");
-        let (status, body) = error_body(ErrorKind::Unavailable, &message, req.method, &req.path_and_query());
+        let (status, body) = error_body(
+            ErrorKind::Unavailable,
+            &message,
+            req.method,
+            &req.path_and_query(),
+        );
         let mut headers = json_headers();
         let retry_after = error
             .retry_after()
@@ -818,12 +929,18 @@ impl Sidecar {
         op: Operation,
         on_fetched: OnFetched,
     ) -> SharedFetch {
-        let mut calls = self.inflight.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let mut calls = self
+            .inflight
+            .calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = calls.get(&key) {
             return existing.clone();
         }
         let Some(me) = self.self_ref.upgrade() else {
-            let err: FetchResult = Err(Arc::new(UpstreamError::Connect("the sidecar is shutting down".into())));
+            let err: FetchResult = Err(Arc::new(UpstreamError::Connect(
+                "the sidecar is shutting down".into(),
+            )));
             return futures::future::ready(err).boxed().shared();
         };
         let task_key = key.clone();
@@ -840,9 +957,11 @@ impl Sidecar {
             result.map(Arc::new).map_err(Arc::new)
         });
         let shared = async move {
-            handle
-                .await
-                .unwrap_or_else(|e| Err(Arc::new(UpstreamError::Connect(format!("upstream task failed: {e}")))))
+            handle.await.unwrap_or_else(|e| {
+                Err(Arc::new(UpstreamError::Connect(format!(
+                    "upstream task failed: {e}"
+                ))))
+            })
         }
         .boxed()
         .shared();
@@ -873,7 +992,9 @@ fn encode(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
     for b in segment.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }

@@ -214,8 +214,11 @@ impl Sidecar {
 
     /// Seconds since the upstream last confirmed the current generation.
     pub fn data_age(&self) -> Option<Duration> {
-        self.view()
-            .map(|v| self.now_wall().duration_since(v.meta.synced_at).unwrap_or_default())
+        self.view().map(|v| {
+            self.now_wall()
+                .duration_since(v.meta.synced_at)
+                .unwrap_or_default()
+        })
     }
 
     /// Updates the gauges that describe state rather than events.
@@ -230,8 +233,15 @@ impl Sidecar {
         self.breaker.publish_gauges();
         metrics::gauge!(m::HOT_CACHE_ENTRIES).set(self.hot.entry_count() as f64);
         let policy = self.flags.stale().policy;
-        for p in [crate::config::StalePolicy::Serve, crate::config::StalePolicy::Refuse] {
-            metrics::gauge!(m::STALE_POLICY, "policy" => p.as_str()).set(if p == policy { 1.0 } else { 0.0 });
+        for p in [
+            crate::config::StalePolicy::Serve,
+            crate::config::StalePolicy::Refuse,
+        ] {
+            metrics::gauge!(m::STALE_POLICY, "policy" => p.as_str()).set(if p == policy {
+                1.0
+            } else {
+                0.0
+            });
         }
         metrics::gauge!(m::SYNC_HELD_DELETIONS)
             .set(self.held_deletions().map_or(0.0, |h| h.would_remove as f64));
@@ -239,13 +249,19 @@ impl Sidecar {
 
     /// Seeds an empty mirror from a peer sidecar's snapshot (`mirror.seed_from`).
     pub async fn seed_from_peer(&self) -> Result<Option<GenerationMeta>, String> {
-        let peer = self.config.mirror.seed_from.trim_end_matches('/').to_string();
+        let peer = self
+            .config
+            .mirror
+            .seed_from
+            .trim_end_matches('/')
+            .to_string();
         if peer.is_empty() || self.view().is_some() {
             return Ok(None);
         }
         let url = format!("{peer}/admin/snapshot");
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
         let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
         let fetch = async {
             let response = client.get(uri).await.map_err(|e| format!("{url}: {e}"))?;
@@ -266,18 +282,30 @@ impl Sidecar {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let file = dir.path().join("seed.db");
         std::fs::write(&file, &bytes).map_err(|e| e.to_string())?;
-        let meta = self.import_snapshot(&file, "seed").await.map_err(|e| e.to_string())?;
+        let meta = self
+            .import_snapshot(&file, "seed")
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::info!(peer = %peer, generation = meta.id, entities = meta.entities, "mirror seeded from a peer");
         Ok(Some(meta))
     }
 
     /// Applies a snapshot file as the next generation, keeping its age.
-    pub async fn import_snapshot(&self, file: &Path, source: &'static str) -> Result<GenerationMeta, MirrorError> {
+    pub async fn import_snapshot(
+        &self,
+        file: &Path,
+        source: &'static str,
+    ) -> Result<GenerationMeta, MirrorError> {
         let file = file.to_path_buf();
         let mirror = self.mirror.clone();
         let previous: HashMap<Arc<str>, Arc<str>> = self
             .view()
-            .map(|v| v.index.entities().map(|e| (e.uid.clone(), e.etag.clone())).collect())
+            .map(|v| {
+                v.index
+                    .entities()
+                    .map(|e| (e.uid.clone(), e.etag.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         let (meta, index) = tokio::task::spawn_blocking(move || {
             let (meta, _) = import_into(&mirror, &file, &previous, source)?;
@@ -320,18 +348,19 @@ impl Sidecar {
         );
         let mut proxy_stop = stop_rx.clone();
         let mut admin_stop = stop_rx.clone();
-        let proxy_server = axum::serve(proxy, proxy_app)
-            .with_graceful_shutdown(async move {
-                let _ = proxy_stop.wait_for(|s| *s).await;
-            });
-        let admin_server = axum::serve(admin, admin_app)
-            .with_graceful_shutdown(async move {
-                let _ = admin_stop.wait_for(|s| *s).await;
-            });
+        let proxy_server = axum::serve(proxy, proxy_app).with_graceful_shutdown(async move {
+            let _ = proxy_stop.wait_for(|s| *s).await;
+        });
+        let admin_server = axum::serve(admin, admin_app).with_graceful_shutdown(async move {
+            let _ = admin_stop.wait_for(|s| *s).await;
+        });
         let proxy_task = tokio::spawn(async move { proxy_server.await });
         let admin_task = tokio::spawn(async move { admin_server.await });
         shutdown.await;
-        tracing::info!(grace_seconds = SHUTDOWN_GRACE.as_secs(), "shutting down: draining in-flight requests");
+        tracing::info!(
+            grace_seconds = SHUTDOWN_GRACE.as_secs(),
+            "shutting down: draining in-flight requests"
+        );
         let _ = stop_tx.send(true);
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             let _ = proxy_task.await;
@@ -427,15 +456,23 @@ fn admin_token(config: &Config) -> Result<String, StartError> {
         Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(StartError::Token(format!("cannot read admin.token_file {}: {e}", path.display()))),
+        Err(e) => {
+            return Err(StartError::Token(format!(
+                "cannot read admin.token_file {}: {e}",
+                path.display()
+            )))
+        }
     }
     let token: String = {
         use rand::Rng;
         let mut rng = rand::rng();
-        (0..32).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+        (0..32)
+            .map(|_| format!("{:02x}", rng.random::<u8>()))
+            .collect()
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| StartError::Token(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StartError::Token(format!("cannot create {}: {e}", dir.display())))?;
     }
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -444,7 +481,12 @@ fn admin_token(config: &Config) -> Result<String, StartError> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| StartError::Token(format!("cannot create admin.token_file {}: {e}", path.display())))?;
+        .map_err(|e| {
+            StartError::Token(format!(
+                "cannot create admin.token_file {}: {e}",
+                path.display()
+            ))
+        })?;
     file.write_all(format!("{token}\n").as_bytes())
         .map_err(|e| StartError::Token(format!("cannot write {}: {e}", path.display())))?;
     tracing::info!(path = %path.display(), "generated an admin token");
@@ -457,7 +499,10 @@ fn client_tokens(config: &Config) -> Result<Option<HashSet<String>>, StartError>
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| {
-        StartError::Token(format!("cannot read proxy.client_tokens_file {}: {e}", path.display()))
+        StartError::Token(format!(
+            "cannot read proxy.client_tokens_file {}: {e}",
+            path.display()
+        ))
     })?;
     let tokens: HashSet<String> = text
         .lines()

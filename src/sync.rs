@@ -110,7 +110,9 @@ fn encode_query(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for b in value.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -132,15 +134,26 @@ impl Sidecar {
         for page_number in 1..=MAX_PAGES {
             let path = match &cursor {
                 None => format!("/entities/by-query?limit={page_size}"),
-                Some(c) => format!("/entities/by-query?limit={page_size}&cursor={}", encode_query(c)),
+                Some(c) => format!(
+                    "/entities/by-query?limit={page_size}&cursor={}",
+                    encode_query(c)
+                ),
             };
             let response = self
                 .upstream
-                .call(Operation::SyncPage, &UpstreamRequest::get(path), Expect::Json, Some(&policy))
+                .call(
+                    Operation::SyncPage,
+                    &UpstreamRequest::get(path),
+                    Expect::Json,
+                    Some(&policy),
+                )
                 .await
                 .map_err(|e| format!("page {page_number}: {e}"))?;
             if !response.status.is_success() {
-                return Err(format!("page {page_number}: the upstream answered {}", response.status));
+                return Err(format!(
+                    "page {page_number}: the upstream answered {}",
+                    response.status
+                ));
             }
             let page: Page<'_> = serde_json::from_slice(&response.body)
                 .map_err(|e| format!("page {page_number} is not a by-query page: {e}"))?;
@@ -151,7 +164,9 @@ impl Sidecar {
             }
             match page.page_info.next_cursor {
                 Some(next) if Some(&next) == cursor.as_ref() => {
-                    return Err(format!("page {page_number}: the upstream repeated its cursor"))
+                    return Err(format!(
+                        "page {page_number}: the upstream repeated its cursor"
+                    ))
                 }
                 Some(next) => cursor = Some(next),
                 None => return Ok(entities),
@@ -166,8 +181,16 @@ impl Sidecar {
         let started = Instant::now();
         let fetched = self.fetch_catalog().await;
         let report = match fetched {
-            Ok(entities) => self.apply_catalog(entities, accept_deletions, started).await,
-            Err(error) => self.report(SyncResult::Failed, started, ApplyStats::default(), Some(error)),
+            Ok(entities) => {
+                self.apply_catalog(entities, accept_deletions, started)
+                    .await
+            }
+            Err(error) => self.report(
+                SyncResult::Failed,
+                started,
+                ApplyStats::default(),
+                Some(error),
+            ),
         };
         metrics::counter!(m::SYNCS_TOTAL, "result" => report.result.as_str()).increment(1);
         metrics::histogram!(m::SYNC_DURATION_SECONDS).record(report.duration_seconds);
@@ -231,7 +254,12 @@ impl Sidecar {
         let current = self.view();
         let previous: HashMap<Arc<str>, Arc<str>> = current
             .as_ref()
-            .map(|v| v.index.entities().map(|e| (e.uid.clone(), e.etag.clone())).collect())
+            .map(|v| {
+                v.index
+                    .entities()
+                    .map(|e| (e.uid.clone(), e.etag.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         // Reuse the previous generation's entity for an unchanged etag, so
         // unchanged entities keep one copy in memory.
@@ -258,7 +286,9 @@ impl Sidecar {
                 }
             }
         }
-        stats.removed = previous.len().saturating_sub(stats.unchanged + stats.changed);
+        stats.removed = previous
+            .len()
+            .saturating_sub(stats.unchanged + stats.changed);
         let held = self.deletion_guard(previous.len(), stats.removed, next.is_empty());
         if let Some(held) = held.filter(|_| !accept_deletions) {
             let message = format!(
@@ -274,8 +304,10 @@ impl Sidecar {
         if stats.added == 0 && stats.changed == 0 && stats.removed == 0 {
             if let Some(view) = &current {
                 let mirror = self.mirror.clone();
-                let keep: HashSet<Arc<str>> = view.index.entities().map(|e| e.uid.clone()).collect();
-                let confirmed = tokio::task::spawn_blocking(move || mirror.confirm(now, &keep)).await;
+                let keep: HashSet<Arc<str>> =
+                    view.index.entities().map(|e| e.uid.clone()).collect();
+                let confirmed =
+                    tokio::task::spawn_blocking(move || mirror.confirm(now, &keep)).await;
                 match confirmed {
                     Ok(Ok(Some(meta))) => {
                         self.install(View {
@@ -303,7 +335,9 @@ impl Sidecar {
         .await;
         let ((meta, written), index) = match applied {
             Ok(Ok(done)) => done,
-            Ok(Err(e)) => return self.report(SyncResult::Failed, started, stats, Some(e.to_string())),
+            Ok(Err(e)) => {
+                return self.report(SyncResult::Failed, started, stats, Some(e.to_string()))
+            }
             Err(e) => return self.report(SyncResult::Failed, started, stats, Some(e.to_string())),
         };
         // Invalidate hot entries of changed or removed entities; keep the rest.
@@ -357,7 +391,10 @@ impl Sidecar {
 
     fn hold(&self, held: HeldDeletions) {
         let mut slot = self.sync.held.lock().unwrap_or_else(|p| p.into_inner());
-        let since = slot.as_ref().map(|h| h.since.clone()).unwrap_or(held.since.clone());
+        let since = slot
+            .as_ref()
+            .map(|h| h.since.clone())
+            .unwrap_or(held.since.clone());
         let held = HeldDeletions { since, ..held };
         tracing::warn!(
             would_remove = held.would_remove,
@@ -387,12 +424,20 @@ impl Sidecar {
 
     /// The held deletions, if any.
     pub fn held_deletions(&self) -> Option<HeldDeletions> {
-        self.sync.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.sync
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The last sync's report.
     pub fn last_sync(&self) -> Option<SyncReport> {
-        self.sync.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.sync
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Asks the sync loop for a sync as soon as it can (debounced).
@@ -413,7 +458,9 @@ impl Sidecar {
             let report = self.sync_once(false).await;
             let wait = match report.result {
                 SyncResult::Failed => {
-                    let backoff = failures.next().unwrap_or(self.config.mirror.sync_interval.get());
+                    let backoff = failures
+                        .next()
+                        .unwrap_or(self.config.mirror.sync_interval.get());
                     match self.breaker.next_probe_at() {
                         Some(at) => at
                             .saturating_duration_since(tokio::time::Instant::now())

@@ -91,7 +91,10 @@ impl UpstreamRequest {
     /// A `POST` of a JSON body with the sidecar's identity.
     pub fn post_json(path_and_query: impl Into<String>, body: Bytes) -> Self {
         let mut headers = HeaderMap::new();
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         Self {
             method: Method::POST,
             path_and_query: path_and_query.into(),
@@ -133,6 +136,9 @@ pub enum UpstreamError {
         /// `Retry-After` seconds, when given.
         retry_after: Option<Duration>,
     },
+    /// The answer contradicts what the sidecar has reason to trust more.
+    #[error("the upstream catalog's answer is not trusted: {0}")]
+    Untrusted(String),
     /// The upstream's answer was not what a catalog sends (bad JSON, wrong type, cut short).
     #[error("the upstream catalog sent a malformed answer: {0}")]
     Malformed(String),
@@ -227,7 +233,10 @@ impl Upstream {
 
     /// The last failure seen.
     pub fn last_error(&self) -> Option<LastError> {
-        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// `Some` when a call for `op` would be refused by the breaker right now
@@ -302,7 +311,9 @@ impl Upstream {
         expect: Expect,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let uri = format!("{}{}", self.base, request.path_and_query);
-        let mut builder = http::Request::builder().method(request.method.clone()).uri(&uri);
+        let mut builder = http::Request::builder()
+            .method(request.method.clone())
+            .uri(&uri);
         if let Some(headers) = builder.headers_mut() {
             for (name, value) in &request.headers {
                 headers.append(name, value.clone());
@@ -334,7 +345,9 @@ impl Upstream {
             let body = body
                 .collect()
                 .await
-                .map_err(|e| UpstreamError::Malformed(format!("body cut short: {}", error_chain(&e))))?
+                .map_err(|e| {
+                    UpstreamError::Malformed(format!("body cut short: {}", error_chain(&e)))
+                })?
                 .to_bytes();
             Ok::<_, UpstreamError>(UpstreamResponse {
                 status: parts.status,
@@ -406,7 +419,9 @@ impl TokenFile {
         if self.path.as_os_str().is_empty() {
             return None;
         }
-        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok()?;
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok()?;
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((at, token)) = cached.as_ref() {
             if *at == modified {

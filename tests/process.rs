@@ -13,7 +13,11 @@ use rusqlite::{Connection, OpenFlags};
 const BIN: &str = env!("CARGO_BIN_EXE_catalog-cache");
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A sidecar process; killed (SIGKILL) when dropped.
@@ -93,12 +97,16 @@ async fn wait_ready(admin: &str, within: Duration) -> Duration {
 /// the number of entity rows, and the generation log agrees).
 fn assert_one_complete_generation(db: &Path) -> Option<(i64, i64)> {
     let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE).unwrap();
-    let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    let ok: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(ok, "ok", "integrity_check after SIGKILL");
     let meta = |key: &str| -> Option<i64> {
-        conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get::<_, String>(0))
-            .ok()
-            .and_then(|v| v.parse().ok())
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+            r.get::<_, String>(0)
+        })
+        .ok()
+        .and_then(|v| v.parse().ok())
     };
     let (Some(generation), Some(count)) = (meta("generation"), meta("entities")) else {
         let rows: i64 = conn
@@ -107,14 +115,27 @@ fn assert_one_complete_generation(db: &Path) -> Option<(i64, i64)> {
         assert_eq!(rows, 0, "entity rows without a generation");
         return None;
     };
-    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM entities", [], |r| r.get(0)).unwrap();
-    assert_eq!(rows, count, "generation {generation} records {count} entities but {rows} rows exist");
+    let rows: i64 = conn
+        .query_row("SELECT COUNT(*) FROM entities", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        rows, count,
+        "generation {generation} records {count} entities but {rows} rows exist"
+    );
     let logged: i64 = conn
-        .query_row("SELECT entities FROM generations WHERE id = ?1", [generation], |r| r.get(0))
+        .query_row(
+            "SELECT entities FROM generations WHERE id = ?1",
+            [generation],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(logged, count, "generation log disagrees");
     let distinct: i64 = conn
-        .query_row("SELECT COUNT(DISTINCT etag || uid) FROM entities", [], |r| r.get(0))
+        .query_row(
+            "SELECT COUNT(DISTINCT etag || uid) FROM entities",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(distinct, rows);
     Some((generation, count))
@@ -142,7 +163,10 @@ async fn sigkill_during_sync_always_leaves_one_complete_generation() {
         tokio::time::sleep(delay).await;
         drop(process); // SIGKILL
         if let Some((generation, count)) = assert_one_complete_generation(&db) {
-            assert_eq!(count, 20_000, "a partial generation is visible after round {round}");
+            assert_eq!(
+                count, 20_000,
+                "a partial generation is visible after round {round}"
+            );
             generations_seen.insert(generation);
         }
     }
@@ -198,11 +222,19 @@ async fn corrupt_database_is_moved_aside_and_refilled() {
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.to_string_lossy().contains("catalog-cache.db.corrupt-"))
-        .filter(|p| !p.to_string_lossy().ends_with("-wal") && !p.to_string_lossy().ends_with("-shm"))
+        .filter(|p| {
+            !p.to_string_lossy().ends_with("-wal") && !p.to_string_lossy().ends_with("-shm")
+        })
         .collect();
     assert_eq!(aside.len(), 1, "exactly one moved-aside file: {aside:?}");
-    assert_eq!(std::fs::read(&aside[0]).unwrap(), garbage, "the corrupt file is kept as it was");
-    let (_, status, _) = get(&format!("http://{}/status", process.admin)).await.unwrap();
+    assert_eq!(
+        std::fs::read(&aside[0]).unwrap(),
+        garbage,
+        "the corrupt file is kept as it was"
+    );
+    let (_, status, _) = get(&format!("http://{}/status", process.admin))
+        .await
+        .unwrap();
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["mirror"]["entities"], 500);
 }
@@ -211,7 +243,11 @@ async fn corrupt_database_is_moved_aside_and_refilled() {
 async fn sigterm_drains_in_flight_requests_then_exits() {
     let upstream = fake(200).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut process = start(dir.path(), &upstream.base_url(), &[("CATALOG_CACHE_UPSTREAM_TIMEOUT", "5s")]);
+    let mut process = start(
+        dir.path(),
+        &upstream.base_url(),
+        &[("CATALOG_CACHE_UPSTREAM_TIMEOUT", "5s")],
+    );
     wait_ready(&process.admin, Duration::from_secs(20)).await;
     upstream.set_faults(Faults {
         latency: Some(1_000),
@@ -229,15 +265,25 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = process.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let status = in_flight.await.unwrap().expect("the in-flight request completes");
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
     assert!(status < 500, "in-flight pass-through answered {status}");
     let deadline = Instant::now() + Duration::from_secs(15);
     let exit = loop {
         if let Some(exit) = process.child.try_wait().unwrap() {
             break exit;
         }
-        assert!(Instant::now() < deadline, "did not exit within the grace period");
+        assert!(
+            Instant::now() < deadline,
+            "did not exit within the grace period"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(exit.success(), "exit status {exit:?}");
@@ -257,20 +303,33 @@ fn invalid_config_is_refused_with_the_key_and_exit_code_2() {
     assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
 
     let out = Command::new(BIN)
-        .args(["config", "check", "--config", "/nonexistent/catalog-cache.toml"])
+        .args([
+            "config",
+            "check",
+            "--config",
+            "/nonexistent/catalog-cache.toml",
+        ])
         .env_clear()
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 
-    let out = Command::new(BIN).args(["breaker", "sideways"]).env_clear().output().unwrap();
+    let out = Command::new(BIN)
+        .args(["breaker", "sideways"])
+        .env_clear()
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
 }
 
 #[test]
 fn check_exits_1_when_no_sidecar_answers() {
     let out = Command::new(BIN)
-        .args(["check", "--admin", &format!("http://127.0.0.1:{}", free_port())])
+        .args([
+            "check",
+            "--admin",
+            &format!("http://127.0.0.1:{}", free_port()),
+        ])
         .env_clear()
         .output()
         .unwrap();

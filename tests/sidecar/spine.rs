@@ -1061,3 +1061,32 @@ async fn an_entity_fetched_then_deleted_upstream_does_not_come_back_after_a_rest
     );
     assert_eq!(ts.get(path).await.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_deletions_are_held_mirrored_entities_keep_reading_stale_not_404() {
+    let ts = TestSidecar::builder().start().await;
+    let e = ts.upstream_entities()[3].clone();
+    let (kind, namespace, name) = entity_ref(&e);
+    let lower_ref = format!("{kind}:{namespace}/{name}").to_lowercase();
+    ts.faults(Faults {
+        empty_catalog: true,
+        ..Faults::default()
+    })
+    .await;
+    let report = ts.sidecar.sync_once(false).await;
+    assert_eq!(report.result, SyncResult::Held, "{report:?}");
+    ts.age_past_fresh(Duration::from_secs(1));
+    for _ in 0..2 {
+        // Twice: the second read must not be answered by a remembered 404.
+        let read = ts.get(&by_name_path(&e)).await;
+        assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
+        assert_eq!(read.json()["metadata"]["uid"], e["metadata"]["uid"]);
+        assert_eq!(read.stale(), "true", "{}", read.cache_status());
+    }
+    let refs = ts
+        .post("/entities/by-refs", &json!({"entityRefs": [lower_ref]}))
+        .await;
+    assert_eq!(refs.status, 200);
+    assert_eq!(refs.json()["items"][0]["metadata"]["uid"], e["metadata"]["uid"]);
+    assert_eq!(refs.stale(), "true");
+}

@@ -242,7 +242,7 @@ fn plans() -> Vec<Plan> {
             ..fast("wrong-content-type", f(json!({"wrong_content_type": true})))
         },
         Plan {
-            allow_404: true,
+            allow_404: false,
             generation_unchanged: true,
             expect_held: true,
             ..Plan::new("empty-catalog", f(json!({"empty_catalog": true})))
