@@ -442,7 +442,11 @@ pub(crate) fn list(snapshot: &Snapshot, req: &ListRequest) -> (Vec<Arc<Item>>, b
             (keys, it)
         })
         .collect();
-    if !req.order.is_empty() {
+    if req.order.is_empty() {
+        // Backstage's `entities()` sorts by the lower-cased entity ref when no
+        // `order` is given (`orderBy('final_entities.entity_ref', 'asc')`).
+        items.sort_by(|a, b| a.1.entity_ref.cmp(&b.1.entity_ref));
+    } else {
         items.sort_by(|a, b| {
             for (i, o) in req.order.iter().enumerate() {
                 let c = cmp_key((a.0[i].as_deref(), ""), (b.0[i].as_deref(), ""), o.desc);
