@@ -788,8 +788,8 @@ impl Params {
     }
 
     /// `fields=a,b&fields=c` → `[a, b, c]`.
-    fn fields(&self) -> Vec<String> {
-        split_list(&self.all("fields"))
+    fn fields(&self) -> Result<Vec<String>, ApiError> {
+        checked_fields(split_list(&self.all("fields")))
     }
 
     /// Form-encodes the pairs as `URLSearchParams` would.
@@ -800,6 +800,16 @@ impl Params {
             .collect::<Vec<_>>()
             .join("&")
     }
+}
+
+/// Backstage's `parseEntityTransformParams` refuses array-index syntax.
+fn checked_fields(fields: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if fields.iter().any(|f| f.contains('[')) {
+        return Err(ApiError::input(
+            "invalid fields, array type fields are not supported",
+        ));
+    }
+    Ok(fields)
 }
 
 fn split_list(values: &[String]) -> Vec<String> {
@@ -916,10 +926,15 @@ async fn list_entities(
 ) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
     let selector = Filter::parse(&params.all("filter"))?.map(Selector::Filter);
-    let fields = params.fields();
+    let fields = params.fields()?;
     let order = parse_order(&params.all("order"))?;
     let mut offset = params.int("offset")?.unwrap_or(0);
     let mut limit = params.int("limit")?;
+    // `parseEntityPaginationParams` refuses a zero limit on `GET /entities`
+    // (by-query accepts it and answers only the count).
+    if limit == Some(0) {
+        return Err(ApiError::input("Invalid limit, must be greater than zero"));
+    }
     if let Some(after) = params.first("after") {
         let bad = || ApiError::input("Malformed after cursor, could not be parsed");
         let bytes = base64::engine::general_purpose::STANDARD
@@ -1012,7 +1027,7 @@ fn run_query(
 
 async fn query_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
-    let fields = params.fields();
+    let fields = params.fields()?;
     let limit = params.int("limit")?.unwrap_or(catalog::DEFAULT_QUERY_LIMIT);
     let start = match params.first("cursor") {
         Some(c) => QueryStart::Cursor(Box::new(Cursor::decode(c)?)),
@@ -1120,7 +1135,7 @@ fn order_by(f: &Value) -> Result<OrderField, ApiError> {
 
 async fn query_post(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
     let body = body_json(&body)?;
-    let fields = string_list(body.get("fields"), "fields")?;
+    let fields = checked_fields(string_list(body.get("fields"), "fields")?)?;
     let limit = body_limit(&body, catalog::DEFAULT_QUERY_LIMIT)?;
     let start = match body.get("cursor").and_then(Value::as_str) {
         Some(c) => QueryStart::Cursor(Box::new(Cursor::decode(c)?)),
@@ -1174,13 +1189,25 @@ async fn by_refs(
 ) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
     let body = body_json(&body)?;
-    if body.get("entityRefs").is_none() {
-        return Err(ApiError::input("Malformed request: entityRefs is required"));
-    }
-    let refs = string_list(body.get("entityRefs"), "entityRefs")?;
-    let mut fields = string_list(body.get("fields"), "fields")?;
+    // Backstage validates the body with zod and words every failure this way
+    // (`entitiesBatchRequest`).
+    let malformed = |m: &str| {
+        ApiError::input(format!(
+            "Malformed request body (did you remember to specify an application/json content type?), {m}"
+        ))
+    };
+    let refs = match body.get("entityRefs") {
+        Some(Value::Array(_)) => string_list(body.get("entityRefs"), "entityRefs")
+            .map_err(|_| malformed("entityRefs must be strings"))?,
+        _ => {
+            return Err(malformed(
+                "entityRefs is required and must be an array of strings",
+            ))
+        }
+    };
+    let mut fields = checked_fields(string_list(body.get("fields"), "fields")?)?;
     if fields.is_empty() {
-        fields = params.fields();
+        fields = params.fields()?;
     }
     let filter = Filter::parse(&params.all("filter"))?;
     let predicate = match body.get("query") {
