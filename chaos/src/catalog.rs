@@ -194,10 +194,15 @@ fn decode_base64(text: &str) -> Option<Vec<u8>> {
 }
 
 fn sort_values(v: &Value) -> Result<(Option<String>, String), InputError> {
+    // Backstage's own cursors for the default order carry just `[uid]`
+    // (`sortFieldsFromRow` without a sort field); the uid is the sort key.
+    if let Some([Value::String(uid)]) = v.as_array().map(Vec::as_slice) {
+        return Ok((Some(uid.clone()), uid.clone()));
+    }
     let arr = v
         .as_array()
         .filter(|a| a.len() == 2)
-        .ok_or_else(|| malformed("orderFieldValues must be [value, uid]"))?;
+        .ok_or_else(|| malformed("orderFieldValues must be [value, uid] or [uid]"))?;
     let key = match &arr[0] {
         Value::Null => None,
         Value::String(s) => Some(s.clone()),
