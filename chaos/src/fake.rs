@@ -1189,21 +1189,24 @@ async fn by_refs(
 ) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
     let body = body_json(&body)?;
-    // Backstage validates the body with zod and words every failure this way
-    // (`entitiesBatchRequest`).
-    let malformed = |m: &str| {
-        ApiError::input(format!(
-            "Malformed request body (did you remember to specify an application/json content type?), {m}"
-        ))
-    };
+    // The OpenAPI schema (`entityRefs` required, an array of strings) is
+    // checked before the handler, in the validator's words.
     let refs = match body.get("entityRefs") {
-        Some(Value::Array(_)) => string_list(body.get("entityRefs"), "entityRefs")
-            .map_err(|_| malformed("entityRefs must be strings"))?,
-        _ => {
-            return Err(malformed(
-                "entityRefs is required and must be an array of strings",
+        None => {
+            return Err(ApiError::input(
+                "request/body must have required property 'entityRefs'",
             ))
         }
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.as_str().map(str::to_string).ok_or_else(|| {
+                    ApiError::input(format!("request/body/entityRefs/{i} must be string"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => return Err(ApiError::input("request/body/entityRefs must be array")),
     };
     let mut fields = checked_fields(string_list(body.get("fields"), "fields")?)?;
     if fields.is_empty() {
@@ -1300,6 +1303,11 @@ async fn facets_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<R
             "request/query must have required property 'facet'",
         ));
     }
+    // `parseEntityFacetParams` drops empty facets and refuses none left.
+    let facets: Vec<String> = facets.into_iter().filter(|f| !f.is_empty()).collect();
+    if facets.is_empty() {
+        return Err(ApiError::input("Missing facet parameter"));
+    }
     let selector = Filter::parse(&params.all("filter"))?
         .map(Selector::Filter)
         .unwrap_or(Selector::All);
@@ -1309,11 +1317,18 @@ async fn facets_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<R
 
 async fn facets_post(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
     let body = body_json(&body)?;
-    let facets = string_list(body.get("facets"), "facets")?;
-    if facets.is_empty() {
+    // `facets` is a required body property: the OpenAPI validator words it.
+    if body.get("facets").is_none_or(Value::is_null) {
         return Err(ApiError::input(
-            "Malformed request: facets must be a non-empty array of strings",
+            "request/body must have required property 'facets'",
         ));
+    }
+    let facets: Vec<String> = string_list(body.get("facets"), "facets")?
+        .into_iter()
+        .filter(|f| !f.is_empty())
+        .collect();
+    if facets.is_empty() {
+        return Err(ApiError::input("Missing facet parameter"));
     }
     let selector = match body.get("query") {
         None | Some(Value::Null) => Selector::All,
