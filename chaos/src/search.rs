@@ -69,9 +69,21 @@ pub fn values(entity: &Value, key: &str) -> Vec<SearchValue> {
     out
 }
 
-/// The first sortable value of `key`, as Backstage sorts (lower-cased).
+/// The value `key` sorts by (lower-cased): for an array, its smallest value,
+/// so the entity is listed once. (Backstage's join lists such an entity once
+/// per value; the sidecar chose one place on purpose, and the two agree.)
+/// Unlike filters and facets, Backstage joins the sort field against the
+/// lower-cased search keys as given (`parseEntityOrderParams` and
+/// `parseEntityOrderFieldParams` keep its case), so a field spelled with
+/// capitals finds no value and sorts as missing.
 pub fn sort_value(entity: &Value, key: &str) -> Option<String> {
-    values(entity, key).into_iter().find_map(|v| v.lower)
+    if key != key.to_lowercase() {
+        return None;
+    }
+    values(entity, key)
+        .into_iter()
+        .filter_map(|v| v.lower)
+        .min()
 }
 
 fn walk_object(map: &Map<String, Value>, rest: &str, top: bool, out: &mut Vec<SearchValue>) {
@@ -247,6 +259,17 @@ mod tests {
         assert_eq!(lowers(&e, "metadata.empty"), vec![None]);
         assert!(values(&e, "metadata.missing").is_empty());
         assert!(values(&e, "metadata").is_empty());
+    }
+
+    #[test]
+    fn sort_value_is_the_smallest_and_needs_a_lower_case_field() {
+        let e = sample();
+        assert_eq!(sort_value(&e, "metadata.tags"), Some("grpc".into()));
+        assert_eq!(
+            sort_value(&e, "metadata.name"),
+            Some("checkout-service".into())
+        );
+        assert_eq!(sort_value(&e, "Metadata.Name"), None);
     }
 
     #[test]
