@@ -260,6 +260,10 @@ fn get_entities(index: &Index, params: &Params, raw_qs: &str) -> Result<Answer, 
             )));
         }
     }
+    let after = params.one("after")?;
+    if after.as_deref() == Some("") {
+        return Err(too_short("after"));
+    }
     let filter = parse_filter_params(&params.all("filter"))?;
     let fields = parse_fields(&params.all("fields"))?;
     let order = params
@@ -286,10 +290,7 @@ fn get_entities(index: &Index, params: &Params, raw_qs: &str) -> Result<Answer, 
             "Invalid limit, must be greater than zero".into(),
         ));
     }
-    if let Some(after) = params.one("after")? {
-        if after.is_empty() {
-            return Err(QueryError::Param("Invalid after, must not be empty".into()));
-        }
+    if let Some(after) = after {
         let (l, o) = parse_after(&after)?;
         limit = l.or(limit);
         offset = o.or(offset);
@@ -422,11 +423,23 @@ struct PageRequest {
     fields: Option<Vec<String>>,
 }
 
+/// The OpenAPI validator's answer to an empty `after` or `cursor` (both
+/// `minLength: 1` in Backstage's schema).
+fn too_short(name: &str) -> QueryError {
+    QueryError::Param(format!(
+        "request/query/{name} must NOT have fewer than 1 characters"
+    ))
+}
+
 fn get_by_query(index: &Index, params: &Params) -> Result<Answer, QueryError> {
     let fields = parse_fields(&params.all("fields"))?;
     let limit = non_negative(params.integer("limit")?, "request/query/limit")?;
     let offset = non_negative(params.integer("offset")?, "request/query/offset")?;
-    let req = if let Some(raw) = params.one("cursor")?.filter(|c| !c.is_empty()) {
+    let cursor = params.one("cursor")?;
+    if cursor.as_deref() == Some("") {
+        return Err(too_short("cursor"));
+    }
+    let req = if let Some(raw) = cursor {
         PageRequest {
             cursor: Cursor::decode(&raw)?,
             from_cursor: true,

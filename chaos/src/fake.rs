@@ -935,6 +935,9 @@ async fn list_entities(
     if limit == Some(0) {
         return Err(ApiError::input("Invalid limit, must be greater than zero"));
     }
+    if params.first("after") == Some("") {
+        return Err(too_short("after"));
+    }
     if let Some(after) = params.first("after") {
         let bad = || ApiError::input("Malformed after cursor, could not be parsed");
         let bytes = base64::engine::general_purpose::STANDARD
@@ -1025,11 +1028,20 @@ fn run_query(
     Ok(page_response(page, fields))
 }
 
+/// The OpenAPI validator's answer to an empty `after` or `cursor` (both
+/// `minLength: 1` in Backstage's schema).
+fn too_short(name: &str) -> ApiError {
+    ApiError::input(format!(
+        "request/query/{name} must NOT have fewer than 1 characters"
+    ))
+}
+
 async fn query_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
     let fields = params.fields()?;
     let limit = params.int("limit")?.unwrap_or(catalog::DEFAULT_QUERY_LIMIT);
     let start = match params.first("cursor") {
+        Some("") => return Err(too_short("cursor")),
         Some(c) => QueryStart::Cursor(Box::new(Cursor::decode(c)?)),
         None => {
             let selector = Filter::parse(&params.all("filter"))?
@@ -1277,8 +1289,12 @@ async fn ancestry(
 
 async fn by_uid(State(app): State<App>, Path(uid): Path<String>) -> Result<Response, ApiError> {
     let snap = snapshot(&app);
+    // Backstage answers by-uid with a `metadata.uid` filter, and filters
+    // compare lower-cased values: any spelling of the uid finds it.
+    let lower = uid.to_lowercase();
     let it = snap
         .by_uid(&uid)
+        .or_else(|| snap.items.iter().find(|it| it.uid.to_lowercase() == lower))
         .ok_or_else(|| ApiError::not_found(format!("No entity with uid {uid}")))?;
     Ok(json_response(StatusCode::OK, it.json.clone()))
 }

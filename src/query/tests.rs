@@ -247,6 +247,17 @@ fn get_entities_pages_with_link_and_after_limit_wins() {
     assert_eq!(e.to_string(), "request/query/limit must be >= 0");
     let e = run(&ix, QueryKind::GetEntities, "offset=-1&limit=2", "").unwrap_err();
     assert_eq!(e.to_string(), "request/query/offset must be >= 0");
+    // `after` and `cursor` have `minLength: 1`.
+    let e = run(&ix, QueryKind::GetEntities, "after=", "").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "request/query/after must NOT have fewer than 1 characters"
+    );
+    let e = run(&ix, QueryKind::GetByQuery, "cursor=&limit=2", "").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "request/query/cursor must NOT have fewer than 1 characters"
+    );
     let e = run(&ix, QueryKind::GetEntities, "limit=ten", "").unwrap_err();
     assert_eq!(e.to_string(), "request/query/limit must be integer");
     let e = run(&ix, QueryKind::GetEntities, "after=%%%", "").unwrap_err();
