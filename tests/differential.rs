@@ -839,6 +839,23 @@ async fn walks_to_the_end_alike() {
         if let Some(why) = difference(&side[1].reply, &crossed.reply, true) {
             panic!("{label}: a sidecar cursor on the upstream: {why}");
         }
+        // A cursor is accepted by both methods: each side continues its own
+        // cursor through GET and through POST alike.
+        for other in [
+            Walk::Get("limit=10&fields=metadata.uid"),
+            Walk::Post(10, &["metadata.uid"]),
+        ] {
+            let (a, b) = (
+                pair.upstream(&other.next(up[0].next.as_ref().unwrap()))
+                    .await,
+                pair.sidecar(&other.next(side[0].next.as_ref().unwrap()))
+                    .await,
+            );
+            assert_eq!(b.status, 200, "{label}: {}", short(&b.body));
+            if let Some(why) = difference(&a, &b, true) {
+                panic!("{label}: a cursor through the other method: {why}");
+            }
+        }
         let total = side[0].reply.body["totalItems"].as_u64().unwrap() as usize;
         assert_eq!(
             seen.len(),
