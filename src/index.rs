@@ -518,6 +518,12 @@ impl Index {
         let mut by_ref = HashMap::with_capacity(entities.len());
         for (doc, entity) in entities.iter().enumerate() {
             by_uid.insert(entity.uid.clone(), doc as u32);
+            // A uid with capitals is also found by its lower-cased spelling
+            // (see `by_uid`); uids are lower-case UUIDs almost always.
+            let lower = entity.uid.to_lowercase();
+            if *lower != *entity.uid {
+                by_uid.entry(Arc::from(lower)).or_insert(doc as u32);
+            }
             by_ref.insert(entity.entity_ref.clone(), doc as u32);
         }
         // Parsing and flattening dominate the build; runs of documents are
@@ -606,9 +612,14 @@ impl Index {
         self.entities.is_empty()
     }
 
-    /// The entity with this `metadata.uid`.
+    /// The entity with this `metadata.uid`, in any case: Backstage's
+    /// `GET /entities/by-uid` is a `metadata.uid` filter, and filters compare
+    /// lower-cased values.
     pub fn by_uid(&self, uid: &str) -> Option<&Arc<Entity>> {
-        self.by_uid.get(uid).map(|&d| &self.entities[d as usize])
+        self.by_uid
+            .get(uid)
+            .or_else(|| self.by_uid.get(uid.to_lowercase().as_str()))
+            .map(|&d| &self.entities[d as usize])
     }
 
     /// The entity with this lower-cased `kind:namespace/name` reference.
@@ -808,6 +819,29 @@ mod tests {
         assert!(!r.iter().any(|(k, _)| k.len() > 200));
         let r = rows(json!({"metadata": {"name": "a", "uid": "u", "d": "x".repeat(200)}}));
         assert!(r.iter().any(|(k, v)| k == "metadata.d" && v.is_some()));
+    }
+
+    #[test]
+    fn by_uid_ignores_case_like_backstage_filters() {
+        let entities: Vec<Arc<Entity>> = ["ab-12", "CD-34"]
+            .iter()
+            .map(|uid| {
+                let body = json!({"kind": "Component", "metadata": {"name": uid, "uid": uid, "etag": "e"}});
+                Arc::new(Entity::from_json(bytes::Bytes::from(body.to_string())).unwrap())
+            })
+            .collect();
+        let index = Index::build(1, entities);
+        for (asked, found) in [
+            ("ab-12", "ab-12"),
+            ("AB-12", "ab-12"),
+            ("CD-34", "CD-34"),
+            ("cd-34", "CD-34"),
+            ("Cd-34", "CD-34"),
+        ] {
+            assert_eq!(index.by_uid(asked).map(|e| &*e.uid), Some(found), "{asked}");
+        }
+        assert!(index.by_uid("ef-56").is_none());
+        assert_eq!(index.len(), 2);
     }
 
     #[test]

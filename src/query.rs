@@ -248,6 +248,22 @@ fn parse_fields(raw: &[String]) -> Result<Option<Vec<String>>, QueryError> {
 // ---------------------------------------------------------------- GET /entities
 
 fn get_entities(index: &Index, params: &Params, raw_qs: &str) -> Result<Answer, QueryError> {
+    // Backstage's OpenAPI validator checks `limit` and `offset` (integers,
+    // `minimum: 0`) before the handler sees the request;
+    // `parseEntityPaginationParams` then refuses a zero limit.
+    let mut offset = params.integer("offset")?;
+    let mut limit = params.integer("limit")?;
+    for (name, value) in [("offset", offset), ("limit", limit)] {
+        if value.is_some_and(|v| v < 0) {
+            return Err(QueryError::Param(format!(
+                "request/query/{name} must be >= 0"
+            )));
+        }
+    }
+    let after = params.one("after")?;
+    if after.as_deref() == Some("") {
+        return Err(too_short("after"));
+    }
     let filter = parse_filter_params(&params.all("filter"))?;
     let fields = parse_fields(&params.all("fields"))?;
     let order = params
@@ -269,22 +285,12 @@ fn get_entities(index: &Index, params: &Params, raw_qs: &str) -> Result<Answer, 
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let mut offset = params.integer("offset")?;
-    let mut limit = params.integer("limit")?;
-    if offset.is_some_and(|o| o < 0) {
-        return Err(QueryError::Param(
-            "Invalid offset, must be zero or greater".into(),
-        ));
-    }
-    if limit.is_some_and(|l| l <= 0) {
+    if limit == Some(0) {
         return Err(QueryError::Param(
             "Invalid limit, must be greater than zero".into(),
         ));
     }
-    if let Some(after) = params.one("after")? {
-        if after.is_empty() {
-            return Err(QueryError::Param("Invalid after, must not be empty".into()));
-        }
+    if let Some(after) = after {
         let (l, o) = parse_after(&after)?;
         limit = l.or(limit);
         offset = o.or(offset);
@@ -417,11 +423,23 @@ struct PageRequest {
     fields: Option<Vec<String>>,
 }
 
+/// The OpenAPI validator's answer to an empty `after` or `cursor` (both
+/// `minLength: 1` in Backstage's schema).
+fn too_short(name: &str) -> QueryError {
+    QueryError::Param(format!(
+        "request/query/{name} must NOT have fewer than 1 characters"
+    ))
+}
+
 fn get_by_query(index: &Index, params: &Params) -> Result<Answer, QueryError> {
     let fields = parse_fields(&params.all("fields"))?;
     let limit = non_negative(params.integer("limit")?, "request/query/limit")?;
     let offset = non_negative(params.integer("offset")?, "request/query/offset")?;
-    let req = if let Some(raw) = params.one("cursor")?.filter(|c| !c.is_empty()) {
+    let cursor = params.one("cursor")?;
+    if cursor.as_deref() == Some("") {
+        return Err(too_short("cursor"));
+    }
+    let req = if let Some(raw) = cursor {
         PageRequest {
             cursor: Cursor::decode(&raw)?,
             from_cursor: true,
@@ -874,11 +892,15 @@ impl std::fmt::Write for VecWriter<'_> {
 // ---------------------------------------------------------------- facets
 
 fn get_facets(index: &Index, params: &Params) -> Result<Answer, QueryError> {
-    let facets: Vec<String> = params
-        .all("facet")
-        .into_iter()
-        .filter(|f| !f.is_empty())
-        .collect();
+    let raw = params.all("facet");
+    if raw.is_empty() {
+        // The OpenAPI schema marks `facet` required; its validator answers
+        // before the handler (which words an empty one "Missing facet").
+        return Err(QueryError::Param(
+            "request/query must have required property 'facet'".into(),
+        ));
+    }
+    let facets: Vec<String> = raw.into_iter().filter(|f| !f.is_empty()).collect();
     if facets.is_empty() {
         return Err(QueryError::Param("Missing facet parameter".into()));
     }
@@ -964,18 +986,26 @@ pub fn parse_by_refs(query_string: &str, body: &[u8]) -> Result<ByRefsRequest, Q
     let obj = body
         .as_object()
         .ok_or_else(|| malformed("Expected object"))?;
+    // The OpenAPI schema (`entityRefs` required, an array of strings) is
+    // checked before Backstage's handler, in the validator's words.
     let entity_refs = match obj.get("entityRefs") {
         Some(Value::Array(items)) => items
             .iter()
-            .map(|i| {
-                i.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| malformed("entityRefs must be strings"))
+            .enumerate()
+            .map(|(i, r)| {
+                r.as_str().map(str::to_string).ok_or_else(|| {
+                    QueryError::Body(format!("request/body/entityRefs/{i} must be string"))
+                })
             })
             .collect::<Result<Vec<_>, _>>()?,
-        _ => {
-            return Err(malformed(
-                "entityRefs is required and must be an array of strings",
+        None => {
+            return Err(QueryError::Body(
+                "request/body must have required property 'entityRefs'".into(),
+            ))
+        }
+        Some(_) => {
+            return Err(QueryError::Body(
+                "request/body/entityRefs must be array".into(),
             ))
         }
     };

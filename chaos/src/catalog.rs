@@ -194,10 +194,15 @@ fn decode_base64(text: &str) -> Option<Vec<u8>> {
 }
 
 fn sort_values(v: &Value) -> Result<(Option<String>, String), InputError> {
+    // Backstage's own cursors for the default order carry just `[uid]`
+    // (`sortFieldsFromRow` without a sort field); the uid is the sort key.
+    if let Some([Value::String(uid)]) = v.as_array().map(Vec::as_slice) {
+        return Ok((Some(uid.clone()), uid.clone()));
+    }
     let arr = v
         .as_array()
         .filter(|a| a.len() == 2)
-        .ok_or_else(|| malformed("orderFieldValues must be [value, uid]"))?;
+        .ok_or_else(|| malformed("orderFieldValues must be [value, uid] or [uid]"))?;
     let key = match &arr[0] {
         Value::Null => None,
         Value::String(s) => Some(s.clone()),
@@ -442,7 +447,11 @@ pub(crate) fn list(snapshot: &Snapshot, req: &ListRequest) -> (Vec<Arc<Item>>, b
             (keys, it)
         })
         .collect();
-    if !req.order.is_empty() {
+    if req.order.is_empty() {
+        // Backstage's `entities()` sorts by the lower-cased entity ref when no
+        // `order` is given (`orderBy('final_entities.entity_ref', 'asc')`).
+        items.sort_by(|a, b| a.1.entity_ref.cmp(&b.1.entity_ref));
+    } else {
         items.sort_by(|a, b| {
             for (i, o) in req.order.iter().enumerate() {
                 let c = cmp_key((a.0[i].as_deref(), ""), (b.0[i].as_deref(), ""), o.desc);

@@ -788,8 +788,8 @@ impl Params {
     }
 
     /// `fields=a,b&fields=c` → `[a, b, c]`.
-    fn fields(&self) -> Vec<String> {
-        split_list(&self.all("fields"))
+    fn fields(&self) -> Result<Vec<String>, ApiError> {
+        checked_fields(split_list(&self.all("fields")))
     }
 
     /// Form-encodes the pairs as `URLSearchParams` would.
@@ -800,6 +800,16 @@ impl Params {
             .collect::<Vec<_>>()
             .join("&")
     }
+}
+
+/// Backstage's `parseEntityTransformParams` refuses array-index syntax.
+fn checked_fields(fields: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if fields.iter().any(|f| f.contains('[')) {
+        return Err(ApiError::input(
+            "invalid fields, array type fields are not supported",
+        ));
+    }
+    Ok(fields)
 }
 
 fn split_list(values: &[String]) -> Vec<String> {
@@ -916,10 +926,18 @@ async fn list_entities(
 ) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
     let selector = Filter::parse(&params.all("filter"))?.map(Selector::Filter);
-    let fields = params.fields();
+    let fields = params.fields()?;
     let order = parse_order(&params.all("order"))?;
     let mut offset = params.int("offset")?.unwrap_or(0);
     let mut limit = params.int("limit")?;
+    // `parseEntityPaginationParams` refuses a zero limit on `GET /entities`
+    // (by-query accepts it and answers only the count).
+    if limit == Some(0) {
+        return Err(ApiError::input("Invalid limit, must be greater than zero"));
+    }
+    if params.first("after") == Some("") {
+        return Err(too_short("after"));
+    }
     if let Some(after) = params.first("after") {
         let bad = || ApiError::input("Malformed after cursor, could not be parsed");
         let bytes = base64::engine::general_purpose::STANDARD
@@ -1010,11 +1028,20 @@ fn run_query(
     Ok(page_response(page, fields))
 }
 
+/// The OpenAPI validator's answer to an empty `after` or `cursor` (both
+/// `minLength: 1` in Backstage's schema).
+fn too_short(name: &str) -> ApiError {
+    ApiError::input(format!(
+        "request/query/{name} must NOT have fewer than 1 characters"
+    ))
+}
+
 async fn query_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
-    let fields = params.fields();
+    let fields = params.fields()?;
     let limit = params.int("limit")?.unwrap_or(catalog::DEFAULT_QUERY_LIMIT);
     let start = match params.first("cursor") {
+        Some("") => return Err(too_short("cursor")),
         Some(c) => QueryStart::Cursor(Box::new(Cursor::decode(c)?)),
         None => {
             let selector = Filter::parse(&params.all("filter"))?
@@ -1120,7 +1147,7 @@ fn order_by(f: &Value) -> Result<OrderField, ApiError> {
 
 async fn query_post(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
     let body = body_json(&body)?;
-    let fields = string_list(body.get("fields"), "fields")?;
+    let fields = checked_fields(string_list(body.get("fields"), "fields")?)?;
     let limit = body_limit(&body, catalog::DEFAULT_QUERY_LIMIT)?;
     let start = match body.get("cursor").and_then(Value::as_str) {
         Some(c) => QueryStart::Cursor(Box::new(Cursor::decode(c)?)),
@@ -1174,13 +1201,28 @@ async fn by_refs(
 ) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
     let body = body_json(&body)?;
-    if body.get("entityRefs").is_none() {
-        return Err(ApiError::input("Malformed request: entityRefs is required"));
-    }
-    let refs = string_list(body.get("entityRefs"), "entityRefs")?;
-    let mut fields = string_list(body.get("fields"), "fields")?;
+    // The OpenAPI schema (`entityRefs` required, an array of strings) is
+    // checked before the handler, in the validator's words.
+    let refs = match body.get("entityRefs") {
+        None => {
+            return Err(ApiError::input(
+                "request/body must have required property 'entityRefs'",
+            ))
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.as_str().map(str::to_string).ok_or_else(|| {
+                    ApiError::input(format!("request/body/entityRefs/{i} must be string"))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(_) => return Err(ApiError::input("request/body/entityRefs must be array")),
+    };
+    let mut fields = checked_fields(string_list(body.get("fields"), "fields")?)?;
     if fields.is_empty() {
-        fields = params.fields();
+        fields = params.fields()?;
     }
     let filter = Filter::parse(&params.all("filter"))?;
     let predicate = match body.get("query") {
@@ -1247,8 +1289,12 @@ async fn ancestry(
 
 async fn by_uid(State(app): State<App>, Path(uid): Path<String>) -> Result<Response, ApiError> {
     let snap = snapshot(&app);
+    // Backstage answers by-uid with a `metadata.uid` filter, and filters
+    // compare lower-cased values: any spelling of the uid finds it.
+    let lower = uid.to_lowercase();
     let it = snap
         .by_uid(&uid)
+        .or_else(|| snap.items.iter().find(|it| it.uid.to_lowercase() == lower))
         .ok_or_else(|| ApiError::not_found(format!("No entity with uid {uid}")))?;
     Ok(json_response(StatusCode::OK, it.json.clone()))
 }
@@ -1273,6 +1319,11 @@ async fn facets_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<R
             "request/query must have required property 'facet'",
         ));
     }
+    // `parseEntityFacetParams` drops empty facets and refuses none left.
+    let facets: Vec<String> = facets.into_iter().filter(|f| !f.is_empty()).collect();
+    if facets.is_empty() {
+        return Err(ApiError::input("Missing facet parameter"));
+    }
     let selector = Filter::parse(&params.all("filter"))?
         .map(Selector::Filter)
         .unwrap_or(Selector::All);
@@ -1282,11 +1333,18 @@ async fn facets_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<R
 
 async fn facets_post(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
     let body = body_json(&body)?;
-    let facets = string_list(body.get("facets"), "facets")?;
-    if facets.is_empty() {
+    // `facets` is a required body property: the OpenAPI validator words it.
+    if body.get("facets").is_none_or(Value::is_null) {
         return Err(ApiError::input(
-            "Malformed request: facets must be a non-empty array of strings",
+            "request/body must have required property 'facets'",
         ));
+    }
+    let facets: Vec<String> = string_list(body.get("facets"), "facets")?
+        .into_iter()
+        .filter(|f| !f.is_empty())
+        .collect();
+    if facets.is_empty() {
+        return Err(ApiError::input("Missing facet parameter"));
     }
     let selector = match body.get("query") {
         None | Some(Value::Null) => Selector::All,

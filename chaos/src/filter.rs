@@ -148,7 +148,8 @@ pub enum FieldOp {
 pub enum Predicate {
     /// `{"$not": p}`.
     Not(Box<Predicate>),
-    /// `{"$all": [...]}`; empty matches nothing.
+    /// `{"$all": [...]}`; empty matches everything (Backstage's knex drops
+    /// the empty `andWhere` group).
     All(Vec<Predicate>),
     /// `{"$any": [...]}`; empty matches nothing.
     Any(Vec<Predicate>),
@@ -173,6 +174,16 @@ impl Predicate {
                 "Invalid filter predicate: top-level primitive values are not supported. Wrap the value in a field expression, e.g. {{ \"kind\": {v} }}"
             )));
         };
+        // Backstage silently drops keys next to a logical operator; the
+        // sidecar refuses them on purpose (a dropped condition widens the
+        // answer), and the two must agree.
+        for op in ["$all", "$any", "$not"] {
+            if obj.contains_key(op) && obj.len() != 1 {
+                return Err(InputError(format!(
+                    "Operator {op} must be the only key in the predicate, wrap in $all to combine with other conditions"
+                )));
+            }
+        }
         if let Some(inner) = obj.get("$not") {
             return Ok(Predicate::Not(Box::new(Predicate::parse(inner)?)));
         }
@@ -205,7 +216,7 @@ impl Predicate {
     pub fn matches(&self, entity: &Value) -> bool {
         match self {
             Predicate::Not(p) => !p.matches(entity),
-            Predicate::All(ps) => !ps.is_empty() && ps.iter().all(|p| p.matches(entity)),
+            Predicate::All(ps) => ps.iter().all(|p| p.matches(entity)),
             Predicate::Any(ps) => ps.iter().any(|p| p.matches(entity)),
             Predicate::Fields(fields) => fields.iter().all(|(key, op)| {
                 let found = search::values(entity, key);
@@ -389,7 +400,7 @@ mod tests {
             json!({"$all": [{"kind": "component"}, {"spec.type": {"$in": ["website", "Service"]}}]})
         )
         .matches(&e()));
-        assert!(!p(json!({"$all": []})).matches(&e()));
+        assert!(p(json!({"$all": []})).matches(&e()));
         assert!(!p(json!({"$any": []})).matches(&e()));
         assert!(
             p(json!({"$any": [{"kind": "api"}, {"metadata.name": {"$hasPrefix": "check"}}]}))

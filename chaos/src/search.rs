@@ -69,9 +69,21 @@ pub fn values(entity: &Value, key: &str) -> Vec<SearchValue> {
     out
 }
 
-/// The first sortable value of `key`, as Backstage sorts (lower-cased).
+/// The value `key` sorts by (lower-cased): for an array, its smallest value,
+/// so the entity is listed once. (Backstage's join lists such an entity once
+/// per value; the sidecar chose one place on purpose, and the two agree.)
+/// Unlike filters and facets, Backstage joins the sort field against the
+/// lower-cased search keys as given (`parseEntityOrderParams` and
+/// `parseEntityOrderFieldParams` keep its case), so a field spelled with
+/// capitals finds no value and sorts as missing.
 pub fn sort_value(entity: &Value, key: &str) -> Option<String> {
-    values(entity, key).into_iter().find_map(|v| v.lower)
+    if key != key.to_lowercase() {
+        return None;
+    }
+    values(entity, key)
+        .into_iter()
+        .filter_map(|v| v.lower)
+        .min()
 }
 
 fn walk_object(map: &Map<String, Value>, rest: &str, top: bool, out: &mut Vec<SearchValue>) {
@@ -121,43 +133,48 @@ fn collect_leaf(v: &Value, out: &mut Vec<SearchValue>) {
     }
 }
 
-/// Keeps only the named subtrees of `entity` (`fields=metadata.name,kind`).
-/// Field parts that do not exist are joined with the next one, so keys with
-/// dots (annotations) can be named; matching is exact-case like Backstage.
+/// Keeps only the named subtrees of `entity` (`fields=metadata.name,kind`),
+/// the way Backstage's `parseEntityTransformParams` does: a field part that
+/// does not exist is glued (without a dot, as `getPathArray` does) to the
+/// next one, and the value at the longest existing prefix is kept, so
+/// `spec.lifecycle` on an entity without a lifecycle keeps its whole `spec`.
+/// Matching is exact-case.
 pub fn project(entity: &Value, fields: &[String]) -> Value {
     if fields.is_empty() {
         return entity.clone();
     }
     let mut output = Value::Object(Map::new());
     for field in fields {
-        let parts: Vec<&str> = field.split('.').collect();
         let mut path: Vec<String> = Vec::new();
-        let mut current = Some(entity);
+        let mut node = entity;
         let mut pending = String::new();
-        for (i, part) in parts.iter().enumerate() {
-            let name = if pending.is_empty() {
-                part.to_string()
-            } else {
-                format!("{pending}.{part}")
-            };
-            match current.and_then(|c| c.get(&name)) {
-                Some(next) => {
-                    current = Some(next);
-                    path.push(name);
-                    pending.clear();
-                }
-                None if i + 1 < parts.len() => pending = name,
-                None => current = None,
+        for part in field.split('.') {
+            pending.push_str(part);
+            if let Some(next) = member(node, &pending) {
+                node = next;
+                path.push(std::mem::take(&mut pending));
             }
         }
-        if !pending.is_empty() {
-            current = None;
-        }
-        if let Some(value) = current {
-            set_path(&mut output, &path, value.clone());
+        // lodash's `get(entity, [])` is undefined: nothing to keep.
+        if !path.is_empty() {
+            set_path(&mut output, &path, node.clone());
         }
     }
     output
+}
+
+/// A child the way lodash's `has`/`get` find one: an object key, or an
+/// array index written in decimal.
+fn member<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    match v {
+        Value::Object(m) => m.get(key),
+        Value::Array(a) => key
+            .parse::<usize>()
+            .ok()
+            .filter(|_| key == "0" || !key.starts_with('0'))
+            .and_then(|i| a.get(i)),
+        _ => None,
+    }
 }
 
 fn set_path(target: &mut Value, path: &[String], value: Value) {
@@ -245,7 +262,18 @@ mod tests {
     }
 
     #[test]
-    fn project_keeps_subtrees_and_dotted_keys() {
+    fn sort_value_is_the_smallest_and_needs_a_lower_case_field() {
+        let e = sample();
+        assert_eq!(sort_value(&e, "metadata.tags"), Some("grpc".into()));
+        assert_eq!(
+            sort_value(&e, "metadata.name"),
+            Some("checkout-service".into())
+        );
+        assert_eq!(sort_value(&e, "Metadata.Name"), None);
+    }
+
+    #[test]
+    fn project_follows_backstage_get_path_array() {
         let e = sample();
         let fields = vec![
             "kind".to_string(),
@@ -260,8 +288,20 @@ mod tests {
                 "metadata": {
                     "name": "Checkout-Service",
                     "annotations": {"backstage.io/managed-by-location": "url:x"}
-                }
+                },
+                // Backstage's `getPathArray` keeps the longest existing
+                // prefix of a field that does not exist.
+                "spec": e["spec"].clone()
             })
         );
+        // Parts are glued without a dot, so a dotted annotation key is never
+        // found on its own and the whole annotations object is kept.
+        let mut two = e.clone();
+        two["metadata"]["annotations"]["other.io/x"] = json!("y");
+        assert_eq!(
+            project(&two, &["metadata.annotations.other.io/x".to_string()]),
+            json!({"metadata": {"annotations": two["metadata"]["annotations"].clone()}})
+        );
+        assert_eq!(project(&e, &["nope.kind".to_string()]), json!({}));
     }
 }

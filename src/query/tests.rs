@@ -241,6 +241,23 @@ fn get_entities_pages_with_link_and_after_limit_wins() {
     assert!(link.is_some());
     let e = run(&ix, QueryKind::GetEntities, "limit=0", "").unwrap_err();
     assert_eq!(e.to_string(), "Invalid limit, must be greater than zero");
+    // Negative numbers never reach the handler: the OpenAPI schema says
+    // `minimum: 0`.
+    let e = run(&ix, QueryKind::GetEntities, "limit=-1", "").unwrap_err();
+    assert_eq!(e.to_string(), "request/query/limit must be >= 0");
+    let e = run(&ix, QueryKind::GetEntities, "offset=-1&limit=2", "").unwrap_err();
+    assert_eq!(e.to_string(), "request/query/offset must be >= 0");
+    // `after` and `cursor` have `minLength: 1`.
+    let e = run(&ix, QueryKind::GetEntities, "after=", "").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "request/query/after must NOT have fewer than 1 characters"
+    );
+    let e = run(&ix, QueryKind::GetByQuery, "cursor=&limit=2", "").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "request/query/cursor must NOT have fewer than 1 characters"
+    );
     let e = run(&ix, QueryKind::GetEntities, "limit=ten", "").unwrap_err();
     assert_eq!(e.to_string(), "request/query/limit must be integer");
     let e = run(&ix, QueryKind::GetEntities, "after=%%%", "").unwrap_err();
@@ -350,7 +367,14 @@ fn facets_keep_original_casing_sorted_with_counts() {
         v,
         json!({"facets": {"metadata.name": [{"value": "Checkout", "count": 1}, {"value": "cart", "count": 1}]}})
     );
+    // Absent, the OpenAPI validator answers (the schema marks `facet`
+    // required); present but empty, `parseEntityFacetParams` does.
     let e = run(&ix, QueryKind::GetFacets, "", "").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "request/query must have required property 'facet'"
+    );
+    let e = run(&ix, QueryKind::GetFacets, "facet=", "").unwrap_err();
     assert_eq!(e.to_string(), "Missing facet parameter");
 }
 
@@ -690,7 +714,17 @@ fn by_refs_keeps_order_applies_filter_and_fields() {
         v,
         json!({"items": [{"metadata": {"name": "Checkout"}}, null, null]})
     );
+    // The OpenAPI schema is checked before Backstage's handler.
     let e = parse_by_refs("", br#"{"entityRefs":"x"}"#).unwrap_err();
+    assert_eq!(e.to_string(), "request/body/entityRefs must be array");
+    let e = parse_by_refs("", br#"{"entityRefs":["a",1]}"#).unwrap_err();
+    assert_eq!(e.to_string(), "request/body/entityRefs/1 must be string");
+    let e = parse_by_refs("", br#"{}"#).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "request/body must have required property 'entityRefs'"
+    );
+    let e = parse_by_refs("", b"not json").unwrap_err();
     assert!(e.to_string().starts_with("Malformed request body"));
     let req = parse_by_refs(
         "",
