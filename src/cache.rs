@@ -137,14 +137,12 @@ impl HotCache {
     /// Remembers an upstream 404 for `path`, seen `at` (the sidecar's clock,
     /// so that it compares with the mirror's confirmation times).
     pub fn put_missing(&self, path: &str, body: Bytes, at: SystemTime) {
-        self.inner
-            .insert(HotKey::Path(path.into()), HotEntry::Missing { body, at });
+        self.insert(HotKey::Path(path.into()), HotEntry::Missing { body, at });
     }
 
     /// Stores a read-through answer for `path`.
     pub fn put_answer(&self, path: &str, answer: Arc<StoredAnswer>) {
-        self.inner
-            .insert(HotKey::Path(path.into()), HotEntry::Answer(answer));
+        self.insert(HotKey::Path(path.into()), HotEntry::Answer(answer));
     }
 
     /// Forgets one key.

@@ -1087,6 +1087,9 @@ async fn while_deletions_are_held_mirrored_entities_keep_reading_stale_not_404()
         .post("/entities/by-refs", &json!({"entityRefs": [lower_ref]}))
         .await;
     assert_eq!(refs.status, 200);
-    assert_eq!(refs.json()["items"][0]["metadata"]["uid"], e["metadata"]["uid"]);
+    assert_eq!(
+        refs.json()["items"][0]["metadata"]["uid"],
+        e["metadata"]["uid"]
+    );
     assert_eq!(refs.stale(), "true");
 }
