@@ -335,3 +335,67 @@ fn check_exits_1_when_no_sidecar_answers() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_one_line_per_event_and_no_per_request_noise() {
+    let upstream = fake(300).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let log = dir.path().join("sidecar.log");
+    let child = Command::new(BIN)
+        .args(["--log-format", "json", "serve"])
+        .env_clear()
+        .env("CATALOG_CACHE_UPSTREAM_URL", upstream.base_url())
+        .env("CATALOG_CACHE_LISTEN_PROXY", &proxy)
+        .env("CATALOG_CACHE_LISTEN_ADMIN", &admin)
+        .env(
+            "CATALOG_CACHE_MIRROR_PATH",
+            dir.path().join("catalog-cache.db"),
+        )
+        .env(
+            "CATALOG_CACHE_ADMIN_TOKEN_FILE",
+            dir.path().join("admin.token"),
+        )
+        .env("CATALOG_CACHE_MIRROR_SYNC_INTERVAL", "1h")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let process = Process {
+        child,
+        proxy,
+        admin,
+    };
+    wait_ready(&process.admin, Duration::from_secs(20)).await;
+    let e = &upstream.entities()[0];
+    let path = format!(
+        "http://{}/api/catalog/entities/by-name/{}/default/{}",
+        process.proxy,
+        e["kind"].as_str().unwrap(),
+        e["metadata"]["name"].as_str().unwrap()
+    );
+    for _ in 0..20 {
+        assert_eq!(get(&path).await.unwrap().0, 200);
+    }
+    drop(process);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))
+        })
+        .collect();
+    let sync = lines
+        .iter()
+        .find(|l| l["message"] == "sync done")
+        .unwrap_or_else(|| panic!("no sync line in {text}"));
+    assert_eq!(sync["result"], "applied");
+    assert_eq!(sync["added"], 300);
+    assert!(sync["duration_seconds"].is_number());
+    assert!(sync["level"] == "INFO");
+    assert!(
+        lines.len() < 10,
+        "20 reads must not log 20 lines at the default level: {text}"
+    );
+}

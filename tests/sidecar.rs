@@ -13,3 +13,6 @@ mod spine;
 
 #[path = "sidecar/resilience.rs"]
 mod resilience;
+
+#[path = "sidecar/packaging.rs"]
+mod packaging;
