@@ -144,12 +144,23 @@ impl Sidecar {
             );
         }
         let mirror = Arc::new(mirror);
+        let started = std::time::Instant::now();
         let loaded = mirror.load()?;
+        let loaded_in = started.elapsed();
         let view = loaded.meta.map(|meta| View {
             index: Arc::new(Index::build(meta.id, loaded.entities)),
             meta,
             confirmed: Arc::new(loaded.confirmed),
         });
+        if let Some(v) = &view {
+            tracing::info!(
+                generation = v.meta.id,
+                entities = v.index.len(),
+                load_seconds = loaded_in.as_secs_f64(),
+                index_seconds = (started.elapsed() - loaded_in).as_secs_f64(),
+                "mirror loaded from disk"
+            );
+        }
         let flags = Flags::load(&config, &mirror)?;
         let b = &config.breaker;
         let breaker = Breaker::new(BreakerConfig {

@@ -327,9 +327,18 @@ impl Sidecar {
         }
         let mirror = self.mirror.clone();
         let generation_entities = next.clone();
+        let fetched_in = started.elapsed();
         let applied = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
             let result = mirror.apply(&generation_entities, &previous, now, "sync")?;
+            let applied_in = t.elapsed();
             let index = Index::build(result.0.id, generation_entities);
+            tracing::debug!(
+                fetch_seconds = fetched_in.as_secs_f64(),
+                apply_seconds = applied_in.as_secs_f64(),
+                index_seconds = (t.elapsed() - applied_in).as_secs_f64(),
+                "sync phases"
+            );
             Ok::<_, crate::mirror::MirrorError>((result, index))
         })
         .await;
