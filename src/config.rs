@@ -110,6 +110,9 @@ pub struct UpstreamConfig {
     pub timeout: Dur,
     /// TCP connect limit.
     pub connect_timeout: Dur,
+    /// PEM file of extra CA certificates trusted for an HTTPS upstream, in
+    /// addition to the system (or bundled web PKI) roots; empty for none.
+    pub ca_file: PathBuf,
 }
 
 impl Default for UpstreamConfig {
@@ -119,6 +122,7 @@ impl Default for UpstreamConfig {
             token_file: PathBuf::new(),
             timeout: Dur(DEFAULT_UPSTREAM_TIMEOUT),
             connect_timeout: Dur(DEFAULT_UPSTREAM_CONNECT_TIMEOUT),
+            ca_file: PathBuf::new(),
         }
     }
 }
@@ -605,6 +609,15 @@ impl Config {
                 ))
             }
         }
+        if !self.upstream.ca_file.as_os_str().is_empty() {
+            if let Err(e) = crate::upstream::load_ca_file(&self.upstream.ca_file) {
+                return Err(invalid(
+                    "upstream.ca_file",
+                    &self.upstream.ca_file.display(),
+                    &format!("a readable PEM file of CA certificates ({e})"),
+                ));
+            }
+        }
         let positive = [
             ("upstream.timeout", self.upstream.timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
@@ -878,6 +891,43 @@ mod tests {
 
         let err = Config::load(None, env(&[("CATALOG_CACHE_UPSTREEM_URL", "x")])).unwrap_err();
         assert!(matches!(err, ConfigError::UnknownEnv { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_ca_file_that_is_not_pem_certificates_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |path: &Path| {
+            let text = format!("[upstream]\nca_file = {:?}\n", path.display().to_string());
+            Config::from_toml(&text).unwrap_err().to_string()
+        };
+        let missing = check(&dir.path().join("absent.pem"));
+        assert!(missing.contains("upstream.ca_file"), "{missing}");
+        assert!(missing.contains("cannot read"), "{missing}");
+
+        let text_file = dir.path().join("notes.txt");
+        std::fs::write(&text_file, "just some words\n").unwrap();
+        let empty = check(&text_file);
+        assert!(empty.contains("upstream.ca_file"), "{empty}");
+        assert!(empty.contains("no PEM CERTIFICATE"), "{empty}");
+
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(
+            &broken,
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let bad = check(&broken);
+        assert!(bad.contains("upstream.ca_file"), "{bad}");
+        assert!(bad.contains("not a PEM file"), "{bad}");
+
+        let garbage_der = dir.path().join("garbage.pem");
+        std::fs::write(
+            &garbage_der,
+            "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let not_ca = check(&garbage_der);
+        assert!(not_ca.contains("cannot be trusted as a CA"), "{not_ca}");
     }
 
     #[test]

@@ -16,3 +16,6 @@ mod resilience;
 
 #[path = "sidecar/packaging.rs"]
 mod packaging;
+
+#[path = "sidecar/https.rs"]
+mod https;
