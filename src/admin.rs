@@ -298,18 +298,7 @@ async fn put_breaker(
     let for_ = change
         .for_
         .as_deref()
-        .map(|d| {
-            humantime::parse_duration(d)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    bad_request(
-                        Method::PUT,
-                        url,
-                        format!("Invalid duration '{d}' for 'for': write e.g. 10m, 2h"),
-                    )
-                })
-        })
+        .map(|d| positive_duration(d, "for", "10m, 2h", url))
         .transpose()?;
     let s = sidecar.clone();
     let reason = change.reason.clone();
@@ -323,6 +312,25 @@ async fn put_breaker(
     sidecar.breaker.set_mode(mode);
     sidecar.publish_gauges();
     Ok(Json(breaker_view(&sidecar)))
+}
+
+/// A duration field of a PUT body, e.g. `"for": "10m"`; zero is refused.
+fn positive_duration(
+    text: &str,
+    field: &str,
+    example: &str,
+    url: &'static str,
+) -> Result<Duration, AdminError> {
+    humantime::parse_duration(text)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            bad_request(
+                Method::PUT,
+                url,
+                format!("Invalid duration '{text}' for '{field}': write e.g. {example}"),
+            )
+        })
 }
 
 fn internal(method: Method, url: &'static str, message: String) -> AdminError {
@@ -362,18 +370,7 @@ async fn put_stale(
     let max_stale = change
         .max_stale
         .as_deref()
-        .map(|d| {
-            humantime::parse_duration(d)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    bad_request(
-                        Method::PUT,
-                        url,
-                        format!("Invalid duration '{d}' for max_stale: write e.g. 24h"),
-                    )
-                })
-        })
+        .map(|d| positive_duration(d, "max_stale", "24h", url))
         .transpose()?;
     let s = sidecar.clone();
     tokio::task::spawn_blocking(move || {

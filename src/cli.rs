@@ -415,11 +415,7 @@ async fn snapshot(action: SnapshotAction) -> Result<(), Failure> {
             tokio::task::spawn_blocking(move || {
                 let (mirror, _) = crate::mirror::Mirror::open(&config.mirror.path).map_err(Failure::failed)?;
                 let loaded = mirror.load().map_err(Failure::failed)?;
-                let previous = loaded
-                    .entities
-                    .iter()
-                    .map(|e| (e.uid.clone(), e.etag.clone()))
-                    .collect();
+                let previous = crate::mirror::etags(&loaded.entities);
                 let (meta, stats) =
                     crate::sidecar::import_into(&mirror, &file, &previous, "snapshot").map_err(Failure::failed)?;
                 println!(

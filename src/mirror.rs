@@ -747,6 +747,16 @@ fn move_aside(path: &Path) -> Result<PathBuf, MirrorError> {
     Ok(aside)
 }
 
+/// uid → etag of `entities`, the `previous` that [`Mirror::apply`] compares with.
+pub fn etags<'a>(
+    entities: impl IntoIterator<Item = &'a Arc<Entity>>,
+) -> HashMap<Arc<str>, Arc<str>> {
+    entities
+        .into_iter()
+        .map(|e| (e.uid.clone(), e.etag.clone()))
+        .collect()
+}
+
 /// Milliseconds since the Unix epoch, as stored.
 pub fn to_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)

@@ -24,7 +24,10 @@ use crate::entity::{Entity, EntityRef};
 use crate::mirror::StoredAnswer;
 use crate::query::{self, QueryKind, QueryRequest};
 use crate::sidecar::Sidecar;
-use crate::upstream::{Expect, Operation, UpstreamError, UpstreamRequest, UpstreamResponse};
+use crate::upstream::{
+    by_name_path, encode_component, Expect, Operation, UpstreamError, UpstreamRequest,
+    UpstreamResponse,
+};
 
 /// How an answer was obtained, as `Cache-Status` (RFC 9211) reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +200,16 @@ pub struct Incoming<'a> {
 }
 
 impl Incoming<'_> {
+    /// What concurrent identical requests share one upstream call by.
+    fn key(&self) -> String {
+        format!(
+            "{} {}\n{}",
+            self.method,
+            self.path_and_query(),
+            String::from_utf8_lossy(&self.body)
+        )
+    }
+
     /// Path and query as the upstream and error bodies see them.
     pub fn path_and_query(&self) -> String {
         if self.query.is_empty() {
@@ -242,13 +255,8 @@ impl Sidecar {
             }
         }
         let upstream_path = match &lookup {
-            Lookup::ByName(r) => format!(
-                "/entities/by-name/{}/{}/{}",
-                encode(&r.kind),
-                encode(&r.namespace),
-                encode(&r.name)
-            ),
-            Lookup::ByUid(uid) => format!("/entities/by-uid/{}", encode(uid)),
+            Lookup::ByName(r) => by_name_path(&r.kind, &r.namespace, &r.name),
+            Lookup::ByUid(uid) => format!("/entities/by-uid/{}", encode_component(uid)),
         };
         let negative_key = upstream_path.to_lowercase();
         // A remembered 404 stands in for the entity unless the mirror
@@ -421,15 +429,7 @@ impl Sidecar {
                         .map(|r| format!("{}:{}/{}", r.kind, r.namespace, r.name) == r.canonical())
                         .unwrap_or(true);
                     let negative = EntityRef::parse(text)
-                        .map(|r| {
-                            format!(
-                                "/entities/by-name/{}/{}/{}",
-                                encode(&r.kind),
-                                encode(&r.namespace),
-                                encode(&r.name)
-                            )
-                            .to_lowercase()
-                        })
+                        .map(|r| by_name_path(&r.kind, &r.namespace, &r.name).to_lowercase())
                         .ok()
                         .is_some_and(|k| {
                             matches!(
@@ -450,19 +450,7 @@ impl Sidecar {
         };
         let Some(view) = view else {
             return self
-                .revalidate(
-                    format!(
-                        "POST {}\n{}",
-                        req.path_and_query(),
-                        String::from_utf8_lossy(&req.body)
-                    ),
-                    Local::Unknown,
-                    self.forward_request(req),
-                    Operation::Revalidate,
-                    Box::new(|_, _| {}),
-                    req,
-                    None,
-                )
+                .forward_without_mirror(req, Operation::Revalidate)
                 .await;
         };
         let confirmed_at = oldest.unwrap_or(view.meta.synced_at);
@@ -497,11 +485,7 @@ impl Sidecar {
             }
         });
         self.revalidate(
-            format!(
-                "POST {}\n{}",
-                req.path_and_query(),
-                String::from_utf8_lossy(&req.body)
-            ),
+            req.key(),
             Local::Found {
                 reply: local_reply,
                 confirmed_at,
@@ -518,22 +502,7 @@ impl Sidecar {
     /// A query answered from the mirror index (`GET /entities`, by-query, facets).
     pub async fn read_query(&self, kind: QueryKind, req: &Incoming<'_>) -> Reply {
         let Some(view) = self.view() else {
-            return self
-                .revalidate(
-                    format!(
-                        "{} {}\n{}",
-                        req.method,
-                        req.path_and_query(),
-                        String::from_utf8_lossy(&req.body)
-                    ),
-                    Local::Unknown,
-                    self.forward_request(req),
-                    Operation::Query,
-                    Box::new(|_, _| {}),
-                    req,
-                    None,
-                )
-                .await;
+            return self.forward_without_mirror(req, Operation::Query).await;
         };
         let request = QueryRequest {
             kind,
@@ -562,18 +531,27 @@ impl Sidecar {
         }
         self.sync_soon();
         self.revalidate(
-            format!(
-                "{} {}\n{}",
-                req.method,
-                req.path_and_query(),
-                String::from_utf8_lossy(&req.body)
-            ),
+            req.key(),
             Local::Found {
                 reply,
                 confirmed_at,
             },
             self.forward_request(req),
             Operation::Query,
+            Box::new(|_, _| {}),
+            req,
+            None,
+        )
+        .await
+    }
+
+    /// Before any generation is loaded there is nothing local: ask the upstream.
+    async fn forward_without_mirror(&self, req: &Incoming<'_>, op: Operation) -> Reply {
+        self.revalidate(
+            req.key(),
+            Local::Unknown,
+            self.forward_request(req),
+            op,
             Box::new(|_, _| {}),
             req,
             None,
@@ -985,18 +963,4 @@ fn passed_headers(upstream: &HeaderMap) -> HeaderMap {
         }
     }
     headers
-}
-
-/// Percent-encodes one path segment.
-fn encode(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for b in segment.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }

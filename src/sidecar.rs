@@ -73,6 +73,13 @@ pub struct View {
     pub confirmed: Arc<HashMap<Arc<str>, SystemTime>>,
 }
 
+impl View {
+    /// uid → etag of every entity: what the next generation is compared with.
+    pub fn etags(&self) -> HashMap<Arc<str>, Arc<str>> {
+        crate::mirror::etags(self.index.entities())
+    }
+}
+
 /// The sync loop's shared state.
 #[derive(Default)]
 pub struct SyncControl {
@@ -309,15 +316,7 @@ impl Sidecar {
     ) -> Result<GenerationMeta, MirrorError> {
         let file = file.to_path_buf();
         let mirror = self.mirror.clone();
-        let previous: HashMap<Arc<str>, Arc<str>> = self
-            .view()
-            .map(|v| {
-                v.index
-                    .entities()
-                    .map(|e| (e.uid.clone(), e.etag.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let previous = self.view().map(|v| v.etags()).unwrap_or_default();
         let (meta, index) = tokio::task::spawn_blocking(move || {
             let (meta, _) = import_into(&mirror, &file, &previous, source)?;
             let loaded = mirror.load()?;

@@ -24,7 +24,7 @@ use crate::metrics as m;
 use crate::mirror::{rfc3339, ApplyStats, AuditRecord};
 use crate::retry::{self, RetryPolicy};
 use crate::sidecar::{Sidecar, View};
-use crate::upstream::{Expect, Operation, UpstreamRequest};
+use crate::upstream::{encode_component, Expect, Operation, UpstreamRequest};
 
 /// Most pages one sync reads before it gives up (a cursor loop guard).
 const MAX_PAGES: usize = 100_000;
@@ -105,20 +105,6 @@ struct PageInfo {
     next_cursor: Option<String>,
 }
 
-/// Percent-encodes a query value.
-fn encode_query(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
 impl Sidecar {
     /// Reads the whole catalog from the upstream, page by page.
     async fn fetch_catalog(&self) -> Result<Vec<Entity>, String> {
@@ -136,7 +122,7 @@ impl Sidecar {
                 None => format!("/entities/by-query?limit={page_size}"),
                 Some(c) => format!(
                     "/entities/by-query?limit={page_size}&cursor={}",
-                    encode_query(c)
+                    encode_component(c)
                 ),
             };
             let response = self
@@ -252,15 +238,7 @@ impl Sidecar {
         started: Instant,
     ) -> SyncReport {
         let current = self.view();
-        let previous: HashMap<Arc<str>, Arc<str>> = current
-            .as_ref()
-            .map(|v| {
-                v.index
-                    .entities()
-                    .map(|e| (e.uid.clone(), e.etag.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let previous = current.as_ref().map(|v| v.etags()).unwrap_or_default();
         // Reuse the previous generation's entity for an unchanged etag, so
         // unchanged entities keep one copy in memory.
         let mut next: Vec<Arc<Entity>> = Vec::with_capacity(entities.len());

@@ -536,3 +536,28 @@ impl TokenFile {
         }
     }
 }
+
+/// Percent-encodes one path segment or query value for an upstream URL
+/// (everything but RFC 3986's unreserved characters).
+pub fn encode_component(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// The upstream path of one entity by name.
+pub fn by_name_path(kind: &str, namespace: &str, name: &str) -> String {
+    format!(
+        "/entities/by-name/{}/{}/{}",
+        encode_component(kind),
+        encode_component(namespace),
+        encode_component(name)
+    )
+}
