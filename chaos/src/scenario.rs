@@ -57,11 +57,14 @@ pub enum HarnessError {
 /// `catalog-cache` next to this executable (or one directory up, for test
 /// binaries in `deps/`).
 pub fn find_sidecar(explicit: Option<&Path>) -> Result<PathBuf, HarnessError> {
-    if let Some(p) = explicit {
-        return Ok(p.to_path_buf());
-    }
-    if let Some(p) = std::env::var_os(ENV_SIDECAR_BIN) {
-        return Ok(PathBuf::from(p));
+    // Absolute, because each sidecar runs in its own data directory and a
+    // relative path would be resolved from there.
+    let given = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(ENV_SIDECAR_BIN).map(PathBuf::from));
+    if let Some(p) = given {
+        return std::fs::canonicalize(&p)
+            .map_err(|_| HarnessError::NoSidecar(p.display().to_string()));
     }
     let mut tried = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
