@@ -60,9 +60,15 @@ export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
     audit: [{ at: now(), actor: 'config', subject: 'stale_policy', from: 'serve', to: 'serve', reason: 'loaded from config/catalog-cache.toml' }],
   };
 
-  const audit = (subject, from, to, reason) => {
-    state.audit.push({ at: now(), actor: 'admin-token', subject, from, to, reason: reason ?? null });
+  // Like the sidecar: the actor header names the CLI or the status page.
+  const audit = (subject, from, to, reason, actor = 'admin-token') => {
+    state.audit.push({ at: now(), actor, subject, from, to, reason: reason ?? null });
     if (state.audit.length > 20) state.audit.shift();
+  };
+
+  const actorOf = (req) => {
+    const a = req.headers['x-catalog-cache-actor'];
+    return a === 'cli' || a === 'status-page' ? a : 'admin-token';
   };
 
   const send = (res, status, body, type = 'application/json') => {
@@ -87,7 +93,7 @@ export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
     }
     try {
       if (req.method === 'GET' && url.pathname === '/') return send(res, 200, readFileSync(PAGE, 'utf8'), 'text/html; charset=utf-8');
-      if (req.method === 'GET' && url.pathname === '/status') return send(res, 200, state);
+      if (req.method === 'GET' && url.pathname === '/status') return send(res, 200, { ...state, audit: [...state.audit].reverse() }); // newest first, as the sidecar sends it
       if (req.method === 'GET' && url.pathname === '/livez') return send(res, 200, { status: 'ok' });
       if (req.method === 'GET' && url.pathname === '/readyz') return send(res, 200, { ready: true, reason: state.ready_reason });
       if (req.method === 'GET' && url.pathname === '/admin/breaker') return send(res, 200, state.breaker);
@@ -108,7 +114,7 @@ export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
           }
           // As in the sidecar: a forced mode overrides admission and leaves
           // the state machine's state alone.
-          audit('breaker_mode', state.breaker.mode, body.mode, body.reason);
+          audit('breaker_mode', state.breaker.mode, body.mode, body.for ? `${body.reason} (for ${body.for})` : body.reason, actorOf(req));
           Object.assign(state.breaker, { mode: body.mode, reason: body.reason ?? null, mode_expires_at: expires });
           return send(res, 200, state.breaker);
         }
@@ -118,7 +124,7 @@ export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
           if (secs == null) return send(res, 400, backstageError(req, 400, 'InputError', `invalid duration '${body.max_stale}'`));
           state.stale.max_stale_seconds = secs;
         }
-        audit('stale_policy', state.stale.policy, body.policy, body.reason);
+        audit('stale_policy', state.stale.policy, body.policy, body.reason, actorOf(req));
         state.stale.policy = body.policy;
         return send(res, 200, state.stale);
       }

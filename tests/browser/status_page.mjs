@@ -130,7 +130,9 @@ try {
     const cells = await row.locator('td').allTextContents();
     assert(cells[2] === 'breaker mode' && cells[4] === 'open', `audit row reads ${JSON.stringify(cells)}`);
     const first = await page.locator('#audit tbody tr').first().locator('td').allTextContents();
-    assert(first[5] === reason, `newest audit row is not first: ${JSON.stringify(first)}`);
+    // The sidecar appends the time limit to the reason: "<reason> (for 10m)".
+    assert(first[5].startsWith(reason), `newest audit row is not first: ${JSON.stringify(first)}`);
+    assert(first[1] === 'status-page', `the audit names the status page as the actor: ${JSON.stringify(first)}`);
     await page.screenshot({ path: screenshot.replace(/(\.png)?$/, '-open.png'), fullPage: true });
   });
 
