@@ -63,8 +63,9 @@ pub fn find_sidecar(explicit: Option<&Path>) -> Result<PathBuf, HarnessError> {
         .map(Path::to_path_buf)
         .or_else(|| std::env::var_os(ENV_SIDECAR_BIN).map(PathBuf::from));
     if let Some(p) = given {
-        return std::fs::canonicalize(&p)
-            .map_err(|_| HarnessError::NoSidecar(p.display().to_string()));
+        // A path that does not resolve is kept as given: starting it fails
+        // later with the OS's own message.
+        return Ok(std::fs::canonicalize(&p).unwrap_or(p));
     }
     let mut tried = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
