@@ -228,7 +228,9 @@ impl DocSet {
                 *self = DocSet::Many(Box::new(b));
                 true
             }
-            DocSet::Many(b) => b.push(doc),
+            // `insert`, not `push`: roaring's `push` finds a dense
+            // container's maximum by scanning it, on every call.
+            DocSet::Many(b) => b.insert(doc),
         }
     }
 
@@ -310,7 +312,7 @@ pub(crate) struct KeyPostings {
 
 impl KeyPostings {
     fn add(&mut self, doc: u32, value: Option<(&str, &str)>) {
-        self.present.push(doc);
+        self.present.insert(doc);
         let Some((original, low)) = value else {
             return;
         };
