@@ -2,6 +2,12 @@
 //! answered from. Built once per generation by the mirror (`Index::build`),
 //! shared read-only as `Arc<Index>` by the read path and `query`.
 //!
+//! Two halves: the lookup maps (by uid, by ref) are ready when `build`
+//! returns; the inverted query index is built on a background thread, so a
+//! restart or sync serves entity reads at once. Query functions block until
+//! it is complete — never answering from a partial one — and a build that
+//! panicked is redone by the next query (which fails again if it does).
+//!
 //! Design: document ids are positions in the entity list sorted by uid, so
 //! "order by uid" (Backstage's default) is id order. Each entity is flattened
 //! exactly as Backstage's `buildEntitySearch` fills its `search` table; the
@@ -20,12 +26,23 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use roaring::RoaringBitmap;
 use serde_json::Value;
 
 use crate::entity::Entity;
+
+/// The index's hash maps: a seeded fast hash (SipHash was an eighth of the
+/// build) that still keeps crafted keys from colliding predictably.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// An empty `Map` with room for `n` entries.
+fn map_with_capacity<K, V>(n: usize) -> Map<K, V> {
+    Map::with_capacity_and_hasher(n, foldhash::fast::RandomState::default())
+}
 
 /// Backstage skips search keys longer than this (UTF-16 code units).
 const MAX_KEY_LENGTH: usize = 200;
@@ -221,7 +238,9 @@ impl DocSet {
                 *self = DocSet::Many(Box::new(b));
                 true
             }
-            DocSet::Many(b) => b.push(doc),
+            // `insert`, not `push`: roaring's `push` finds a dense
+            // container's maximum by scanning it, on every call.
+            DocSet::Many(b) => b.insert(doc),
         }
     }
 
@@ -294,16 +313,16 @@ pub(crate) struct KeyPostings {
     /// Documents with any row for the key, null rows included.
     pub present: RoaringBitmap,
     /// Documents by lower-cased non-null value.
-    pub values: HashMap<Box<str>, DocSet>,
+    pub values: Map<Box<str>, DocSet>,
     /// For lower-cased values that some entity spells differently: the
     /// documents by original spelling (facets keep the entity's casing).
     /// Documents not listed spell the value exactly as lower-cased.
-    cased: HashMap<Box<str>, Vec<(Box<str>, DocSet)>>,
+    cased: Map<Box<str>, Vec<(Box<str>, DocSet)>>,
 }
 
 impl KeyPostings {
     fn add(&mut self, doc: u32, value: Option<(&str, &str)>) {
-        self.present.push(doc);
+        self.present.insert(doc);
         let Some((original, low)) = value else {
             return;
         };
@@ -328,6 +347,9 @@ impl KeyPostings {
 
     fn merge(&mut self, other: KeyPostings) {
         self.present |= other.present;
+        // Runs of documents mostly hold distinct values (names, uids): grow
+        // once rather than by doubling; `shrink` trims any excess.
+        self.values.reserve(other.values.len());
         for (v, docs) in other.values {
             match self.values.get_mut(&v) {
                 Some(mine) => mine.merge(docs),
@@ -435,14 +457,91 @@ impl KeyPostings {
 }
 
 /// Bytes of a hash map's table: one slot per capacity plus a control byte.
-fn map_table_bytes<K, V>(m: &HashMap<K, V>) -> usize {
+fn map_table_bytes<K, V, S: BuildHasher>(m: &HashMap<K, V, S>) -> usize {
     m.capacity() * (std::mem::size_of::<(K, V)>() + 1)
 }
 
-/// Indexes a run of entities whose document ids start at `base`.
-fn index_run(entities: &[Arc<Entity>], base: u32) -> HashMap<Box<str>, KeyPostings> {
-    let mut keys: HashMap<Box<str>, KeyPostings> = HashMap::new();
+/// Builds the inverted half of a generation (entities in document order), or
+/// `None` if `abandoned` is set part-way. A panic in any worker propagates:
+/// a partial index is never returned.
+fn build_inverted(entities: &[Arc<Entity>], abandoned: &AtomicBool) -> Option<Inverted> {
+    // Parsing and flattening dominate the build; runs of documents are
+    // indexed on separate threads and merged in document order.
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    let chunk = entities.len().div_ceil(threads).max(1024);
+    let mut keys: Map<Box<str>, KeyPostings> = Map::default();
+    if entities.len() <= chunk {
+        keys = index_run(entities, 0, abandoned)?;
+    } else {
+        let partials: Vec<Option<Map<Box<str>, KeyPostings>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = entities
+                .chunks(chunk)
+                .enumerate()
+                .map(|(i, run)| scope.spawn(move || index_run(run, (i * chunk) as u32, abandoned)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        for partial in partials {
+            for (k, p) in partial? {
+                match keys.get_mut(&k) {
+                    Some(mine) => mine.merge(p),
+                    None => {
+                        keys.insert(k, p);
+                    }
+                }
+            }
+        }
+    }
+    let mut by_ref_order: Vec<u32> = (0..entities.len() as u32).collect();
+    by_ref_order.sort_unstable_by(|&a, &b| {
+        entities[a as usize]
+            .entity_ref
+            .cmp(&entities[b as usize].entity_ref)
+            .then(a.cmp(&b))
+    });
+    let mut ref_ranks = vec![0u32; entities.len()];
+    for (rank, doc) in by_ref_order.into_iter().enumerate() {
+        ref_ranks[doc as usize] = rank as u32;
+    }
+
+    keys.values_mut().for_each(|p| {
+        p.fold_single_spellings();
+        p.shrink();
+    });
+    keys.shrink_to_fit();
+    let postings_bytes = map_table_bytes(&keys)
+        + keys
+            .iter()
+            .map(|(k, p)| k.len() + ALLOC_OVERHEAD + p.heap_bytes())
+            .sum::<usize>();
+    Some(Inverted {
+        keys,
+        ref_ranks,
+        postings_bytes,
+    })
+}
+
+/// How many documents a build indexes between checks for abandonment.
+const ABANDON_CHECK_EVERY: usize = 256;
+
+/// Indexes a run of entities whose document ids start at `base`; `None` if
+/// `abandoned` is set part-way.
+fn index_run(
+    entities: &[Arc<Entity>],
+    base: u32,
+    abandoned: &AtomicBool,
+) -> Option<Map<Box<str>, KeyPostings>> {
+    let mut keys: Map<Box<str>, KeyPostings> = Map::default();
     for (i, entity) in entities.iter().enumerate() {
+        if i % ABANDON_CHECK_EVERY == 0 && abandoned.load(AtomicOrdering::Relaxed) {
+            return None;
+        }
         let doc = base + i as u32;
         let Ok(value) = serde_json::from_slice::<Value>(&entity.body) else {
             continue;
@@ -455,7 +554,7 @@ fn index_run(entities: &[Arc<Entity>], base: u32) -> HashMap<Box<str>, KeyPostin
             postings.add(doc, v);
         });
     }
-    keys
+    Some(keys)
 }
 
 /// The order of one field's values over all documents of a generation.
@@ -477,19 +576,86 @@ impl SortColumn {
     }
 }
 
-/// An immutable view of one mirror generation, indexed for queries.
-pub struct Index {
-    generation: u64,
-    entities: Vec<Arc<Entity>>,
-    by_uid: HashMap<Arc<str>, u32>,
-    by_ref: HashMap<Arc<str>, u32>,
-    keys: HashMap<Box<str>, KeyPostings>,
-    all: RoaringBitmap,
+/// The query half of a generation: postings and the default order. Built
+/// off the serving path (see `Index::build`).
+struct Inverted {
+    keys: Map<Box<str>, KeyPostings>,
     /// Per document: its position in `entity_ref` order (the default order
     /// of `GET /entities`).
     ref_ranks: Vec<u32>,
-    sort_columns: Mutex<HashMap<Box<str>, Arc<SortColumn>>>,
     postings_bytes: usize,
+}
+
+/// Where the inverted half of an index is built and awaited. `done` is set
+/// at most once, by whichever build finishes; `state` and `changed` let
+/// queries sleep until then and notice a build that died.
+struct Slot {
+    done: OnceLock<Inverted>,
+    state: Mutex<BuildState>,
+    changed: Condvar,
+    /// Set when the index is dropped: a build nobody can use stops early.
+    abandoned: AtomicBool,
+    /// How the inverted half is computed (a seam for the tests' failures).
+    builder: InvertedBuilder,
+}
+
+/// Computes the inverted half, or `None` when abandoned part-way.
+type InvertedBuilder = fn(&[Arc<Entity>], &AtomicBool) -> Option<Inverted>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BuildState {
+    /// A build is running (in the background or for a waiting query).
+    Running,
+    /// The last build panicked; the next query builds again.
+    Failed,
+}
+
+/// Generations this small are indexed inline: a thread costs more than the
+/// work, and a one-entity index (the by-refs filter) stays synchronous.
+const INLINE_BUILD_MAX: usize = 512;
+
+impl Slot {
+    /// Runs a build and publishes its result. Whatever happens (an early
+    /// return, a panic), waiters are woken and, without a result, see
+    /// `Failed` rather than sleeping forever.
+    fn run(&self, entities: &[Arc<Entity>]) {
+        struct Publish<'a>(&'a Slot);
+        impl Drop for Publish<'_> {
+            fn drop(&mut self) {
+                let slot = self.0;
+                let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+                if slot.done.get().is_none() {
+                    *state = BuildState::Failed;
+                    if std::thread::panicking() {
+                        tracing::error!(
+                            "building the query index failed; the next query builds it again"
+                        );
+                    }
+                }
+                slot.changed.notify_all();
+            }
+        }
+        let _publish = Publish(self);
+        if let Some(inverted) = (self.builder)(entities, &self.abandoned) {
+            let _ = self.done.set(inverted);
+        }
+    }
+}
+
+/// An immutable view of one mirror generation, indexed for queries.
+///
+/// The lookup half (`by_uid`, `by_ref`, `entities`, `len`, `generation`) is
+/// ready when `build` returns; the inverted half is built on a background
+/// thread, and the crate's query functions block until it is ready (check
+/// `is_query_ready` before calling them on an async worker).
+pub struct Index {
+    generation: u64,
+    entities: Arc<[Arc<Entity>]>,
+    by_uid: Map<Arc<str>, u32>,
+    by_ref: Map<Arc<str>, u32>,
+    all: RoaringBitmap,
+    inverted: Arc<Slot>,
+    sort_columns: Mutex<HashMap<Box<str>, Arc<SortColumn>>>,
 }
 
 impl std::fmt::Debug for Index {
@@ -497,8 +663,14 @@ impl std::fmt::Debug for Index {
         f.debug_struct("Index")
             .field("generation", &self.generation)
             .field("entities", &self.entities.len())
-            .field("keys", &self.keys.len())
+            .field("keys", &self.inverted.done.get().map(|i| i.keys.len()))
             .finish()
+    }
+}
+
+impl Drop for Index {
+    fn drop(&mut self) {
+        self.inverted.abandoned.store(true, AtomicOrdering::Relaxed);
     }
 }
 
@@ -506,94 +678,97 @@ impl Index {
     /// Indexes a generation. Each body is parsed once; a body that is not a
     /// JSON object is kept (it can still be read by uid or ref) but matches
     /// no key. Duplicate uids keep the last entity.
+    ///
+    /// Returns once the lookup maps are built; the inverted query index is
+    /// built on a background thread (inline for small generations), so
+    /// restart and sync are not held up by it.
     pub fn build(generation: u64, entities: Vec<Arc<Entity>>) -> Index {
-        let mut unique: HashMap<Arc<str>, Arc<Entity>> = HashMap::with_capacity(entities.len());
+        Index::build_with(generation, entities, build_inverted)
+    }
+
+    fn build_with(generation: u64, entities: Vec<Arc<Entity>>, builder: InvertedBuilder) -> Index {
+        let mut unique: Map<Arc<str>, Arc<Entity>> = map_with_capacity(entities.len());
         for entity in entities {
             unique.insert(entity.uid.clone(), entity);
         }
         let mut entities: Vec<Arc<Entity>> = unique.into_values().collect();
-        entities.sort_by(|a, b| a.uid.cmp(&b.uid));
+        entities.sort_unstable_by(|a, b| a.uid.cmp(&b.uid));
+        let entities: Arc<[Arc<Entity>]> = entities.into();
 
-        let mut by_uid = HashMap::with_capacity(entities.len());
-        let mut by_ref = HashMap::with_capacity(entities.len());
+        let mut by_uid = map_with_capacity(entities.len());
+        let mut by_ref = map_with_capacity(entities.len());
         for (doc, entity) in entities.iter().enumerate() {
             by_uid.insert(entity.uid.clone(), doc as u32);
             // A uid with capitals is also found by its lower-cased spelling
             // (see `by_uid`); uids are lower-case UUIDs almost always.
-            let lower = entity.uid.to_lowercase();
-            if *lower != *entity.uid {
+            if let Cow::Owned(lower) = lower(&entity.uid) {
                 by_uid.entry(Arc::from(lower)).or_insert(doc as u32);
             }
             by_ref.insert(entity.entity_ref.clone(), doc as u32);
         }
-        // Parsing and flattening dominate the build; runs of documents are
-        // indexed on separate threads and merged in document order.
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .clamp(1, 8);
-        let chunk = entities.len().div_ceil(threads).max(1024);
-        let mut keys: HashMap<Box<str>, KeyPostings> = HashMap::new();
-        if entities.len() <= chunk {
-            keys = index_run(&entities, 0);
-        } else {
-            let partials: Vec<HashMap<Box<str>, KeyPostings>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = entities
-                    .chunks(chunk)
-                    .enumerate()
-                    .map(|(i, run)| scope.spawn(move || index_run(run, (i * chunk) as u32)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_default())
-                    .collect()
-            });
-            for partial in partials {
-                for (k, p) in partial {
-                    match keys.get_mut(&k) {
-                        Some(mine) => mine.merge(p),
-                        None => {
-                            keys.insert(k, p);
-                        }
-                    }
-                }
-            }
-        }
         let mut all = RoaringBitmap::new();
         all.insert_range(0..entities.len() as u32);
-        let mut by_ref_order: Vec<u32> = (0..entities.len() as u32).collect();
-        by_ref_order.sort_unstable_by(|&a, &b| {
-            entities[a as usize]
-                .entity_ref
-                .cmp(&entities[b as usize].entity_ref)
-                .then(a.cmp(&b))
+
+        let slot = Arc::new(Slot {
+            done: OnceLock::new(),
+            state: Mutex::new(BuildState::Running),
+            changed: Condvar::new(),
+            abandoned: AtomicBool::new(false),
+            builder,
         });
-        let mut ref_ranks = vec![0u32; entities.len()];
-        for (rank, doc) in by_ref_order.into_iter().enumerate() {
-            ref_ranks[doc as usize] = rank as u32;
+        if entities.len() <= INLINE_BUILD_MAX {
+            slot.run(&entities);
+        } else {
+            let (background, list) = (slot.clone(), entities.clone());
+            let spawned = std::thread::Builder::new()
+                .name("index-build".into())
+                .spawn(move || background.run(&list));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the query index build; the first query builds it");
+                *slot.state.lock().unwrap_or_else(|p| p.into_inner()) = BuildState::Failed;
+            }
         }
-
-        keys.values_mut().for_each(|p| {
-            p.fold_single_spellings();
-            p.shrink();
-        });
-        keys.shrink_to_fit();
-        let postings_bytes = map_table_bytes(&keys)
-            + keys
-                .iter()
-                .map(|(k, p)| k.len() + ALLOC_OVERHEAD + p.heap_bytes())
-                .sum::<usize>();
-
         Index {
             generation,
             entities,
             by_uid,
             by_ref,
-            keys,
             all,
-            ref_ranks,
+            inverted: slot,
             sort_columns: Mutex::new(HashMap::new()),
-            postings_bytes,
+        }
+    }
+
+    /// Whether queries can run without waiting for the inverted index.
+    pub fn is_query_ready(&self) -> bool {
+        self.inverted.done.get().is_some()
+    }
+
+    /// The inverted half, waiting for its build (or, after a failed one,
+    /// building it on this thread). Blocks: not for async workers.
+    fn inverted(&self) -> &Inverted {
+        let slot = &*self.inverted;
+        if let Some(done) = slot.done.get() {
+            return done;
+        }
+        let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(done) = slot.done.get() {
+                return done;
+            }
+            match *state {
+                BuildState::Running => {
+                    state = slot.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                }
+                BuildState::Failed => {
+                    *state = BuildState::Running;
+                    drop(state);
+                    // Unwinds to the caller if it fails again; `run` has
+                    // then marked it failed for the next query.
+                    slot.run(&self.entities);
+                    state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+                }
+            }
         }
     }
 
@@ -651,6 +826,13 @@ impl Index {
             })
             .sum();
         let lookups = map_table_bytes(&self.by_uid) + map_table_bytes(&self.by_ref);
+        // The inverted half counts once built (a running build's memory is
+        // transient and not yet this generation's).
+        let inverted = self
+            .inverted
+            .done
+            .get()
+            .map_or(0, |i| i.postings_bytes + i.ref_ranks.len() * 4);
         let columns: usize = self
             .sort_columns
             .lock()
@@ -662,12 +844,7 @@ impl Index {
                     .sum()
             })
             .unwrap_or(0);
-        entities
-            + lookups
-            + self.postings_bytes
-            + columns
-            + self.ref_ranks.len() * 4
-            + self.all.serialized_size()
+        entities + lookups + inverted + columns + self.all.serialized_size()
     }
 
     /// The entity behind a document id.
@@ -681,7 +858,7 @@ impl Index {
         lowercase_key: &str,
         matched: Option<&RoaringBitmap>,
     ) -> Vec<(String, u64)> {
-        let Some(postings) = self.keys.get(lowercase_key) else {
+        let Some(postings) = self.inverted().keys.get(lowercase_key) else {
             return Vec::new();
         };
         postings.facet_counts(matched, &|doc, low| self.spelling(doc, lowercase_key, low))
@@ -705,7 +882,7 @@ impl Index {
 
     /// A document's position in `entity_ref` order.
     pub(crate) fn ref_rank(&self, doc: u32) -> u32 {
-        self.ref_ranks[doc as usize]
+        self.inverted().ref_ranks[doc as usize]
     }
 
     /// Every document.
@@ -715,12 +892,15 @@ impl Index {
 
     /// The postings of a lower-cased key.
     pub(crate) fn key(&self, lowercase_key: &str) -> Option<&KeyPostings> {
-        self.keys.get(lowercase_key)
+        self.inverted().keys.get(lowercase_key)
     }
 
     /// The sort column of a search key (used as given: Backstage joins the
     /// order field against the lower-cased keys without lower-casing it).
     pub(crate) fn sort_column(&self, key: &str) -> Arc<SortColumn> {
+        // Wait (if at all) before taking the cache lock, which memory
+        // accounting also takes.
+        let inverted = self.inverted();
         let mut cache = match self.sort_columns.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
@@ -728,7 +908,7 @@ impl Index {
         if let Some(col) = cache.get(key) {
             return col.clone();
         }
-        let mut values: Vec<(&str, &DocSet)> = self
+        let mut values: Vec<(&str, &DocSet)> = inverted
             .keys
             .get(key)
             .map(|p| p.values.iter().map(|(v, b)| (&**v, b)).collect())
@@ -884,6 +1064,111 @@ mod tests {
         got.sort();
         assert_eq!(got, counts.into_iter().collect::<Vec<_>>());
         assert_eq!(index.key("kind").unwrap().present.len(), 5000);
+    }
+
+    fn components(n: usize) -> Vec<Arc<Entity>> {
+        (0..n)
+            .map(|i| {
+                let body = json!({"kind": if i % 2 == 0 { "Component" } else { "API" },
+                    "metadata": {"name": format!("n{i}"), "uid": format!("u{i:05}"), "etag": "e"}});
+                Arc::new(Entity::from_json(bytes::Bytes::from(body.to_string())).unwrap())
+            })
+            .collect()
+    }
+
+    static GATE: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+
+    fn gated_build(entities: &[Arc<Entity>], abandoned: &AtomicBool) -> Option<Inverted> {
+        let (open, changed) = &GATE;
+        let mut guard = open.lock().unwrap();
+        while !*guard {
+            guard = changed.wait(guard).unwrap();
+        }
+        drop(guard);
+        build_inverted(entities, abandoned)
+    }
+
+    #[test]
+    fn lookups_do_not_wait_for_the_query_index_and_queries_do() {
+        let index = Arc::new(Index::build_with(7, components(2000), gated_build));
+        // The gate is shut: the inverted half cannot be built yet.
+        assert!(!index.is_query_ready());
+        assert_eq!(index.len(), 2000);
+        assert_eq!(index.generation(), 7);
+        assert_eq!(
+            index.by_uid("u00042").map(|e| &*e.entity_ref),
+            Some("component:default/n42")
+        );
+        assert!(index.by_ref("api:default/n43").is_some());
+        assert_eq!(index.entities().count(), 2000);
+        let before = index.approximate_memory_bytes();
+        let querying = {
+            let index = index.clone();
+            std::thread::spawn(move || index.key("kind").unwrap().values.get("api").unwrap().len())
+        };
+        {
+            let (open, changed) = &GATE;
+            *open.lock().unwrap() = true;
+            changed.notify_all();
+        }
+        assert_eq!(querying.join().unwrap(), 1000);
+        assert!(index.is_query_ready());
+        assert!(index.approximate_memory_bytes() > before);
+    }
+
+    static FLAKY_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    fn fails_once(entities: &[Arc<Entity>], abandoned: &AtomicBool) -> Option<Inverted> {
+        if FLAKY_CALLS.fetch_add(1, AtomicOrdering::SeqCst) == 0 {
+            panic!("injected index build failure");
+        }
+        build_inverted(entities, abandoned)
+    }
+
+    #[test]
+    fn a_query_after_a_failed_background_build_builds_the_index_again() {
+        let index = Index::build_with(1, components(1000), fails_once);
+        let kinds = index.key("kind").unwrap();
+        assert_eq!(kinds.values.get("component").unwrap().len(), 500);
+        assert_eq!(FLAKY_CALLS.load(AtomicOrdering::SeqCst), 2);
+        assert!(index.is_query_ready());
+    }
+
+    fn always_fails(_: &[Arc<Entity>], _: &AtomicBool) -> Option<Inverted> {
+        panic!("injected index build failure");
+    }
+
+    #[test]
+    fn a_build_that_always_fails_makes_queries_fail_not_hang() {
+        let index = Index::build_with(1, components(1000), always_fails);
+        for _ in 0..2 {
+            let asked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                index.key("kind").is_some()
+            }));
+            assert!(asked.is_err());
+        }
+        assert!(!index.is_query_ready());
+        assert!(index.by_uid("u00001").is_some());
+    }
+
+    #[test]
+    fn dropping_an_index_stops_its_background_build() {
+        let abandoned = AtomicBool::new(true);
+        assert!(build_inverted(&components(600), &abandoned).is_none());
+        let abandoned = AtomicBool::new(false);
+        assert!(build_inverted(&components(600), &abandoned).is_some());
+        // And an index dropped mid-build raises the flag its build polls.
+        let index = Index::build_with(1, components(600), gated_build_never);
+        let slot = index.inverted.clone();
+        drop(index);
+        assert!(slot.abandoned.load(AtomicOrdering::Relaxed));
+    }
+
+    fn gated_build_never(_: &[Arc<Entity>], abandoned: &AtomicBool) -> Option<Inverted> {
+        while !abandoned.load(AtomicOrdering::Relaxed) {
+            std::thread::yield_now();
+        }
+        None
     }
 
     #[test]

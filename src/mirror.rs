@@ -7,6 +7,12 @@
 //! a mix; an unchanged entity (same `metadata.etag`) is never rewritten; a
 //! corrupt file is moved aside, never deleted. Called by `sync` (apply),
 //! `read` (revalidated entities, read-through), `flags` and `snapshot`.
+//!
+//! `open` runs `PRAGMA quick_check` over the whole file before serving: on a
+//! 190 MB, 100,000-entity mirror it takes about 0.1 s warm (0.3 s on a busy
+//! host) against 0.4 s to load the entities, so it stays on the start path;
+//! checking in the background would serve, and sync into, a corrupt file
+//! until the next start.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -110,7 +110,9 @@ impl QueryError {
     }
 }
 
-/// Answers one query against one generation.
+/// Answers one query against one generation. Blocks while the generation's
+/// query index is still being built (`Index::is_query_ready`): call it from
+/// a blocking context then, never straight on an async worker.
 pub fn answer(index: &Index, req: &QueryRequest<'_>) -> Result<Answer, QueryError> {
     let params = Params::parse(req.query_string)?;
     if req.body.len() > MAX_BODY {
@@ -1026,7 +1028,8 @@ pub fn parse_by_refs(query_string: &str, body: &[u8]) -> Result<ByRefsRequest, Q
 }
 
 /// Renders `{"items":[entity|null,…]}` in request order; an entity the
-/// request's filter or query rejects becomes `null`.
+/// request's filter or query rejects becomes `null`. Never waits: each
+/// filtered entity is checked against an index of its own, built inline.
 pub fn render_by_refs(
     req: &ByRefsRequest,
     found: &[Option<Arc<Entity>>],

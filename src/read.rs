@@ -509,7 +509,37 @@ impl Sidecar {
             query_string: req.query,
             body: &req.body,
         };
-        let answer = match query::answer(&view.index, &request) {
+        // Right after a restart or sync the query index may still be
+        // building; waiting for it must not stall an async worker.
+        let answered = if view.index.is_query_ready() {
+            query::answer(&view.index, &request)
+        } else {
+            let index = view.index.clone();
+            let (query_string, body) = (req.query.to_string(), req.body.clone());
+            let waited = tokio::task::spawn_blocking(move || {
+                query::answer(
+                    &index,
+                    &QueryRequest {
+                        kind,
+                        query_string: &query_string,
+                        body: &body,
+                    },
+                )
+            })
+            .await;
+            match waited {
+                Ok(answered) => answered,
+                Err(e) => {
+                    tracing::error!(error = %e, "query failed while the index was building");
+                    return self.error_reply(
+                        ErrorKind::Internal,
+                        "the query index is unavailable",
+                        req,
+                    );
+                }
+            }
+        };
+        let answer = match answered {
             Ok(a) => a,
             Err(e) => return self.error_reply(ErrorKind::Input, &e.to_string(), req),
         };
