@@ -148,6 +148,7 @@ fn bench(c: &mut Criterion) {
     );
     let started = Instant::now();
     let index = Index::build(1, entities);
+    index.wait_query_ready();
     let built = started.elapsed();
     // Warm the sort column the by-query cases use, so memory includes it.
     let _ = answer(

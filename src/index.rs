@@ -744,6 +744,12 @@ impl Index {
         self.inverted.done.get().is_some()
     }
 
+    /// Waits until queries can run (blocking; for the sync loop's blocking
+    /// task, which keeps the previous generation serving meanwhile).
+    pub fn wait_query_ready(&self) {
+        let _ = self.inverted();
+    }
+
     /// The inverted half, waiting for its build (or, after a failed one,
     /// building it on this thread). Blocks: not for async workers.
     fn inverted(&self) -> &Inverted {

@@ -311,6 +311,10 @@ impl Sidecar {
             let result = mirror.apply(&generation_entities, &previous, now, "sync")?;
             let applied_in = t.elapsed();
             let index = Index::build(result.0.id, generation_entities);
+            // Install the new generation only once it can answer queries:
+            // until then the previous one keeps answering them at full speed
+            // (a restart, with no previous generation, installs at once).
+            index.wait_query_ready();
             tracing::debug!(
                 fetch_seconds = fetched_in.as_secs_f64(),
                 apply_seconds = applied_in.as_secs_f64(),
