@@ -252,6 +252,15 @@ impl Sidecar {
                 if self.is_fresh(*confirmed_at) {
                     return self.entity_reply(&entity.body, *confirmed_at);
                 }
+                // The outage case, just as lean: the breaker refuses, so the
+                // local copy is all there is to decide on.
+                if let Some(refused) = self.upstream.refused_now(Operation::Revalidate) {
+                    let local = Local::Found {
+                        reply: self.entity_reply(&entity.body, *confirmed_at),
+                        confirmed_at: *confirmed_at,
+                    };
+                    return self.decide_without_upstream(local, &refused, req, None);
+                }
             }
         }
         let upstream_path = match &lookup {

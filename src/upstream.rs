@@ -242,8 +242,24 @@ impl Upstream {
     /// (counted as a rejected call, exactly as `call` would count it).
     pub fn refused_now(&self, op: Operation) -> Option<UpstreamError> {
         let rejected = self.breaker.would_reject()?;
-        metrics::counter!(m::UPSTREAM_REQUESTS_TOTAL, "operation" => op.as_str(), "result" => "rejected")
-            .increment(1);
+        // Every read takes this path while the breaker is open: the handle
+        // is looked up once per thread and operation.
+        thread_local! {
+            static REJECTED: std::cell::RefCell<Vec<(&'static str, metrics::Counter)>> =
+                const { std::cell::RefCell::new(Vec::new()) };
+        }
+        REJECTED.with(|handles| {
+            let mut handles = handles.borrow_mut();
+            let name = op.as_str();
+            match handles.iter().find(|(n, _)| *n == name) {
+                Some((_, counter)) => counter.increment(1),
+                None => {
+                    let counter = metrics::counter!(m::UPSTREAM_REQUESTS_TOTAL, "operation" => name, "result" => "rejected");
+                    counter.increment(1);
+                    handles.push((name, counter));
+                }
+            }
+        });
         Some(UpstreamError::Rejected(rejected))
     }
 
