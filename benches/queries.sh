@@ -42,8 +42,15 @@ run() { # label method path [body]
   fi
   local out
   out=$(wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "http://$PROXY$3")
-  printf '%-44s %9s req/s   p50 %9s   p99 %9s\n' "$1" "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" \
-    "$(awk '$1=="50%" {print $2}' <<<"$out")" "$(awk '$1=="99%" {print $2}' <<<"$out")"
+  local items
+  if [ "$2" = POST ]; then
+    items=$(curl -fs -X POST -H 'content-type: application/json' -d "$4" "http://$PROXY$3" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d.get("items", d.get("facets", []))))')
+  else
+    items=$(curl -fs "http://$PROXY$3" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d["items"]) if "items" in d else (len(d["facets"]) if "facets" in d else 1))')
+  fi
+  printf '%-42s %9s req/s  p50 %9s  p99 %9s  non-2xx %s  items %s\n' "$1" "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" \
+    "$(awk '$1=="50%" {print $2}' <<<"$out")" "$(awk '$1=="99%" {print $2}' <<<"$out")" \
+    "$(awk '/Non-2xx/ {print $5}' <<<"$out" | grep . || echo 0)" "$items"
 }
 echo "query latency over HTTP: $N entities, wrk -t1 -c$CONNECTIONS -d$DURATION, $(nproc) cores"
 run "selective filter (one name)" GET "/api/catalog/entities/by-query?filter=metadata.name=$name"
