@@ -844,25 +844,10 @@ impl Sidecar {
                 confirmed_at,
             } => (reply, confirmed_at),
             Local::AbsentFromMirror { confirmed_at } => match not_found_message {
-                Some(message) => {
-                    let (status, body) = error_body(
-                        ErrorKind::NotFound,
-                        &message,
-                        req.method,
-                        &req.path_and_query(),
-                    );
-                    (
-                        Reply {
-                            status,
-                            headers: json_headers(),
-                            body,
-                            cache: CacheStatus::Hit,
-                            age: Duration::ZERO,
-                            stale: false,
-                        },
-                        confirmed_at,
-                    )
-                }
+                Some(message) => (
+                    self.error_reply(ErrorKind::NotFound, &message, req),
+                    confirmed_at,
+                ),
                 None => {
                     return self.unavailable(error, req, "the mirror cannot answer this request")
                 }
