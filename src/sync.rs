@@ -97,6 +97,8 @@ struct Page<'a> {
     items: Vec<&'a serde_json::value::RawValue>,
     #[serde(rename = "pageInfo", default)]
     page_info: PageInfo,
+    #[serde(rename = "totalItems")]
+    total_items: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -117,6 +119,7 @@ impl Sidecar {
         let page_size = self.config.mirror.page_size;
         let mut entities: Vec<Entity> = Vec::new();
         let mut cursor: Option<String> = None;
+        let mut expected: Option<usize> = None;
         for page_number in 1..=MAX_PAGES {
             let path = match &cursor {
                 None => format!("/entities/by-query?limit={page_size}"),
@@ -143,6 +146,19 @@ impl Sidecar {
             }
             let page: Page<'_> = serde_json::from_slice(&response.body)
                 .map_err(|e| format!("page {page_number} is not a by-query page: {e}"))?;
+            // Backstage repeats page 1's totalItems on every page. A page that
+            // disagrees, or a walk that ends short of it, means the catalog
+            // changed under the walk or a page was cut short: applying it
+            // could drop entities that exist, so the sync fails instead.
+            match (expected, page.total_items) {
+                (None, Some(total)) => expected = Some(total),
+                (Some(first), Some(total)) if total != first => {
+                    return Err(format!(
+                        "page {page_number}: the upstream now counts {total} entities, page 1 counted {first}; the catalog changed during the sync"
+                    ))
+                }
+                _ => {}
+            }
             for raw in page.items {
                 let entity = Entity::from_json(Bytes::copy_from_slice(raw.get().as_bytes()))
                     .map_err(|e| format!("page {page_number}: {e}"))?;
@@ -155,7 +171,15 @@ impl Sidecar {
                     ))
                 }
                 Some(next) => cursor = Some(next),
-                None => return Ok(entities),
+                None => {
+                    return match expected {
+                        Some(total) if total != entities.len() => Err(format!(
+                            "paging ended after {} entities, but the upstream counted {total}; the catalog changed during the sync or a page was cut short",
+                            entities.len()
+                        )),
+                        _ => Ok(entities),
+                    }
+                }
             }
         }
         Err(format!("gave up after {MAX_PAGES} pages"))

@@ -1093,3 +1093,32 @@ async fn while_deletions_are_held_mirrored_entities_keep_reading_stale_not_404()
     );
     assert_eq!(refs.stale(), "true");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_walk_that_ends_short_of_the_announced_total_applies_nothing() {
+    // An upstream whose pages disagree with their own count (the catalog
+    // emptied mid-walk, a page cut short): 3 announced, 2 sent.
+    let entities = catalog_chaos::generate(2, 5);
+    let body = json!({"items": entities, "totalItems": 3, "pageInfo": {}}).to_string();
+    let app = axum::Router::new().route(
+        "/api/catalog/entities/by-query",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { ([("content-type", "application/json")], body) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().unwrap();
+    let config = TestSidecar::builder().config(&format!("http://{addr}/api/catalog"), dir.path());
+    let sidecar = catalog_cache::sidecar::Sidecar::open(config, Clock::system()).unwrap();
+    let report = sidecar.sync_once(false).await;
+    server.abort();
+    assert_eq!(report.result, SyncResult::Failed, "{report:?}");
+    assert!(
+        report.error.as_deref().unwrap_or("").contains("counted 3"),
+        "{report:?}"
+    );
+    assert!(sidecar.view().is_none(), "nothing was applied");
+}
