@@ -273,7 +273,7 @@ impl Sidecar {
         if let Some(HotEntry::Missing { body, at }) =
             self.hot.get(&HotKey::Path(negative_key.as_str().into()))
         {
-            let held = self.held_deletions().is_some();
+            let held = self.upstream_suspect();
             if found
                 .as_ref()
                 .is_none_or(|(_, confirmed_at)| *confirmed_at <= at && !held)
@@ -803,14 +803,24 @@ impl Sidecar {
         }
     }
 
-    /// While the deletion guard holds a sync, the upstream is suspected of
-    /// losing entities: an answer that says a mirrored entity is gone (a 404,
+    /// Whether the upstream's word that entities are gone is in doubt: the
+    /// deletion guard holds a sync, or the last sync failed (a catalog that
+    /// empties mid-walk fails the walk before a full walk can be held).
+    fn upstream_suspect(&self) -> bool {
+        self.held_deletions().is_some()
+            || self
+                .last_sync()
+                .is_some_and(|r| r.result == crate::sync::SyncResult::Failed)
+    }
+
+    /// While the upstream is suspect (see `upstream_suspect`), it is doubted when it says
+    /// entities are lost: an answer that says a mirrored entity is gone (a 404,
     /// or a by-refs `null` the mirror can fill) is not taken over the mirror.
     fn contradicts_held_mirror(&self, local: &Local, response: &UpstreamResponse) -> bool {
         let Local::Found { reply, .. } = local else {
             return false;
         };
-        if self.held_deletions().is_none() {
+        if !self.upstream_suspect() {
             return false;
         }
         if response.status == StatusCode::NOT_FOUND {

@@ -1122,3 +1122,30 @@ async fn a_walk_that_ends_short_of_the_announced_total_applies_nothing() {
     );
     assert!(sidecar.view().is_none(), "nothing was applied");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failed_sync_an_upstream_404_for_a_mirrored_entity_is_served_stale() {
+    let ts = TestSidecar::builder().start().await;
+    let entities = ts.upstream_entities();
+    assert!(entities.len() > 2 * ts.config.mirror.page_size as usize);
+    let e = entities[5].clone();
+    let gone = uid(&e);
+    ts.fake
+        .remove_entities(|v| v["metadata"]["uid"].as_str() == Some(gone.as_str()));
+    ts.faults(Faults {
+        fail_page: Some(2),
+        ..Faults::default()
+    })
+    .await;
+    let report = ts.sidecar.sync_once(false).await;
+    assert_eq!(report.result, SyncResult::Failed, "{report:?}");
+    ts.age_past_fresh(Duration::from_secs(1));
+    let read = ts.get(&by_name_path(&e)).await;
+    assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
+    assert_eq!(read.stale(), "true");
+    // Once a sync succeeds again, the upstream's word is taken.
+    ts.faults(Faults::default()).await;
+    let report = ts.sidecar.sync_once(false).await;
+    assert_eq!(report.result, SyncResult::Applied, "{report:?}");
+    assert_eq!(ts.get(&by_name_path(&e)).await.status, 404);
+}
