@@ -439,6 +439,3 @@ async fn get_snapshot(State(sidecar): State<Arc<Sidecar>>) -> Result<Response, A
     )
         .into_response())
 }
-
-/// How long the CLI waits for the admin API.
-pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);

@@ -18,6 +18,9 @@ use http_body_util::{BodyExt, Full};
 use crate::config::{Config, LogFormat, ENV_ADMIN_URL, ENV_CONFIG};
 use crate::sidecar::{Clock, Sidecar};
 
+/// How long the CLI waits for the admin API.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A sidecar that keeps serving the Backstage catalog API through upstream outages.
 #[derive(Debug, Parser)]
 #[command(name = "catalog-cache", version, about)]
@@ -589,14 +592,9 @@ async fn admin_request(
             .to_bytes();
         Ok::<_, Failure>((status, bytes))
     };
-    tokio::time::timeout(crate::admin::CLI_TIMEOUT, exchange)
+    tokio::time::timeout(CLI_TIMEOUT, exchange)
         .await
-        .map_err(|_| {
-            Failure::failed(format!(
-                "{url} did not answer within {:?}",
-                crate::admin::CLI_TIMEOUT
-            ))
-        })?
+        .map_err(|_| Failure::failed(format!("{url} did not answer within {:?}", CLI_TIMEOUT)))?
 }
 
 async fn admin_call(
@@ -639,6 +637,3 @@ pub fn exit_code(result: Result<(), Failure>) -> ExitCode {
         }
     }
 }
-
-/// How long `demo` waits for the first sync before printing instructions.
-pub const DEMO_FIRST_SYNC_WAIT: Duration = Duration::from_secs(30);

@@ -17,6 +17,9 @@ pub const DEMO_UPSTREAM: &str = "127.0.0.1:7007";
 /// Where the demo catalog's fault control listens.
 pub const DEMO_CONTROL: &str = "127.0.0.1:7017";
 
+/// How long the demo waits for the first sync before printing instructions.
+pub const DEMO_FIRST_SYNC_WAIT: Duration = Duration::from_secs(30);
+
 /// Runs the demo until Ctrl-C.
 pub async fn run(entities: usize, data_dir: &Path) -> Result<(), String> {
     let listen: SocketAddr = DEMO_UPSTREAM.parse().map_err(|e| format!("{e}"))?;
@@ -52,7 +55,7 @@ pub async fn run(entities: usize, data_dir: &Path) -> Result<(), String> {
             .clone()
             .run(proxy, admin, crate::cli::shutdown_signal()),
     );
-    let deadline = tokio::time::Instant::now() + crate::cli::DEMO_FIRST_SYNC_WAIT;
+    let deadline = tokio::time::Instant::now() + DEMO_FIRST_SYNC_WAIT;
     while sidecar.view().is_none() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
