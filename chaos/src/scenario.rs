@@ -23,10 +23,20 @@ use tokio::time::Instant;
 pub const ADMIN_TOKEN: &str = "chaos-admin-token";
 /// Env var naming the `catalog-cache` binary when `--sidecar` is not given.
 pub const ENV_SIDECAR_BIN: &str = "CATALOG_CACHE_BIN";
-/// The revalidate budget the scenarios configure.
-pub const BUDGET: Duration = Duration::from_millis(250);
-/// Freshness the scenarios configure: older data is revalidated.
-pub const FRESH_FOR: Duration = Duration::from_secs(2);
+/// What the harness allows on top of the sidecar's own promise when it
+/// times one read from the client side: the HTTP exchange over loopback and
+/// the scheduling of the reader task. The promise itself (the revalidate
+/// budget) is not widened.
+pub const READ_MARGIN: Duration = Duration::from_millis(150);
+/// What the harness allows for its own scheduling when it times breaker and
+/// recovery events on a loaded 2-core machine: the monitor samples `/status`
+/// every 50 ms, the readers and the demo catalog share the cores with the
+/// sidecar (a debug build in CI), and a `cargo build` may run beside it.
+pub const SCHEDULING_MARGIN: Duration = Duration::from_millis(1500);
+/// The pause each reader takes between two reads.
+pub const READER_PAUSE: Duration = Duration::from_millis(4);
+/// How often the monitor samples `/status`.
+pub const MONITOR_PERIOD: Duration = Duration::from_millis(50);
 
 /// Why a run could not be carried out (as opposed to a scenario failing).
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +172,198 @@ fn http_client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
-/// Sizes and timings of one run.
+/// The sidecar settings a scenario runs with. Every timing bound a
+/// scenario checks is derived from these (see [`Timings::open_bound`] and
+/// friends), never written as a constant of its own; a weakening's bad
+/// setting is applied on top and does not move the bounds.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Timings {
+    /// `mirror.sync_interval`.
+    pub sync_interval: Duration,
+    /// `mirror.sync_jitter`.
+    pub sync_jitter: f64,
+    /// `freshness.fresh_for`.
+    pub fresh_for: Duration,
+    /// `freshness.revalidate_budget`: the sidecar's promise for one read.
+    pub budget: Duration,
+    /// `freshness.negative_ttl`.
+    pub negative_ttl: Duration,
+    /// `upstream.timeout`.
+    pub upstream_timeout: Duration,
+    /// `breaker.consecutive_failures`.
+    pub consecutive_failures: u32,
+    /// `breaker.open_for`.
+    pub open_for: Duration,
+    /// `breaker.max_open`.
+    pub max_open: Duration,
+    /// The breaker's jitter on each open period (the sidecar's built-in ±10 %).
+    pub breaker_jitter: f64,
+}
+
+impl Timings {
+    /// The common settings: short, so that a fault's consequences show
+    /// within seconds.
+    pub const BASE: Timings = Timings {
+        sync_interval: Duration::from_secs(1),
+        sync_jitter: 0.1,
+        fresh_for: Duration::from_secs(2),
+        budget: Duration::from_millis(250),
+        negative_ttl: Duration::from_secs(1),
+        upstream_timeout: Duration::from_secs(2),
+        consecutive_failures: 5,
+        open_for: Duration::from_millis(500),
+        max_open: Duration::from_secs(2),
+        breaker_jitter: 0.1,
+    };
+
+    /// The `CATALOG_CACHE_*` variables that set these.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let ms = |d: Duration| format!("{}ms", d.as_millis());
+        [
+            ("CATALOG_CACHE_MIRROR_SYNC_INTERVAL", ms(self.sync_interval)),
+            (
+                "CATALOG_CACHE_MIRROR_SYNC_JITTER",
+                self.sync_jitter.to_string(),
+            ),
+            ("CATALOG_CACHE_FRESHNESS_FRESH_FOR", ms(self.fresh_for)),
+            ("CATALOG_CACHE_FRESHNESS_REVALIDATE_BUDGET", ms(self.budget)),
+            (
+                "CATALOG_CACHE_FRESHNESS_NEGATIVE_TTL",
+                ms(self.negative_ttl),
+            ),
+            ("CATALOG_CACHE_UPSTREAM_TIMEOUT", ms(self.upstream_timeout)),
+            (
+                "CATALOG_CACHE_BREAKER_CONSECUTIVE_FAILURES",
+                self.consecutive_failures.to_string(),
+            ),
+            ("CATALOG_CACHE_BREAKER_OPEN_FOR", ms(self.open_for)),
+            ("CATALOG_CACHE_BREAKER_MAX_OPEN", ms(self.max_open)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Longest acceptable read: the revalidate budget (the sidecar's
+    /// promise) plus [`READ_MARGIN`] for measuring it from the client.
+    pub fn read_bound(&self) -> Bound {
+        Bound {
+            limit: self.budget + READ_MARGIN,
+            why: format!(
+                "revalidate budget {} + client margin {}",
+                ms(self.budget),
+                ms(READ_MARGIN)
+            ),
+        }
+    }
+
+    /// Longest time from a fault to the breaker leaving `closed`.
+    ///
+    /// The mirror's data was last confirmed at the fault at the latest (a
+    /// sync in flight then may still apply, which takes `sync_took`), so it
+    /// turns stale `fresh_for` later. From then on every read revalidates;
+    /// each revalidation fails at once or after `upstream.timeout`
+    /// (`failing`), and `clients` readers start one each per budget plus
+    /// pause, so `consecutive_failures` of them are under way within
+    /// `ceil(consecutive_failures / clients)` such rounds. Every answer
+    /// must fail for this to hold: the fault scenarios choose their faults
+    /// so (see `slow_body_fault`).
+    pub fn open_bound(&self, failing: Failing, clients: usize, sync_took: Duration) -> Bound {
+        let fail = match failing {
+            Failing::AtOnce => Duration::ZERO,
+            Failing::AtTimeout => self.upstream_timeout,
+        };
+        let rounds = self.consecutive_failures.div_ceil(clients.max(1) as u32);
+        let calls = (self.budget + READER_PAUSE) * rounds;
+        Bound {
+            limit: self.fresh_for + sync_took + fail + calls + SCHEDULING_MARGIN,
+            why: format!(
+                "fresh_for {} + last sync {} + {} + {rounds} read round(s) {} + margin {}",
+                ms(self.fresh_for),
+                ms(sync_took),
+                match failing {
+                    Failing::AtOnce => "failures at once".to_string(),
+                    Failing::AtTimeout => format!("upstream.timeout {}", ms(fail)),
+                },
+                ms(calls),
+                ms(SCHEDULING_MARGIN)
+            ),
+        }
+    }
+
+    /// Longest time from the fault's end (or an operator's all-clear) to
+    /// the breaker `closed` with a successful sync newer than the fault.
+    ///
+    /// The breaker may have opened just before for its longest period
+    /// (`max_open` plus jitter), and a call in flight when the fault ended
+    /// may run to `upstream.timeout`; whichever is longer, the sync loop's
+    /// next attempt (its failure backoff is capped at `sync_interval`, plus
+    /// jitter) is the half-open probe, and that sync takes `sync_took`.
+    pub fn recover_bound(&self, sync_took: Duration) -> Bound {
+        let open = self.max_open.mul_f64(1.0 + self.breaker_jitter);
+        let wait = open.max(self.upstream_timeout);
+        let next = self.sync_interval.mul_f64(1.0 + self.sync_jitter);
+        Bound {
+            limit: wait + next + sync_took + SCHEDULING_MARGIN,
+            why: format!(
+                "max(max_open {} + jitter, upstream.timeout {}) + sync_interval {} + jitter + sync {} + margin {}",
+                ms(self.max_open),
+                ms(self.upstream_timeout),
+                ms(self.sync_interval),
+                ms(sync_took),
+                ms(SCHEDULING_MARGIN)
+            ),
+        }
+    }
+
+    /// A slow-body fault under which every answer the sidecar can ask for,
+    /// down to a 227-byte 404, takes longer than `upstream.timeout`: 16
+    /// bytes per chunk, chunks spaced so that 200 bytes already take 1.5
+    /// times the timeout. (Faster trickles let small entities through
+    /// within the timeout, and those successes keep resetting the
+    /// breaker's consecutive-failure count.)
+    pub fn slow_body_fault(&self) -> serde_json::Value {
+        let chunks_in_200_bytes = 200 / 16;
+        let interval = self.upstream_timeout.mul_f64(1.5) / chunks_in_200_bytes;
+        json!({"slow_body": {"bytes": 16, "interval_ms": interval.as_millis() as u64}})
+    }
+}
+
+/// How the upstream fails under a fault, which decides how soon the
+/// breaker can open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failing {
+    /// Every call fails as soon as it is made (refused, 429, bad answers).
+    AtOnce,
+    /// Every call fails when `upstream.timeout` runs out.
+    AtTimeout,
+}
+
+/// A timing bound and how it was derived from the scenario's settings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Bound {
+    /// The bound.
+    pub limit: Duration,
+    /// Its derivation, in words.
+    pub why: String,
+}
+
+impl Bound {
+    /// `4.4s (fresh_for 2s + ...)`.
+    pub fn describe(&self) -> String {
+        format!("{:.1}s ({})", self.limit.as_secs_f64(), self.why)
+    }
+}
+
+fn ms(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// Sizes of one run.
 #[derive(Debug, Clone)]
 pub struct Tuning {
     /// Quick (CI) mode.
@@ -175,9 +376,7 @@ pub struct Tuning {
     pub kills: usize,
     /// Concurrent readers.
     pub clients: usize,
-    /// Allowance over the revalidate budget for one read.
-    pub margin: Duration,
-    /// Generator seed.
+    /// Generator seed (the demo catalog, the readers, the kill moments).
     pub seed: u64,
 }
 
@@ -191,7 +390,6 @@ impl Tuning {
                 kill_entities: 5000,
                 kills: 10,
                 clients: 4,
-                margin: Duration::from_millis(150),
                 seed,
             }
         } else {
@@ -201,38 +399,28 @@ impl Tuning {
                 kill_entities: 20_000,
                 kills: 30,
                 clients: 8,
-                margin: Duration::from_millis(150),
                 seed,
             }
         }
     }
-
-    /// Longest acceptable entity read.
-    pub fn read_bound(&self) -> Duration {
-        BUDGET + self.margin
-    }
 }
 
-/// The sidecar's environment for the scenarios: short timings so that a
-/// fault's consequences show within seconds.
-pub fn base_env(dir: &Path) -> Vec<(String, String)> {
-    [
+/// The sidecar's environment for a scenario: its [`Timings`] and the
+/// admin token.
+pub fn base_env(dir: &Path, timings: &Timings) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
         ("CATALOG_CACHE_ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
         (
             "CATALOG_CACHE_ADMIN_TOKEN_FILE",
             dir.join("admin.token").display().to_string(),
         ),
-        ("CATALOG_CACHE_MIRROR_SYNC_INTERVAL", "1s".into()),
-        ("CATALOG_CACHE_FRESHNESS_FRESH_FOR", "2s".into()),
-        ("CATALOG_CACHE_FRESHNESS_REVALIDATE_BUDGET", "250ms".into()),
-        ("CATALOG_CACHE_FRESHNESS_NEGATIVE_TTL", "1s".into()),
-        ("CATALOG_CACHE_BREAKER_OPEN_FOR", "500ms".into()),
-        ("CATALOG_CACHE_BREAKER_MAX_OPEN", "2s".into()),
         ("CATALOG_CACHE_LOG_LEVEL", "warn".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    .collect();
+    env.extend(timings.env());
+    env
 }
 
 /// The demo catalog as a child process.
@@ -584,19 +772,30 @@ pub struct Lab {
     pub targets: Arc<Vec<Target>>,
     /// Entities in the catalog.
     pub entities: usize,
+    /// The settings the sidecar runs with (before any weakening).
+    pub timings: Timings,
+    /// How long the first sync took (the `sync` term of the bounds), at
+    /// least [`MIN_SYNC_ALLOWANCE`].
+    pub sync_took: Duration,
     dir: Option<tempfile::TempDir>,
 }
 
+/// The least a sync is assumed to take in a bound, however fast the first
+/// one was (later syncs run beside the readers).
+pub const MIN_SYNC_ALLOWANCE: Duration = Duration::from_millis(200);
+
 impl Lab {
     /// Starts a demo catalog with `entities` and a sidecar in front of it
-    /// with `extra_env` on top of [`base_env`], and waits for the first sync.
+    /// with `timings` and then `extra_env` (a weakening) on top of
+    /// [`base_env`], and waits for the first sync.
     pub async fn start(
         bin: &Path,
         entities: usize,
         seed: u64,
+        timings: &Timings,
         extra_env: &[(String, String)],
     ) -> Result<Lab, HarnessError> {
-        Self::start_with(bin, entities, seed, extra_env, None).await
+        Self::start_with(bin, entities, seed, timings, extra_env, None).await
     }
 
     /// Like `start`, with the demo catalog at `upstream_at` (listen, control
@@ -605,6 +804,7 @@ impl Lab {
         bin: &Path,
         entities: usize,
         seed: u64,
+        timings: &Timings,
         extra_env: &[(String, String)],
         upstream_at: Option<(String, String, Vec<String>)>,
     ) -> Result<Lab, HarnessError> {
@@ -630,7 +830,7 @@ impl Lab {
             wrapper,
         )
         .await?;
-        let mut env = base_env(&path);
+        let mut env = base_env(&path, timings);
         env.extend(extra_env.iter().cloned());
         let mut sidecar = SidecarProc {
             proc: None,
@@ -647,11 +847,16 @@ impl Lab {
         sidecar
             .wait_ready(targets.len(), Duration::from_secs(90))
             .await?;
+        let first_sync = sidecar.status().await?["last_sync"]["duration_seconds"]
+            .as_f64()
+            .unwrap_or(0.0);
         Ok(Lab {
             entities: targets.len(),
             upstream,
             sidecar,
             targets,
+            timings: *timings,
+            sync_took: Duration::from_secs_f64(first_sync).max(MIN_SYNC_ALLOWANCE),
             dir: Some(dir),
         })
     }
@@ -767,7 +972,7 @@ impl Load {
                     let mut samples = Vec::new();
                     while !stop.load(Ordering::Relaxed) {
                         samples.push(read_once(&http, &base, &targets, &mut rng, origin).await);
-                        tokio::time::sleep(Duration::from_millis(4)).await;
+                        tokio::time::sleep(READER_PAUSE).await;
                     }
                     samples
                 })
@@ -952,7 +1157,7 @@ impl Monitor {
                         out.push(status_sample(at, &v));
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(MONITOR_PERIOD).await;
             }
             out
         });

@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::scenario::{
-    integrity_check, HarnessError, Lab, Load, Monitor, Outcome, Sample, StatusSample, Tuning,
-    Verdict, FRESH_FOR,
+    integrity_check, Bound, Failing, HarnessError, Lab, Load, Monitor, Outcome, Sample,
+    StatusSample, Timings, Tuning, Verdict,
 };
 
 /// What the operator asked for.
@@ -151,13 +151,13 @@ fn run_commands(commands: &[Vec<String>]) -> Result<(), HarnessError> {
 struct Plan {
     name: &'static str,
     inject: Inject,
-    /// How long the fault holds.
+    /// How long the fault holds at least (a fault the breaker must open
+    /// under holds until its open bound has passed).
     hold: Duration,
-    /// The breaker must leave `closed` within this of the fault.
-    expect_open: Option<Duration>,
-    /// Breaker closed and a good sync within this of the fault's end.
-    recover_within: Duration,
-    /// Reads are checked against the budget plus margin.
+    /// How the upstream fails under the fault; `Some` means the breaker
+    /// must open, within [`Timings::open_bound`].
+    fails: Option<Failing>,
+    /// Reads are checked against [`Timings::read_bound`].
     latency: bool,
     /// An upstream 404 (by-refs: null) for a mirrored entity is a correct
     /// answer here.
@@ -169,8 +169,8 @@ struct Plan {
     /// Entities to edit upstream once the fault is set, so that a sync that
     /// went through would make a new generation.
     mutate: usize,
-    /// Sidecar settings this scenario needs on top of the common ones.
-    env: &'static [(&'static str, &'static str)],
+    /// The sidecar settings this scenario runs with.
+    timings: Timings,
 }
 
 impl Plan {
@@ -179,50 +179,58 @@ impl Plan {
             name,
             inject,
             hold: Duration::from_secs(5),
-            expect_open: None,
-            recover_within: Duration::from_secs(6),
+            fails: None,
             latency: true,
             allow_404: false,
             generation_unchanged: false,
             expect_held: false,
             mutate: 0,
-            env: &[],
+            timings: Timings::BASE,
+        }
+    }
+
+    /// How long the fault is held in a lab whose first sync took `sync_took`.
+    fn hold_for(&self, clients: usize, sync_took: Duration) -> Duration {
+        match self.fails {
+            Some(failing) => self.hold.max(
+                self.timings.open_bound(failing, clients, sync_took).limit
+                    + Duration::from_millis(500),
+            ),
+            None => self.hold,
         }
     }
 }
 
-/// Connect errors and bad answers fail at once: reads go stale after
-/// `fresh_for` and their revalidations open the breaker.
-const OPEN_FAST: Duration = Duration::from_millis(3500);
-/// Timeouts fail after `upstream.timeout` (2s) more.
-const OPEN_SLOW: Duration = Duration::from_millis(5500);
-
 fn plans() -> Vec<Plan> {
+    let base = Timings::BASE;
     let f = |v: Value| Inject::Faults(v);
     let fast = |name, inject| Plan {
-        expect_open: Some(OPEN_FAST),
-        hold: Duration::from_millis(4500),
+        fails: Some(Failing::AtOnce),
         ..Plan::new(name, inject)
     };
     let slow = |name, inject| Plan {
-        expect_open: Some(OPEN_SLOW),
-        hold: Duration::from_millis(6500),
+        fails: Some(Failing::AtTimeout),
         ..Plan::new(name, inject)
     };
     vec![
         fast("refuse", f(json!({"refuse": true}))),
         fast("kill-upstream", Inject::KillUpstream),
         slow("black-hole", f(json!({"black_hole": true}))),
-        slow("latency-2s", f(json!({"latency": 2000}))),
+        // Answers come 2s after the request reached the demo catalog, so
+        // always after the sidecar's 2s timeout, which started earlier.
         slow(
-            "slow-body",
-            f(json!({"slow_body": {"bytes": 64, "interval_ms": 100}})),
+            "latency-2s",
+            f(json!({"latency": base.upstream_timeout.as_millis() as u64})),
         ),
+        slow("slow-body", f(base.slow_body_fault())),
         Plan::new("errors-50pct", f(json!({"error_rate": 0.5}))),
         // With data fresh for 1s (the flap period) reads revalidate in both
         // phases: stale answers in the down phase, fresh ones in the up phase.
         Plan {
-            env: &[("CATALOG_CACHE_FRESHNESS_FRESH_FOR", "1s")],
+            timings: Timings {
+                fresh_for: Duration::from_secs(1),
+                ..base
+            },
             ..Plan::new("flap-1s", f(json!({"flap": 1000})))
         },
         fast("rate-limited", f(json!({"too_many_requests": 2}))),
@@ -255,6 +263,12 @@ fn plans() -> Vec<Plan> {
         },
     ]
 }
+
+/// How long a call the sidecar admitted just before an operator forced
+/// the breaker open may still take to reach the demo catalog, which counts
+/// requests as they arrive: the sidecar sends an admitted call at once,
+/// over loopback.
+const IN_FLIGHT_ALLOWANCE: Duration = Duration::from_millis(300);
 
 /// Every scenario name, in run order.
 pub fn names() -> Vec<&'static str> {
@@ -342,10 +356,29 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<Outcome>, String> {
 /// Read and status facts every scenario reports the same way.
 struct Checked {
     outcome: Outcome,
+    /// Failure lines come first among the notes, in the order found: the
+    /// first is the table's one-line why.
+    failures: usize,
+    /// What the scenario used and measured, for replaying it.
+    record: Record,
+}
+
+/// What one scenario used and when things happened: printed under the
+/// table, and written as `scenario.json` next to the kept logs of a FAIL.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct Record {
+    scenario: String,
+    seed: u64,
+    quick: bool,
+    timings: Option<Timings>,
+    /// Events, in seconds since the scenario's origin.
+    events: Vec<(String, f64)>,
+    /// Bounds and their derivations.
+    bounds: Vec<(String, Bound)>,
 }
 
 impl Checked {
-    fn new(name: &str, samples: &[Sample]) -> Checked {
+    fn new(name: &str, samples: &[Sample], tuning: &Tuning, timings: &Timings) -> Checked {
         Checked {
             outcome: Outcome {
                 name: name.to_string(),
@@ -359,16 +392,63 @@ impl Checked {
                 notes: Vec::new(),
                 took: Duration::ZERO,
             },
+            failures: 0,
+            record: Record {
+                scenario: name.to_string(),
+                seed: tuning.seed,
+                quick: tuning.quick,
+                timings: Some(*timings),
+                ..Record::default()
+            },
         }
     }
 
     fn fail(&mut self, note: String) {
         self.outcome.verdict = Verdict::Fail;
-        self.outcome.notes.push(note);
+        self.outcome.notes.insert(self.failures, note);
+        self.failures += 1;
     }
 
     fn note(&mut self, note: String) {
         self.outcome.notes.push(note);
+    }
+
+    /// Remembers when something happened (seconds since the origin).
+    fn event(&mut self, what: &str, at: Duration) {
+        self.record
+            .events
+            .push((what.to_string(), at.as_secs_f64()));
+    }
+
+    /// Remembers a bound the scenario checked.
+    fn bound(&mut self, what: &str, bound: &Bound) {
+        self.record.bounds.push((what.to_string(), bound.clone()));
+    }
+
+    /// Adds the replay line and the bounds line to the notes.
+    fn finish_record(&mut self) {
+        let r = &self.record;
+        let events: Vec<String> = r
+            .events
+            .iter()
+            .map(|(what, at)| format!("{what} {at:.2}s"))
+            .collect();
+        let replay = format!(
+            "replay: catalog-chaos run{} --only {} --seed {}; {}",
+            if r.quick { " --quick" } else { "" },
+            r.scenario,
+            r.seed,
+            events.join(", ")
+        );
+        let bounds: Vec<String> = r
+            .bounds
+            .iter()
+            .map(|(what, b)| format!("{what} ≤ {}", b.describe()))
+            .collect();
+        self.note(replay);
+        if !bounds.is_empty() {
+            self.note(format!("bounds: {}", bounds.join("; ")));
+        }
     }
 
     /// Invariant: every read of a mirrored entity answered 200 with the
@@ -396,7 +476,7 @@ impl Checked {
     /// Invariant: `X-Catalog-Stale` is present and agrees with `Cache-Status`,
     /// and a 200 older than `fresh_for` (by its `Age`, with a second to
     /// spare for rounding) is marked stale.
-    fn marking(&mut self, samples: &[Sample]) {
+    fn marking(&mut self, samples: &[Sample], fresh_for: Duration) {
         let bad = samples
             .iter()
             .filter(|s| s.status != 0 && !s.marked_ok)
@@ -409,28 +489,72 @@ impl Checked {
         let old_unmarked = samples
             .iter()
             .filter(|s| s.status == 200 && s.stale == Some(false))
-            .filter(|s| s.age.is_some_and(|a| a > FRESH_FOR.as_secs()))
+            .filter(|s| s.age.is_some_and(|a| a > fresh_for.as_secs()))
             .count();
         if old_unmarked > 0 {
             self.fail(format!(
                 "{old_unmarked} answers with Age over fresh_for ({}s) were not marked stale",
-                FRESH_FOR.as_secs()
+                fresh_for.as_secs()
             ));
         }
     }
 
-    /// Invariant: no read slower than the budget plus margin.
-    fn latency(&mut self, samples: &[Sample], tuning: &Tuning) {
-        let bound = tuning.read_bound();
-        let slow: Vec<&Sample> = samples.iter().filter(|s| s.latency > bound).collect();
+    /// Invariant: no read slower than the revalidate budget (plus the
+    /// client's measurement margin).
+    fn latency(&mut self, samples: &[Sample], timings: &Timings) {
+        let bound = timings.read_bound();
+        self.bound("read", &bound);
+        let slow: Vec<&Sample> = samples.iter().filter(|s| s.latency > bound.limit).collect();
         if let Some(worst) = slow.iter().max_by_key(|s| s.latency) {
             self.fail(format!(
-                "{} reads slower than {}ms (revalidate budget + margin); worst {}ms at {:.1}s",
+                "{} reads slower than {}ms ({}); worst {}ms at {:.1}s",
                 slow.len(),
-                bound.as_millis(),
+                bound.limit.as_millis(),
+                bound.why,
                 worst.latency.as_millis(),
                 worst.at.as_secs_f64()
             ));
+        }
+    }
+
+    /// Invariant: the breaker left `closed` within `bound` of `from`.
+    fn opened_within(&mut self, status: &[StatusSample], from: Duration, bound: &Bound) {
+        self.bound("open", bound);
+        self.outcome.opened_after = opened_at(status, from);
+        match self.outcome.opened_after {
+            Some(t) if t <= bound.limit => {}
+            Some(t) => self.fail(format!(
+                "the breaker opened {:.1}s after the fault, later than the {:.1}s bound ({})",
+                t.as_secs_f64(),
+                bound.limit.as_secs_f64(),
+                bound.why
+            )),
+            None => self.fail(format!(
+                "the breaker never opened (bound {:.1}s: {})",
+                bound.limit.as_secs_f64(),
+                bound.why
+            )),
+        }
+    }
+
+    /// Invariant: within `bound` of `from` the breaker is closed and a good
+    /// sync newer than `from` is reported.
+    fn recovered_within(&mut self, status: &[StatusSample], from: Duration, bound: &Bound) {
+        self.bound("recover", bound);
+        self.outcome.recovered_after = recovered_at(status, from);
+        match self.outcome.recovered_after {
+            Some(t) if t <= bound.limit => {}
+            Some(t) => self.fail(format!(
+                "recovered {:.1}s after the fault ended, later than the {:.1}s bound ({})",
+                t.as_secs_f64(),
+                bound.limit.as_secs_f64(),
+                bound.why
+            )),
+            None => self.fail(format!(
+                "no recovery (breaker closed and a good sync) within {:.1}s of the fault's end ({})",
+                bound.limit.as_secs_f64(),
+                bound.why
+            )),
         }
     }
 
@@ -505,14 +629,15 @@ async fn fault_scenario(
     extra: &[(String, String)],
     action: Option<WeakAction>,
 ) -> Result<Outcome, HarnessError> {
-    // The weakening comes last so that it wins over the scenario's settings.
-    let mut env: Vec<(String, String)> = plan
-        .env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    env.extend(extra.iter().cloned());
-    let mut lab = Lab::start(&opts.sidecar, tuning.entities, tuning.seed, &env).await?;
+    // The weakening comes after the scenario's settings, so that it wins.
+    let mut lab = Lab::start(
+        &opts.sidecar,
+        tuning.entities,
+        tuning.seed,
+        &plan.timings,
+        extra,
+    )
+    .await?;
     drive(plan, &mut lab, tuning, action).await
 }
 
@@ -523,6 +648,9 @@ async fn drive(
     tuning: &Tuning,
     action: Option<WeakAction>,
 ) -> Result<Outcome, HarnessError> {
+    let timings = lab.timings;
+    let hold = plan.hold_for(tuning.clients, lab.sync_took);
+    let recover_bound = timings.recover_bound(lab.sync_took);
     let origin = Instant::now();
     let monitor = Monitor::start(lab.sidecar.admin.clone(), origin);
     let load = Load::start(
@@ -566,8 +694,8 @@ async fn drive(
             )
             .await?;
     }
-    tokio::time::sleep_until(origin + fault_at + plan.hold).await;
-    let clear_at = origin.elapsed();
+    tokio::time::sleep_until(origin + fault_at + hold).await;
+    let clearing_at = origin.elapsed();
     let requests_during = match requests_before {
         Some(before) => lab
             .upstream
@@ -582,47 +710,33 @@ async fn drive(
         Inject::KillUpstream => lab.upstream.restart().await?,
         Inject::Commands { undo, .. } => run_commands(undo)?,
     }
-    wait_recovered(lab, origin, clear_at, plan.recover_within).await;
+    // The fault is over once the control API (or the restarted demo
+    // catalog) says so.
+    let clear_at = origin.elapsed();
+    wait_recovered(lab, origin, clear_at, recover_bound.limit).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let samples = load.stop().await;
     let status = monitor.stop().await;
 
-    let mut c = Checked::new(plan.name, &samples);
+    let mut c = Checked::new(plan.name, &samples, tuning, &timings);
+    c.event("fault", fault_at);
+    c.event("clearing", clearing_at);
+    c.event("cleared", clear_at);
     let all: Vec<&Sample> = samples.iter().collect();
     c.reads_succeed(&all, plan.allow_404);
-    c.marking(&samples);
+    c.marking(&samples, timings.fresh_for);
     if plan.latency {
-        c.latency(&samples, tuning);
+        c.latency(&samples, &timings);
     }
     c.no_partial_generation(&status, lab.entities);
-    c.outcome.opened_after = opened_at(&status, fault_at);
-    c.outcome.recovered_after = recovered_at(&status, clear_at);
-    if let Some(bound) = plan.expect_open {
-        match c.outcome.opened_after {
-            Some(t) if t <= bound => {}
-            Some(t) => c.fail(format!(
-                "the breaker opened {:.1}s after the fault, later than the {:.1}s bound",
-                t.as_secs_f64(),
-                bound.as_secs_f64()
-            )),
-            None => c.fail(format!(
-                "the breaker never opened (bound {:.1}s)",
-                bound.as_secs_f64()
-            )),
+    match plan.fails {
+        Some(failing) => {
+            let bound = timings.open_bound(failing, tuning.clients, lab.sync_took);
+            c.opened_within(&status, fault_at, &bound);
         }
+        None => c.outcome.opened_after = opened_at(&status, fault_at),
     }
-    match c.outcome.recovered_after {
-        Some(t) if t <= plan.recover_within => {}
-        Some(t) => c.fail(format!(
-            "recovered {:.1}s after the fault ended, later than the {:.0}s bound",
-            t.as_secs_f64(),
-            plan.recover_within.as_secs_f64()
-        )),
-        None => c.fail(format!(
-            "no recovery (breaker closed and a good sync) within {:.0}s of the fault's end",
-            plan.recover_within.as_secs_f64()
-        )),
-    }
+    c.recovered_within(&status, clear_at, &recover_bound);
     let during: Vec<&StatusSample> = status
         .iter()
         .filter(|s| s.at >= fault_at && s.at <= clear_at)
@@ -668,17 +782,23 @@ async fn drive(
     Ok(c.outcome)
 }
 
-/// On FAIL, keeps the data dir (logs, database) and writes the status
-/// samples next to them, so the failure can be read afterwards.
+/// Ends a scenario's checks: the replay and bounds lines go under the
+/// table; on FAIL the data dir (logs, database) is kept, with the status
+/// samples and `scenario.json` (seed, timings, events, bounds) beside them,
+/// so the failure can be read and replayed afterwards.
 fn keep_on_failure(c: &mut Checked, lab: &mut Lab, status: &[StatusSample]) {
+    c.finish_record();
     if c.outcome.verdict != Verdict::Fail {
         return;
     }
     if let Some(dir) = lab.keep() {
         let text: String = status.iter().map(|s| format!("{s:?}\n")).collect();
         let _ = std::fs::write(dir.join("status-samples.txt"), text);
+        if let Ok(json) = serde_json::to_string_pretty(&c.record) {
+            let _ = std::fs::write(dir.join("scenario.json"), json);
+        }
         c.note(format!(
-            "logs, database and status samples kept in {}",
+            "logs, database, status samples and scenario.json kept in {}",
             dir.display()
         ));
     }
@@ -692,7 +812,9 @@ async fn breaker_forced_open(
     tuning: &Tuning,
     extra: &[(String, String)],
 ) -> Result<Outcome, HarnessError> {
-    let mut lab = Lab::start(&opts.sidecar, tuning.entities, tuning.seed, extra).await?;
+    let timings = Timings::BASE;
+    let mut lab = Lab::start(&opts.sidecar, tuning.entities, tuning.seed, &timings, extra).await?;
+    let recover_bound = timings.recover_bound(lab.sync_took);
     let origin = Instant::now();
     let monitor = Monitor::start(lab.sidecar.admin.clone(), origin);
     let load = Load::start(
@@ -712,11 +834,13 @@ async fn breaker_forced_open(
             json!({"mode": "open", "reason": "chaos: forced open"}),
         )
         .await?;
-    // A call the sidecar began just before the flip may still land.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let acked_at = origin.elapsed();
+    // A call admitted just before the flip may still reach the demo
+    // catalog (which counts requests as they arrive).
+    tokio::time::sleep(IN_FLIGHT_ALLOWANCE).await;
     let calls_before = lab.upstream.requests().await?;
     let open_from = origin.elapsed();
-    tokio::time::sleep(FRESH_FOR + Duration::from_millis(1500)).await;
+    tokio::time::sleep(timings.fresh_for + Duration::from_millis(1500)).await;
     let calls_after = lab.upstream.requests().await?;
     let open_until = origin.elapsed();
     let code_back = lab
@@ -728,25 +852,28 @@ async fn breaker_forced_open(
         )
         .await?;
     let back_at = origin.elapsed();
-    wait_recovered(&lab, origin, back_at, Duration::from_secs(5)).await;
+    wait_recovered(&lab, origin, back_at, recover_bound.limit).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let samples = load.stop().await;
     let status = monitor.stop().await;
 
-    let mut c = Checked::new("breaker-forced-open", &samples);
+    let mut c = Checked::new("breaker-forced-open", &samples, tuning, &timings);
+    c.event("open asked", asked_at);
+    c.event("open acknowledged", acked_at);
+    c.event("auto asked", open_until);
+    c.event("auto acknowledged", back_at);
     if code != 200 || code_back != 200 {
         c.fail(format!("PUT /admin/breaker answered {code} / {code_back}"));
     }
     let all: Vec<&Sample> = samples.iter().collect();
     c.reads_succeed(&all, false);
-    c.marking(&samples);
-    c.latency(&samples, tuning);
+    c.marking(&samples, timings.fresh_for);
+    c.latency(&samples, &timings);
     c.no_partial_generation(&status, lab.entities);
     c.outcome.opened_after = status
         .iter()
         .find(|s| s.at >= asked_at && s.mode == "open")
         .map(|s| s.at - asked_at);
-    c.outcome.recovered_after = recovered_at(&status, back_at);
     if calls_after != calls_before {
         c.fail(format!(
             "{} upstream requests while the breaker was forced open ({:.1}s..{:.1}s)",
@@ -757,37 +884,47 @@ async fn breaker_forced_open(
     }
     if !samples
         .iter()
-        .any(|s| s.at > open_from + FRESH_FOR && s.at < open_until && s.stale == Some(true))
+        .any(|s| s.at > open_from + timings.fresh_for && s.at < open_until && s.stale == Some(true))
     {
         c.fail("no stale-marked read while forced open past fresh_for".into());
     }
-    if c.outcome
-        .opened_after
-        .is_none_or(|t| t > Duration::from_millis(500))
-    {
+    // The operator's change is visible to every status read that began
+    // after the admin API answered, until the change back was sent.
+    let shown: Vec<&StatusSample> = status
+        .iter()
+        .filter(|s| s.at >= acked_at && s.at < open_until)
+        .collect();
+    if shown.is_empty() {
+        c.fail("no status sample while the breaker was forced open".into());
+    } else if let Some(s) = shown.iter().find(|s| s.mode != "open") {
         c.fail(format!(
-            "status did not show breaker mode open within 0.5s of the PUT ({:?})",
-            c.outcome.opened_after
+            "status read at {:.2}s, after the PUT was answered at {:.2}s, showed breaker mode {}",
+            s.at.as_secs_f64(),
+            acked_at.as_secs_f64(),
+            s.mode
         ));
     }
-    if c.outcome
-        .recovered_after
-        .is_none_or(|t| t > Duration::from_secs(5))
-    {
-        c.fail("no recovery within 5s of mode auto".into());
-    }
+    c.recovered_within(&status, back_at, &recover_bound);
     keep_on_failure(&mut c, &mut lab, &status);
     Ok(c.outcome)
 }
 
 /// Operator switches the stale policy to `refuse` during an outage and
 /// back: stale reads turn 503 at once, then 200 stale-marked at once.
+///
+/// "At once" is judged per read against when the admin API acknowledged
+/// the change: a read that began after the acknowledgement must see the
+/// new policy, and a read that ended before the change was sent must see
+/// the old one. A read in flight while the change was being made may see
+/// either, and is counted but not judged.
 async fn stale_policy_flip(
     opts: &RunOptions,
     tuning: &Tuning,
     extra: &[(String, String)],
 ) -> Result<Outcome, HarnessError> {
-    let mut lab = Lab::start(&opts.sidecar, tuning.entities, tuning.seed, extra).await?;
+    let timings = Timings::BASE;
+    let mut lab = Lab::start(&opts.sidecar, tuning.entities, tuning.seed, &timings, extra).await?;
+    let recover_bound = timings.recover_bound(lab.sync_took);
     let origin = Instant::now();
     let monitor = Monitor::start(lab.sidecar.admin.clone(), origin);
     let load = Load::start(
@@ -801,7 +938,8 @@ async fn stale_policy_flip(
     lab.upstream.set_faults(json!({"refuse": true})).await?;
     let fault_at = origin.elapsed();
     // Data turns stale `fresh_for` after the last good sync.
-    tokio::time::sleep(FRESH_FOR + Duration::from_millis(1500)).await;
+    tokio::time::sleep(timings.fresh_for + Duration::from_millis(1500)).await;
+    let refuse_sent = origin.elapsed();
     let code_refuse = lab
         .sidecar
         .admin(
@@ -810,9 +948,9 @@ async fn stale_policy_flip(
             json!({"policy": "refuse", "reason": "chaos"}),
         )
         .await?;
-    let refuse_at = origin.elapsed();
+    let refuse_acked = origin.elapsed();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let serve_asked = origin.elapsed();
+    let serve_sent = origin.elapsed();
     let code_serve = lab
         .sidecar
         .admin(
@@ -821,59 +959,75 @@ async fn stale_policy_flip(
             json!({"policy": "serve", "reason": "chaos"}),
         )
         .await?;
-    let serve_at = origin.elapsed();
+    let serve_acked = origin.elapsed();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let clear_at = origin.elapsed();
+    let clear_sent = origin.elapsed();
     lab.upstream.clear_faults().await?;
-    wait_recovered(&lab, origin, clear_at, Duration::from_secs(6)).await;
+    let clear_at = origin.elapsed();
+    wait_recovered(&lab, origin, clear_at, recover_bound.limit).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let samples = load.stop().await;
     let status = monitor.stop().await;
 
-    let mut c = Checked::new("stale-policy-flip", &samples);
+    let mut c = Checked::new("stale-policy-flip", &samples, tuning, &timings);
+    c.event("fault", fault_at);
+    c.event("refuse sent", refuse_sent);
+    c.event("refuse acknowledged", refuse_acked);
+    c.event("serve sent", serve_sent);
+    c.event("serve acknowledged", serve_acked);
+    c.event("cleared", clear_at);
     if code_refuse != 200 || code_serve != 200 {
         c.fail(format!(
             "PUT /admin/stale answered {code_refuse} / {code_serve}"
         ));
     }
-    let refusing = |s: &&Sample| s.at >= refuse_at && s.end() <= serve_asked;
     let serving: Vec<&Sample> = samples
         .iter()
-        .filter(|s| s.at < refuse_at && s.end() <= refuse_at || s.at >= serve_at)
+        .filter(|s| s.end() < refuse_sent || s.at >= serve_acked)
         .collect();
     c.reads_succeed(&serving, false);
-    let refused: Vec<&Sample> = samples.iter().filter(refusing).collect();
-    let served_anyway = refused.iter().filter(|s| s.status != 503).count();
+    let refused: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.at >= refuse_acked && s.end() < serve_sent)
+        .collect();
+    let served_anyway: Vec<&&Sample> = refused.iter().filter(|s| s.status != 503).collect();
     if refused.is_empty() {
         c.fail("no read completed while the policy was refuse".into());
-    } else if served_anyway > 0 {
-        c.outcome.failed += served_anyway;
+    } else if let Some(first) = served_anyway.first() {
+        c.outcome.failed += served_anyway.len();
         c.fail(format!(
-            "{served_anyway} of {} reads were not 503 while the stale policy was refuse",
-            refused.len()
+            "{} of {} reads that began after the refuse policy was acknowledged were not 503 (first began at {:.2}s, answered {})",
+            served_anyway.len(),
+            refused.len(),
+            first.at.as_secs_f64(),
+            first.status
         ));
     } else {
         c.note(format!("{} reads refused (503) as asked", refused.len()));
     }
+    let in_flight = samples
+        .iter()
+        .filter(|s| {
+            (s.at < refuse_acked && s.end() >= refuse_sent)
+                || (s.at < serve_acked && s.end() >= serve_sent)
+        })
+        .count();
+    c.note(format!(
+        "{in_flight} reads were in flight while a policy change was being made (either answer is right for them)"
+    ));
     let unmarked = samples
         .iter()
-        .filter(|s| s.at >= serve_at && s.end() <= clear_at)
+        .filter(|s| s.at >= serve_acked && s.end() < clear_sent)
         .filter(|s| s.stale != Some(true))
         .count();
     if unmarked > 0 {
         c.fail(format!("{unmarked} reads after switching back to serve (upstream still down) were not stale-marked"));
     }
-    c.marking(&samples);
-    c.latency(&samples, tuning);
+    c.marking(&samples, timings.fresh_for);
+    c.latency(&samples, &timings);
     c.no_partial_generation(&status, lab.entities);
     c.outcome.opened_after = opened_at(&status, fault_at);
-    c.outcome.recovered_after = recovered_at(&status, clear_at);
-    if c.outcome
-        .recovered_after
-        .is_none_or(|t| t > Duration::from_secs(6))
-    {
-        c.fail("no recovery within 6s of the upstream's return".into());
-    }
+    c.recovered_within(&status, clear_at, &recover_bound);
     keep_on_failure(&mut c, &mut lab, &status);
     Ok(c.outcome)
 }
@@ -886,8 +1040,20 @@ async fn kill_sidecar(
     tuning: &Tuning,
     extra: &[(String, String)],
 ) -> Result<Outcome, HarnessError> {
+    let timings = Timings::BASE;
+    // The sidecar is ready from its mirror file, before any sync: the bound
+    // covers starting the process and loading the mirror (5,000 entities in
+    // the debug build CI uses, 20,000 in a release build for the full run),
+    // which takes a small fraction of it.
     let ready_bound = Duration::from_secs(if tuning.quick { 10 } else { 5 });
-    let mut lab = Lab::start(&opts.sidecar, tuning.kill_entities, tuning.seed, extra).await?;
+    let mut lab = Lab::start(
+        &opts.sidecar,
+        tuning.kill_entities,
+        tuning.seed,
+        &timings,
+        extra,
+    )
+    .await?;
     let mut notes = Vec::new();
     let mut problems = Vec::new();
     let first = lab.sidecar.status().await?;
@@ -976,7 +1142,7 @@ async fn kill_sidecar(
         origin,
         tuning.seed,
     );
-    tokio::time::sleep(FRESH_FOR + Duration::from_secs(1)).await;
+    tokio::time::sleep(timings.fresh_for + Duration::from_secs(1)).await;
     let samples = load.stop().await;
     let count = lab
         .sidecar
@@ -984,8 +1150,9 @@ async fn kill_sidecar(
         .await
         .ok()
         .and_then(|v| v["mirror"]["entities"].as_u64());
-    let mut c = Checked::new("kill-sidecar", &samples);
+    let mut c = Checked::new("kill-sidecar", &samples, tuning, &timings);
     c.outcome.notes = notes;
+    c.event("restarted in the outage", Duration::ZERO);
     for p in problems {
         c.fail(p);
     }
@@ -1010,8 +1177,8 @@ async fn kill_sidecar(
     }
     let all: Vec<&Sample> = samples.iter().collect();
     c.reads_succeed(&all, false);
-    c.marking(&samples);
-    c.latency(&samples, tuning);
+    c.marking(&samples, timings.fresh_for);
+    c.latency(&samples, &timings);
     keep_on_failure(&mut c, &mut lab, &[]);
     Ok(c.outcome)
 }

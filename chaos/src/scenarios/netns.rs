@@ -8,10 +8,9 @@
 //! is removed by `NetNs`'s `Drop`.
 
 use std::process::Command;
-use std::time::Duration;
 
-use super::{drive, Inject, Plan, RunOptions, OPEN_SLOW};
-use crate::scenario::{HarnessError, Lab, Outcome, Tuning};
+use super::{drive, Inject, Plan, RunOptions};
+use crate::scenario::{Failing, HarnessError, Lab, Outcome, Tuning};
 
 /// The kernel network scenarios.
 pub const NAMES: [&str; 3] = ["netns-loss", "netns-delay", "netns-partition"];
@@ -171,8 +170,7 @@ pub async fn run(
         "netns-delay" => {
             let (a, u) = ns.netem(&["delay", "2000ms"]);
             let plan = Plan {
-                expect_open: Some(OPEN_SLOW),
-                hold: Duration::from_millis(6500),
+                fails: Some(Failing::AtTimeout),
                 ..Plan::new("netns-delay", Inject::KillUpstream)
             };
             (a, u, plan)
@@ -180,8 +178,7 @@ pub async fn run(
         _ => {
             let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
             let plan = Plan {
-                expect_open: Some(OPEN_SLOW),
-                hold: Duration::from_millis(6500),
+                fails: Some(Failing::AtTimeout),
                 ..Plan::new("netns-partition", Inject::KillUpstream)
             };
             (
@@ -205,8 +202,15 @@ pub async fn run(
             ns.name.clone(),
         ],
     );
-    let mut lab =
-        Lab::start_with(&opts.sidecar, tuning.entities, tuning.seed, extra, Some(at)).await?;
+    let mut lab = Lab::start_with(
+        &opts.sidecar,
+        tuning.entities,
+        tuning.seed,
+        &plan.timings,
+        extra,
+        Some(at),
+    )
+    .await?;
     let outcome = drive(&plan, &mut lab, tuning, None).await;
     drop(lab);
     drop(ns);
