@@ -19,103 +19,152 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::{HeaderMap, Method, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 
-use crate::breaker::BreakerMode;
+use crate::api_error::{ApiError, ErrorKind};
+use crate::breaker::{Breaker, BreakerMode};
+use crate::cache::HotCache;
+use crate::clock::Clock;
 use crate::config::StalePolicy;
-use crate::mirror::rfc3339;
-use crate::read::{error_body, ErrorKind};
-use crate::sidecar::Sidecar;
+use crate::flags::Flags;
+use crate::generation::Generations;
+use crate::health::{readiness, Readiness};
+use crate::metrics as m;
+use crate::mirror::{rfc3339, Mirror};
+use crate::sync::Syncer;
+use crate::units::Dur;
+use crate::upstream::Upstream;
 
 /// Header the CLI and the status page send so the audit trail says who acted.
 pub const ACTOR_HEADER: &str = "x-catalog-cache-actor";
 
 const STATUS_PAGE: &str = include_str!("status_page.html");
 
+/// What the admin listener reads and changes.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The current generation (mirror facts, readiness).
+    pub generations: Arc<Generations>,
+    /// The operator's flags.
+    pub flags: Arc<Flags>,
+    /// The breaker (its state for status).
+    pub breaker: Breaker,
+    /// The sync loop (`POST /admin/sync`, last report, held deletions).
+    pub syncer: Arc<Syncer>,
+    /// The mirror (audit trail, snapshot export).
+    pub mirror: Arc<Mirror>,
+    /// The upstream client (its URL and last error).
+    pub upstream: Arc<Upstream>,
+    /// The hot cache (its size).
+    pub hot: HotCache,
+    /// The admin token mutations must present.
+    pub token: Arc<str>,
+    /// `freshness.fresh_for`, for readiness.
+    pub fresh_for: Duration,
+    /// The Prometheus recorder's handle.
+    pub prometheus: PrometheusHandle,
+    /// The sidecar's clock.
+    pub clock: Clock,
+}
+
+impl AdminState {
+    /// Refreshes the gauges that describe state rather than events (every
+    /// scrape, and every second from the housekeeping task).
+    pub fn publish_gauges(&self) {
+        self.generations.publish_gauges();
+        self.breaker.publish_gauges();
+        self.syncer.status().publish_gauges();
+        metrics::gauge!(m::HOT_CACHE_ENTRIES).set(self.hot.entry_count() as f64);
+        let policy = self.flags.stale_rule().0;
+        for p in [StalePolicy::Serve, StalePolicy::Refuse] {
+            metrics::gauge!(m::STALE_POLICY, "policy" => p.as_str()).set(if p == policy {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+
+    /// Whether reads can be served now.
+    pub fn readiness(&self) -> Readiness {
+        let generation = self.generations.current();
+        let age = self.generations.age().unwrap_or_default();
+        let (policy, max_stale) = self.flags.stale_rule();
+        readiness(
+            generation.as_deref(),
+            age,
+            self.fresh_for,
+            policy,
+            max_stale,
+        )
+    }
+}
+
 /// The admin router.
-pub fn router(sidecar: Arc<Sidecar>) -> Router {
-    let prometheus = crate::metrics::install();
-    crate::metrics::describe();
+pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/", get(|| async { Html(STATUS_PAGE) }))
-        .route(
-            "/metrics",
-            get(move |State(sidecar): State<Arc<Sidecar>>| {
-                let prometheus = prometheus.clone();
-                async move {
-                    sidecar.publish_gauges();
-                    (
-                        [(
-                            http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        prometheus.render(),
-                    )
-                }
-            }),
-        )
+        .route("/metrics", get(metrics_text))
         .route("/admin/breaker", get(get_breaker).put(put_breaker))
         .route("/admin/stale", get(get_stale).put(put_stale))
         .route("/admin/sync", post(post_sync))
         .route("/admin/snapshot", get(get_snapshot))
-        .with_state(sidecar)
+        .layer(axum::middleware::from_fn(|request, next| {
+            crate::api_error::catch_panic("", request, next)
+        }))
+        .with_state(state)
 }
 
-/// An admin API error, in Backstage's error shape.
-struct AdminError {
-    kind: ErrorKind,
-    message: String,
-    method: Method,
-    url: &'static str,
+async fn metrics_text(State(state): State<AdminState>) -> Response {
+    state.publish_gauges();
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.prometheus.render(),
+    )
+        .into_response()
 }
 
-impl IntoResponse for AdminError {
-    fn into_response(self) -> Response {
-        let (status, body) = error_body(self.kind, &self.message, &self.method, self.url);
-        (
-            status,
-            [(http::header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response()
-    }
+fn admin_error(kind: ErrorKind, message: impl Into<String>, method: Method, url: &str) -> ApiError {
+    ApiError::new(kind, message, &method, url)
 }
 
 fn authorize(
-    sidecar: &Sidecar,
+    state: &AdminState,
     headers: &HeaderMap,
     method: Method,
     url: &'static str,
-) -> Result<String, AdminError> {
+) -> Result<String, ApiError> {
     let presented = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(t) if constant_time_eq(t.as_bytes(), sidecar.admin_token.as_bytes()) => Ok(headers
+        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => Ok(headers
             .get(ACTOR_HEADER)
             .and_then(|v| v.to_str().ok())
             .filter(|a| matches!(*a, "cli" | "status-page"))
             .unwrap_or("admin-token")
             .to_string()),
-        Some(_) => Err(AdminError {
-            kind: ErrorKind::Authentication,
-            message: "Illegal token".into(),
+        Some(_) => Err(admin_error(
+            ErrorKind::Authentication,
+            "Illegal token",
             method,
             url,
-        }),
-        None => Err(AdminError {
-            kind: ErrorKind::Authentication,
-            message:
-                "Missing credentials: send Authorization: Bearer <admin token> (admin.token_file)"
-                    .into(),
+        )),
+        None => Err(admin_error(
+            ErrorKind::Authentication,
+            "Missing credentials: send Authorization: Bearer <admin token> (admin.token_file)",
             method,
             url,
-        }),
+        )),
     }
 }
 
@@ -123,8 +172,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn readyz(State(sidecar): State<Arc<Sidecar>>) -> Response {
-    let readiness = sidecar.readiness();
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let readiness = state.readiness();
     let status = if readiness.ready {
         StatusCode::OK
     } else {
@@ -187,9 +236,9 @@ struct LastErrorView {
     at: String,
 }
 
-fn breaker_view(sidecar: &Sidecar) -> BreakerView {
-    let status = sidecar.breaker.status();
-    let mode = sidecar.flags.mode();
+fn breaker_view(state: &AdminState) -> BreakerView {
+    let status = state.breaker.status();
+    let mode = state.flags.mode();
     BreakerView {
         state: status.state.as_str(),
         mode: mode.mode.as_str(),
@@ -201,8 +250,8 @@ fn breaker_view(sidecar: &Sidecar) -> BreakerView {
     }
 }
 
-fn stale_view(sidecar: &Sidecar) -> StaleView {
-    let stale = sidecar.flags.stale();
+fn stale_view(state: &AdminState) -> StaleView {
+    let stale = state.flags.stale();
     StaleView {
         policy: stale.policy,
         max_stale_seconds: stale.max_stale.as_secs(),
@@ -211,34 +260,35 @@ fn stale_view(sidecar: &Sidecar) -> StaleView {
     }
 }
 
-async fn status(State(sidecar): State<Arc<Sidecar>>) -> Response {
-    let readiness = sidecar.readiness();
-    let mirror = sidecar.view().map(|v| MirrorView {
-        generation: v.meta.id,
-        entities: v.index.len(),
-        synced_at: rfc3339(v.meta.synced_at),
-        data_age_seconds: sidecar.data_age().unwrap_or_default().as_secs_f64(),
+async fn status(State(state): State<AdminState>) -> Response {
+    let readiness = state.readiness();
+    let mirror = state.generations.current().map(|g| MirrorView {
+        generation: g.meta.id,
+        entities: g.index.len(),
+        synced_at: rfc3339(g.meta.synced_at),
+        data_age_seconds: state.clock.since(g.meta.synced_at).as_secs_f64(),
     });
     let audit = {
-        let m = sidecar.mirror.clone();
+        let m = state.mirror.clone();
         tokio::task::spawn_blocking(move || m.recent_audit(20))
             .await
             .ok()
             .and_then(Result::ok)
             .unwrap_or_default()
     };
+    let sync = state.syncer.status();
     Json(Status {
         version: env!("CARGO_PKG_VERSION"),
         ready: readiness.ready,
         ready_reason: readiness.reason,
-        breaker: breaker_view(&sidecar),
-        stale: stale_view(&sidecar),
+        breaker: breaker_view(&state),
+        stale: stale_view(&state),
         mirror,
-        last_sync: sidecar.last_sync(),
-        held_deletions: sidecar.held_deletions(),
+        last_sync: sync.last_sync(),
+        held_deletions: sync.held_deletions(),
         upstream: UpstreamView {
-            url: sidecar.upstream.base_url().to_string(),
-            last_error: sidecar.upstream.last_error().map(|e| LastErrorView {
+            url: state.upstream.base_url().to_string(),
+            last_error: state.upstream.last_error().map(|e| LastErrorView {
                 message: e.message,
                 at: rfc3339(e.at),
             }),
@@ -248,8 +298,8 @@ async fn status(State(sidecar): State<Arc<Sidecar>>) -> Response {
     .into_response()
 }
 
-async fn get_breaker(State(sidecar): State<Arc<Sidecar>>) -> Json<BreakerView> {
-    Json(breaker_view(&sidecar))
+async fn get_breaker(State(state): State<AdminState>) -> Json<BreakerView> {
+    Json(breaker_view(&state))
 }
 
 /// `PUT /admin/breaker` body.
@@ -262,31 +312,26 @@ struct BreakerChange {
     for_: Option<String>,
 }
 
-fn bad_request(method: Method, url: &'static str, message: String) -> AdminError {
-    AdminError {
-        kind: ErrorKind::Input,
-        message,
-        method,
-        url,
-    }
+fn bad_request(method: Method, url: &'static str, message: String) -> ApiError {
+    admin_error(ErrorKind::Input, message, method, url)
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(
     body: &[u8],
     method: Method,
     url: &'static str,
-) -> Result<T, AdminError> {
+) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| bad_request(method, url, format!("Invalid request body: {e}")))
 }
 
 async fn put_breaker(
-    State(sidecar): State<Arc<Sidecar>>,
+    State(state): State<AdminState>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<BreakerView>, AdminError> {
+) -> Result<Json<BreakerView>, ApiError> {
     let url = "/admin/breaker";
-    let actor = authorize(&sidecar, &headers, Method::PUT, url)?;
+    let actor = authorize(&state, &headers, Method::PUT, url)?;
     let change: BreakerChange = parse_body(&body, Method::PUT, url)?;
     let mode: BreakerMode =
         change
@@ -300,18 +345,14 @@ async fn put_breaker(
         .as_deref()
         .map(|d| positive_duration(d, "for", "10m, 2h", url))
         .transpose()?;
-    let s = sidecar.clone();
+    let flags = state.flags.clone();
     let reason = change.reason.clone();
-    tokio::task::spawn_blocking(move || {
-        s.flags
-            .set_mode(&s.mirror, mode, reason.as_deref(), for_, &actor)
-    })
-    .await
-    .map_err(|e| internal(Method::PUT, url, e.to_string()))?
-    .map_err(|e| internal(Method::PUT, url, e.to_string()))?;
-    sidecar.breaker.set_mode(mode);
-    sidecar.publish_gauges();
-    Ok(Json(breaker_view(&sidecar)))
+    tokio::task::spawn_blocking(move || flags.set_mode(mode, reason.as_deref(), for_, &actor))
+        .await
+        .map_err(|e| internal(Method::PUT, url, e.to_string()))?
+        .map_err(|e| internal(Method::PUT, url, e.to_string()))?;
+    state.publish_gauges();
+    Ok(Json(breaker_view(&state)))
 }
 
 /// A duration field of a PUT body, e.g. `"for": "10m"`; zero is refused.
@@ -320,9 +361,10 @@ fn positive_duration(
     field: &str,
     example: &str,
     url: &'static str,
-) -> Result<Duration, AdminError> {
-    humantime::parse_duration(text)
+) -> Result<Duration, ApiError> {
+    text.parse::<Dur>()
         .ok()
+        .map(Dur::get)
         .filter(|d| !d.is_zero())
         .ok_or_else(|| {
             bad_request(
@@ -333,17 +375,12 @@ fn positive_duration(
         })
 }
 
-fn internal(method: Method, url: &'static str, message: String) -> AdminError {
-    AdminError {
-        kind: ErrorKind::Internal,
-        message,
-        method,
-        url,
-    }
+fn internal(method: Method, url: &'static str, message: String) -> ApiError {
+    admin_error(ErrorKind::Internal, message, method, url)
 }
 
-async fn get_stale(State(sidecar): State<Arc<Sidecar>>) -> Json<StaleView> {
-    Json(stale_view(&sidecar))
+async fn get_stale(State(state): State<AdminState>) -> Json<StaleView> {
+    Json(stale_view(&state))
 }
 
 /// `PUT /admin/stale` body.
@@ -356,12 +393,12 @@ struct StaleChange {
 }
 
 async fn put_stale(
-    State(sidecar): State<Arc<Sidecar>>,
+    State(state): State<AdminState>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<StaleView>, AdminError> {
+) -> Result<Json<StaleView>, ApiError> {
     let url = "/admin/stale";
-    let actor = authorize(&sidecar, &headers, Method::PUT, url)?;
+    let actor = authorize(&state, &headers, Method::PUT, url)?;
     let change: StaleChange = parse_body(&body, Method::PUT, url)?;
     let policy: StalePolicy = change
         .policy
@@ -372,21 +409,15 @@ async fn put_stale(
         .as_deref()
         .map(|d| positive_duration(d, "max_stale", "24h", url))
         .transpose()?;
-    let s = sidecar.clone();
+    let flags = state.flags.clone();
     tokio::task::spawn_blocking(move || {
-        s.flags.set_stale(
-            &s.mirror,
-            policy,
-            max_stale,
-            change.reason.as_deref(),
-            &actor,
-        )
+        flags.set_stale(policy, max_stale, change.reason.as_deref(), &actor)
     })
     .await
     .map_err(|e| internal(Method::PUT, url, e.to_string()))?
     .map_err(|e| internal(Method::PUT, url, e.to_string()))?;
-    sidecar.publish_gauges();
-    Ok(Json(stale_view(&sidecar)))
+    state.publish_gauges();
+    Ok(Json(stale_view(&state)))
 }
 
 /// `POST /admin/sync` body (optional).
@@ -398,24 +429,24 @@ struct SyncRequest {
 }
 
 async fn post_sync(
-    State(sidecar): State<Arc<Sidecar>>,
+    State(state): State<AdminState>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Response, AdminError> {
+) -> Result<Response, ApiError> {
     let url = "/admin/sync";
-    authorize(&sidecar, &headers, Method::POST, url)?;
+    authorize(&state, &headers, Method::POST, url)?;
     let request: SyncRequest = if body.is_empty() {
         SyncRequest::default()
     } else {
         parse_body(&body, Method::POST, url)?
     };
-    let report = sidecar.sync_once(request.accept_deletions).await;
+    let report = state.syncer.sync_once(request.accept_deletions).await;
     Ok(Json(report).into_response())
 }
 
-async fn get_snapshot(State(sidecar): State<Arc<Sidecar>>) -> Result<Response, AdminError> {
+async fn get_snapshot(State(state): State<AdminState>) -> Result<Response, ApiError> {
     let url = "/admin/snapshot";
-    let mirror = sidecar.mirror.clone();
+    let mirror = state.mirror.clone();
     let bytes = tokio::task::spawn_blocking(move || {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("snapshot.db");

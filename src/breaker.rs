@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
+use crate::clock::Clock;
 use crate::metrics as names;
 
 /// Consecutive failures that open the breaker.
@@ -155,20 +156,29 @@ impl FromStr for BreakerMode {
     }
 }
 
-/// The breaker's thresholds (`[breaker]` in the config file).
-#[derive(Debug, Clone, PartialEq)]
+/// The `[breaker]` section of the config file: the operator's configured
+/// mode and the state machine's thresholds. `Config` embeds it as it is, so
+/// the file, the defaults and the breaker share one type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BreakerConfig {
+    /// The configured mode (`auto`, `open`, `closed`); a run-time override
+    /// stored by `flags` wins over it.
+    pub mode: BreakerMode,
     /// Consecutive failures that open the breaker (at least 1).
     pub consecutive_failures: u32,
     /// Failure rate over `window` that opens the breaker, in `(0, 1]`.
     pub failure_rate: f64,
-    /// Calls the window must hold before `failure_rate` applies.
+    /// Calls the window must hold before `failure_rate` applies (at least 1).
     pub min_calls: u32,
     /// Length of the rolling window (at least 10ms).
+    #[serde(with = "crate::units::duration")]
     pub window: Duration,
     /// Length of the first open period (non-zero).
+    #[serde(with = "crate::units::duration")]
     pub open_for: Duration,
     /// Cap on the doubling open period (at least `open_for`).
+    #[serde(with = "crate::units::duration")]
     pub max_open: Duration,
     /// Probes needed to close, and allowed at once, while half-open (at least 1).
     pub half_open_probes: u32,
@@ -179,6 +189,7 @@ pub struct BreakerConfig {
 impl Default for BreakerConfig {
     fn default() -> Self {
         BreakerConfig {
+            mode: BreakerMode::Auto,
             consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
             failure_rate: DEFAULT_FAILURE_RATE,
             min_calls: DEFAULT_MIN_CALLS,
@@ -200,15 +211,20 @@ pub enum BreakerConfigError {
     /// `failure_rate` is not in `(0, 1]`.
     #[error("breaker.failure_rate is {0}: it must be greater than 0 and at most 1")]
     FailureRate(f64),
+    /// `min_calls` is 0.
+    #[error("breaker.min_calls is 0: it must be at least 1")]
+    MinCalls,
     /// `window` is too short to be split into buckets.
-    #[error("breaker.window is {0:?}: it must be at least 10ms")]
+    #[error("breaker.window is {}: it must be at least 10ms", humantime::format_duration(*.0))]
     Window(Duration),
     /// `open_for` is zero.
     #[error("breaker.open_for is 0s: it must be longer than zero")]
     OpenFor,
     /// `max_open` is shorter than `open_for`.
     #[error(
-        "breaker.max_open is {max_open:?}: it must be at least breaker.open_for ({open_for:?})"
+        "breaker.max_open is {}: it must be at least breaker.open_for ({})",
+        humantime::format_duration(*max_open),
+        humantime::format_duration(*open_for)
     )]
     MaxOpen {
         /// The configured cap.
@@ -224,8 +240,24 @@ pub enum BreakerConfigError {
     Jitter(f64),
 }
 
+impl BreakerConfigError {
+    /// The setting's dotted key, e.g. `breaker.window`.
+    pub fn key(&self) -> &'static str {
+        match self {
+            Self::ConsecutiveFailures => "breaker.consecutive_failures",
+            Self::FailureRate(_) => "breaker.failure_rate",
+            Self::MinCalls => "breaker.min_calls",
+            Self::Window(_) => "breaker.window",
+            Self::OpenFor => "breaker.open_for",
+            Self::MaxOpen { .. } => "breaker.max_open",
+            Self::HalfOpenProbes => "breaker.half_open_probes",
+            Self::Jitter(_) => "breaker.jitter",
+        }
+    }
+}
+
 impl BreakerConfig {
-    /// Checks every setting; the config loader calls this to refuse a bad
+    /// Checks every setting; `Config::validate` calls this to refuse a bad
     /// file at start. [`Breaker::new`] does not need it: it clamps instead.
     pub fn validate(&self) -> Result<(), BreakerConfigError> {
         if self.consecutive_failures == 0 {
@@ -233,6 +265,9 @@ impl BreakerConfig {
         }
         if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
             return Err(BreakerConfigError::FailureRate(self.failure_rate));
+        }
+        if self.min_calls == 0 {
+            return Err(BreakerConfigError::MinCalls);
         }
         if self.window < Duration::from_millis(10) {
             return Err(BreakerConfigError::Window(self.window));
@@ -434,6 +469,8 @@ struct Inner {
 struct Shared {
     inner: Mutex<Inner>,
     transitions: broadcast::Sender<Transition>,
+    /// Wall-clock time of transitions (for status and the audit trail).
+    clock: Clock,
 }
 
 impl Shared {
@@ -604,7 +641,7 @@ fn transition(
     open_for: Option<Duration>,
 ) {
     let from = inner.state;
-    let at = SystemTime::now();
+    let at = shared.clock.now();
     inner.state = to;
     inner.since = now;
     inner.since_wall = at;
@@ -642,6 +679,50 @@ fn set_mode_gauge(current: BreakerMode) {
     }
 }
 
+/// The breaker's answer to a call, before any side effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// Refused; the caller may try again after this long.
+    Reject(Duration),
+    /// Admitted as this kind of call.
+    Admit(PermitKind),
+    /// The open period is over: turn half-open and admit this call as the
+    /// first probe.
+    HalfOpenAndProbe,
+}
+
+/// The admission rules, in one place for `try_acquire` and `would_reject`.
+fn admission(inner: &Inner, now: Instant) -> Admission {
+    match (inner.mode, inner.state) {
+        (BreakerMode::Open, _) => Admission::Reject(FORCED_OPEN_RETRY_AFTER),
+        (BreakerMode::Closed, _) => Admission::Admit(PermitKind::Forced),
+        (BreakerMode::Auto, BreakerState::Open) => {
+            let until = inner.open_until.unwrap_or(now);
+            if now < until {
+                Admission::Reject(until - now)
+            } else {
+                Admission::HalfOpenAndProbe
+            }
+        }
+        (BreakerMode::Auto, BreakerState::HalfOpen) => {
+            if inner.probes_in_flight + inner.probes_succeeded >= inner.config.half_open_probes {
+                Admission::Reject(HALF_OPEN_RETRY_AFTER)
+            } else {
+                Admission::Admit(PermitKind::Probe)
+            }
+        }
+        (BreakerMode::Auto, BreakerState::Closed) => Admission::Admit(PermitKind::Closed),
+    }
+}
+
+fn rejected(inner: &Inner, retry_after: Duration) -> Rejected {
+    Rejected {
+        retry_after,
+        state: inner.state,
+        mode: inner.mode,
+    }
+}
+
 impl Breaker {
     /// Sets the state and mode gauges to the current values (for a recorder
     /// installed after the breaker was made, and for every scrape).
@@ -650,23 +731,24 @@ impl Breaker {
         set_mode_gauge(self.mode());
     }
 
-    /// A closed breaker in `Auto` mode. Out-of-range settings are clamped
-    /// (see [`BreakerConfig::validate`] to refuse them instead).
-    pub fn new(config: BreakerConfig) -> Self {
+    /// A closed breaker in the configured mode. Out-of-range settings are
+    /// clamped (see [`BreakerConfig::validate`] to refuse them instead).
+    pub fn new(config: BreakerConfig, clock: Clock) -> Self {
         let config = config.clamped();
         let now = Instant::now();
         let (transitions, _) = broadcast::channel(TRANSITION_CHANNEL_CAPACITY);
+        let mode = config.mode;
         set_state_gauge(BreakerState::Closed);
-        set_mode_gauge(BreakerMode::Auto);
+        set_mode_gauge(mode);
         Breaker {
             shared: Arc::new(Shared {
                 inner: Mutex::new(Inner {
                     window: Window::new(now, config.window),
                     config,
-                    mode: BreakerMode::Auto,
+                    mode,
                     state: BreakerState::Closed,
                     since: now,
-                    since_wall: SystemTime::now(),
+                    since_wall: clock.now(),
                     reason: None,
                     epoch: 0,
                     consecutive_failures: 0,
@@ -676,6 +758,7 @@ impl Breaker {
                     probes_succeeded: 0,
                 }),
                 transitions,
+                clock,
             }),
         }
     }
@@ -686,24 +769,9 @@ impl Breaker {
     /// an upstream call (the path every read takes while the breaker is open).
     pub fn would_reject(&self) -> Option<Rejected> {
         let inner = self.shared.lock();
-        let now = Instant::now();
-        let rejected = |retry_after| Rejected {
-            retry_after,
-            state: inner.state,
-            mode: inner.mode,
-        };
-        match (inner.mode, inner.state) {
-            (BreakerMode::Open, _) => Some(rejected(FORCED_OPEN_RETRY_AFTER)),
-            (BreakerMode::Closed, _) => None,
-            (BreakerMode::Auto, BreakerState::Open) => {
-                let until = inner.open_until.unwrap_or(now);
-                (now < until).then(|| rejected(until - now))
-            }
-            (BreakerMode::Auto, BreakerState::HalfOpen) => {
-                let taken = inner.probes_in_flight + inner.probes_succeeded;
-                (taken >= inner.config.half_open_probes).then(|| rejected(HALF_OPEN_RETRY_AFTER))
-            }
-            (BreakerMode::Auto, BreakerState::Closed) => None,
+        match admission(&inner, Instant::now()) {
+            Admission::Reject(retry_after) => Some(rejected(&inner, retry_after)),
+            _ => None,
         }
     }
 
@@ -712,46 +780,30 @@ impl Breaker {
     pub fn try_acquire(&self) -> Result<Permit, Rejected> {
         let mut inner = self.shared.lock();
         let now = Instant::now();
-        let rejected = |inner: &Inner, retry_after| Rejected {
-            retry_after,
-            state: inner.state,
-            mode: inner.mode,
-        };
-        let kind = match inner.mode {
-            BreakerMode::Open => return Err(rejected(&inner, FORCED_OPEN_RETRY_AFTER)),
-            BreakerMode::Closed => PermitKind::Forced,
-            BreakerMode::Auto => {
-                if inner.state == BreakerState::Open {
-                    let until = inner.open_until.unwrap_or(now);
-                    if now < until {
-                        return Err(rejected(&inner, until - now));
-                    }
-                    let reason = format!(
-                        "open period of {} elapsed",
-                        humantime::format_duration(until - inner.since)
-                    );
-                    transition(
-                        &self.shared,
-                        &mut inner,
-                        now,
-                        BreakerState::HalfOpen,
-                        reason,
-                        None,
-                    );
-                }
-                match inner.state {
-                    BreakerState::HalfOpen => {
-                        let taken = inner.probes_in_flight + inner.probes_succeeded;
-                        if taken >= inner.config.half_open_probes {
-                            return Err(rejected(&inner, HALF_OPEN_RETRY_AFTER));
-                        }
-                        inner.probes_in_flight += 1;
-                        PermitKind::Probe
-                    }
-                    _ => PermitKind::Closed,
-                }
+        let kind = match admission(&inner, now) {
+            Admission::Reject(retry_after) => return Err(rejected(&inner, retry_after)),
+            Admission::Admit(kind) => kind,
+            Admission::HalfOpenAndProbe => {
+                let since = inner.since;
+                let until = inner.open_until.unwrap_or(now);
+                let reason = format!(
+                    "open period of {} elapsed",
+                    humantime::format_duration(until.saturating_duration_since(since))
+                );
+                transition(
+                    &self.shared,
+                    &mut inner,
+                    now,
+                    BreakerState::HalfOpen,
+                    reason,
+                    None,
+                );
+                PermitKind::Probe
             }
         };
+        if kind == PermitKind::Probe {
+            inner.probes_in_flight += 1;
+        }
         Ok(Permit {
             shared: Arc::clone(&self.shared),
             kind,
@@ -761,8 +813,8 @@ impl Breaker {
     }
 
     /// Sets the operator mode. The state machine keeps its state, so going
-    /// back to `Auto` resumes where it stood. Persisting and auditing the
-    /// mode is the caller's job.
+    /// back to `Auto` resumes where it stood. `flags` is the one caller at
+    /// run time: it persists and audits the mode in the same step.
     pub fn set_mode(&self, mode: BreakerMode) {
         let mut inner = self.shared.lock();
         inner.mode = mode;
@@ -859,7 +911,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         fail(&breaker, 4);
         succeed(&breaker, 1); // a success resets the run
         fail(&breaker, 4);
@@ -879,7 +931,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn opens_on_failure_rate_with_enough_calls() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         // Alternate so that no run of failures reaches the threshold.
         for _ in 0..4 {
             fail(&breaker, 1);
@@ -905,7 +957,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failure_rate_below_threshold_stays_closed() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         for _ in 0..20 {
             succeed(&breaker, 2);
             fail(&breaker, 1);
@@ -916,7 +968,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn window_rolls_forward_and_forgets_old_failures() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         fail(&breaker, 4);
         succeed(&breaker, 1);
         fail(&breaker, 4);
@@ -934,7 +986,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn window_keeps_recent_buckets_while_rolling() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         fail(&breaker, 3);
         tokio::time::advance(Duration::from_secs(15)).await;
         fail(&breaker, 1);
@@ -948,7 +1000,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn open_turns_half_open_after_open_for() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         fail(&breaker, 5);
         tokio::time::advance(DEFAULT_OPEN_FOR - Duration::from_millis(1)).await;
         let rejected = breaker.try_acquire().expect_err("still open");
@@ -962,7 +1014,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn probe_success_closes_and_resets_the_period() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         open_then_wait(&breaker).await;
         breaker.try_acquire().expect("probe").success();
         assert_eq!(breaker.state(), BreakerState::Closed);
@@ -980,7 +1032,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn probe_failure_reopens_with_doubled_period_up_to_max_open() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         fail(&breaker, 5);
         let mut expected = DEFAULT_OPEN_FOR;
         for _ in 0..6 {
@@ -1000,7 +1052,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn half_open_limits_concurrent_probes() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         open_then_wait(&breaker).await;
         let probe = breaker.try_acquire().expect("first probe");
         let rejected = breaker.try_acquire().expect_err("second probe refused");
@@ -1014,10 +1066,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn several_probes_must_all_succeed() {
-        let breaker = Breaker::new(BreakerConfig {
-            half_open_probes: 2,
-            ..config()
-        });
+        let breaker = Breaker::new(
+            BreakerConfig {
+                half_open_probes: 2,
+                ..config()
+            },
+            Clock::system(),
+        );
         open_then_wait(&breaker).await;
         let first = breaker.try_acquire().expect("first probe");
         let second = breaker.try_acquire().expect("second probe");
@@ -1035,7 +1090,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn cancelled_probe_frees_its_slot() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         open_then_wait(&breaker).await;
         let probe = breaker.try_acquire().expect("probe");
         assert!(breaker.try_acquire().is_err());
@@ -1053,7 +1108,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn outcomes_from_an_earlier_state_do_not_move_the_machine() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         let late = breaker.try_acquire().expect("admitted while closed");
         open_then_wait(&breaker).await;
         let probe = breaker.try_acquire().expect("probe");
@@ -1065,7 +1120,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn forced_open_rejects_and_forced_closed_admits() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         breaker.set_mode(BreakerMode::Open);
         let rejected = breaker.try_acquire().expect_err("forced open");
         assert_eq!(rejected.mode, BreakerMode::Open);
@@ -1091,7 +1146,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn forced_closed_admits_while_the_machine_is_open() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         fail(&breaker, 5);
         breaker.set_mode(BreakerMode::Closed);
         succeed(&breaker, 3);
@@ -1104,7 +1159,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn back_to_auto_keeps_the_machine_state() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         fail(&breaker, 5);
         breaker.set_mode(BreakerMode::Open);
         tokio::time::advance(DEFAULT_OPEN_FOR).await;
@@ -1128,7 +1183,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn transitions_are_broadcast_with_reasons() {
-        let breaker = Breaker::new(config());
+        let breaker = Breaker::new(config(), Clock::system());
         let mut rx = breaker.subscribe();
         fail(&breaker, 5);
         tokio::time::advance(DEFAULT_OPEN_FOR).await;
@@ -1178,10 +1233,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn jittered_open_periods_stay_within_bounds() {
-        let breaker = Breaker::new(BreakerConfig {
-            jitter: 0.2,
-            ..BreakerConfig::default()
-        });
+        let breaker = Breaker::new(
+            BreakerConfig {
+                jitter: 0.2,
+                ..BreakerConfig::default()
+            },
+            Clock::system(),
+        );
         let mut periods = Vec::new();
         for _ in 0..50 {
             fail(&breaker, 5);
@@ -1238,16 +1296,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn degenerate_config_is_clamped_not_panicking() {
-        let breaker = Breaker::new(BreakerConfig {
-            consecutive_failures: 0,
-            failure_rate: f64::NAN,
-            min_calls: 0,
-            window: Duration::ZERO,
-            open_for: Duration::ZERO,
-            max_open: Duration::ZERO,
-            half_open_probes: 0,
-            jitter: 7.0,
-        });
+        let breaker = Breaker::new(
+            BreakerConfig {
+                consecutive_failures: 0,
+                failure_rate: f64::NAN,
+                min_calls: 0,
+                window: Duration::ZERO,
+                open_for: Duration::ZERO,
+                max_open: Duration::ZERO,
+                half_open_probes: 0,
+                jitter: 7.0,
+                ..BreakerConfig::default()
+            },
+            Clock::system(),
+        );
         fail(&breaker, 1);
         assert_eq!(breaker.state(), BreakerState::Open);
         tokio::time::advance(Duration::from_millis(1)).await;

@@ -145,11 +145,6 @@ impl HotCache {
         self.insert(HotKey::Path(path.into()), HotEntry::Answer(answer));
     }
 
-    /// Forgets one key.
-    pub fn invalidate(&self, key: &HotKey) {
-        self.inner.invalidate(key);
-    }
-
     /// Forgets an entity under both its keys.
     pub fn invalidate_entity(&self, uid: &Arc<str>, entity_ref: &Arc<str>) {
         self.inner.invalidate(&HotKey::Uid(uid.clone()));

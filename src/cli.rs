@@ -15,8 +15,9 @@ use clap::{Parser, Subcommand};
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Full};
 
+use crate::clock::Clock;
 use crate::config::{Config, LogFormat, ENV_ADMIN_URL, ENV_CONFIG};
-use crate::sidecar::{Clock, Sidecar};
+use crate::sidecar::{shutdown_signal, Sidecar};
 
 /// How long the CLI waits for the admin API.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
@@ -359,34 +360,10 @@ async fn serve(config: Config) -> Result<(), Failure> {
         .await
         .map_err(Failure::failed)?
         .map_err(Failure::failed)?;
-    sidecar
+    std::sync::Arc::new(sidecar)
         .run(proxy, admin, shutdown_signal())
         .await
         .map_err(Failure::failed)
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }
 
 async fn snapshot(action: SnapshotAction) -> Result<(), Failure> {
@@ -395,7 +372,8 @@ async fn snapshot(action: SnapshotAction) -> Result<(), Failure> {
             let config = load_config(config.as_deref())?;
             tokio::task::spawn_blocking(move || {
                 let (mirror, _) =
-                    crate::mirror::Mirror::open(&config.mirror.path).map_err(Failure::failed)?;
+                    crate::mirror::Mirror::open(&config.mirror.path, &Clock::system())
+                        .map_err(Failure::failed)?;
                 let meta = mirror.meta().map_err(Failure::failed)?;
                 mirror.export(&file).map_err(Failure::failed)?;
                 match meta {
@@ -416,11 +394,19 @@ async fn snapshot(action: SnapshotAction) -> Result<(), Failure> {
         SnapshotAction::Import { file, config } => {
             let config = load_config(config.as_deref())?;
             tokio::task::spawn_blocking(move || {
-                let (mirror, _) = crate::mirror::Mirror::open(&config.mirror.path).map_err(Failure::failed)?;
+                let clock = Clock::system();
+                let (mirror, _) = crate::mirror::Mirror::open(&config.mirror.path, &clock)
+                    .map_err(Failure::failed)?;
                 let loaded = mirror.load().map_err(Failure::failed)?;
                 let previous = crate::mirror::etags(&loaded.entities);
-                let (meta, stats) =
-                    crate::sidecar::import_into(&mirror, &file, &previous, "snapshot").map_err(Failure::failed)?;
+                let (meta, stats) = crate::snapshot::import_into(
+                    &mirror,
+                    &file,
+                    &previous,
+                    "snapshot",
+                    clock.now(),
+                )
+                .map_err(Failure::failed)?;
                 println!(
                     "imported {} as generation {} ({} entities: +{} ~{} -{}); a running sidecar loads it at its next restart",
                     file.display(),

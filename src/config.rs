@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
+
+use crate::breaker::BreakerConfig;
+pub use crate::units::{ByteSize, Dur};
 
 /// The file read when `--config` is not given (absent: defaults apply).
 pub const DEFAULT_CONFIG_PATH: &str = "config/catalog-cache.toml";
@@ -86,8 +89,9 @@ pub struct Config {
     pub freshness: FreshnessConfig,
     /// `[stale]`: the stale-data flag.
     pub stale: StaleConfig,
-    /// `[breaker]`: the upstream circuit breaker.
-    pub breaker: BreakerSection,
+    /// `[breaker]`: the upstream circuit breaker (the breaker's own
+    /// settings type, embedded as it is).
+    pub breaker: BreakerConfig,
     /// `[hot_cache]`: the in-memory cache of upstream answers.
     pub hot_cache: HotCacheConfig,
     /// `[admin]`: the operator API's credentials.
@@ -187,8 +191,6 @@ pub struct FreshnessConfig {
     pub revalidate_budget: Dur,
     /// Lifetime of a cached upstream 404.
     pub negative_ttl: Dur,
-    /// Older than this is never served.
-    pub max_stale: Dur,
 }
 
 impl Default for FreshnessConfig {
@@ -197,7 +199,6 @@ impl Default for FreshnessConfig {
             fresh_for: Dur(DEFAULT_FRESH_FOR),
             revalidate_budget: Dur(DEFAULT_REVALIDATE_BUDGET),
             negative_ttl: Dur(DEFAULT_NEGATIVE_TTL),
-            max_stale: Dur(DEFAULT_MAX_STALE),
         }
     }
 }
@@ -206,7 +207,7 @@ impl Default for FreshnessConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum StalePolicy {
-    /// Serve mirror data up to `freshness.max_stale` old, marked stale.
+    /// Serve mirror data up to `stale.max_stale` old, marked stale.
     #[default]
     Serve,
     /// Answer 503 instead of stale data.
@@ -240,60 +241,22 @@ impl fmt::Display for StalePolicy {
     }
 }
 
-/// `[stale]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+/// `[stale]`: the stale-data flag and how old served data may be.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StaleConfig {
     /// `serve` or `refuse`.
     pub policy: StalePolicy,
+    /// Older than this is never served, whatever the policy (formerly
+    /// `freshness.max_stale`, which is still read).
+    pub max_stale: Dur,
 }
 
-/// Breaker mode as configured: `auto`, `open` or `closed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ConfiguredBreakerMode {
-    /// The state machine decides.
-    #[default]
-    Auto,
-    /// Never call the upstream.
-    Open,
-    /// Always call the upstream.
-    Closed,
-}
-
-/// `[breaker]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BreakerSection {
-    /// `auto`, `open` or `closed`.
-    pub mode: ConfiguredBreakerMode,
-    /// Consecutive failures that open the breaker.
-    pub consecutive_failures: u32,
-    /// Failure share over `window` that opens the breaker.
-    pub failure_rate: f64,
-    /// Calls needed in `window` before the rate counts.
-    pub min_calls: u32,
-    /// Rolling window of the failure rate.
-    pub window: Dur,
-    /// First open period.
-    pub open_for: Dur,
-    /// Longest open period (the period doubles on repeated failures).
-    pub max_open: Dur,
-    /// Calls let through while half-open.
-    pub half_open_probes: u32,
-}
-
-impl Default for BreakerSection {
+impl Default for StaleConfig {
     fn default() -> Self {
         Self {
-            mode: ConfiguredBreakerMode::Auto,
-            consecutive_failures: 5,
-            failure_rate: 0.5,
-            min_calls: 10,
-            window: Dur(Duration::from_secs(30)),
-            open_for: Dur(Duration::from_secs(5)),
-            max_open: Dur(Duration::from_secs(60)),
-            half_open_probes: 1,
+            policy: StalePolicy::Serve,
+            max_stale: Dur(DEFAULT_MAX_STALE),
         }
     }
 }
@@ -384,114 +347,6 @@ impl Default for LogConfig {
     }
 }
 
-/// A duration written as `250ms`, `90s`, `24h`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Dur(pub Duration);
-
-impl Dur {
-    /// The duration.
-    pub fn get(self) -> Duration {
-        self.0
-    }
-}
-
-impl FromStr for Dur {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
-            format!(
-                "'{s}' is not a duration ({e}); write a number and a unit, like 250ms, 90s or 24h"
-            )
-        })
-    }
-}
-
-impl fmt::Display for Dur {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
-    }
-}
-
-impl Serialize for Dur {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// A size in bytes written as `512KiB`, `1MiB` or a plain number of bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl FromStr for ByteSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let text = s.trim();
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len());
-        let (number, unit) = text.split_at(split);
-        let multiplier = match unit.trim() {
-            "" | "B" => 1,
-            "KiB" => 1 << 10,
-            "MiB" => 1 << 20,
-            "GiB" => 1 << 30,
-            "KB" => 1_000,
-            "MB" => 1_000_000,
-            _ => {
-                return Err(format!(
-                    "'{s}' is not a size; write e.g. 512KiB, 1MiB or 1048576"
-                ))
-            }
-        };
-        number
-            .parse::<u64>()
-            .ok()
-            .and_then(|n| n.checked_mul(multiplier))
-            .map(ByteSize)
-            .ok_or_else(|| format!("'{s}' is not a size; write e.g. 512KiB, 1MiB or 1048576"))
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 % (1 << 20) == 0 && self.0 > 0 {
-            write!(f, "{}MiB", self.0 >> 20)
-        } else if self.0 % (1 << 10) == 0 && self.0 > 0 {
-            write!(f, "{}KiB", self.0 >> 10)
-        } else {
-            write!(f, "{}", self.0)
-        }
-    }
-}
-
-impl Serialize for ByteSize {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Number(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Number(n) => Ok(ByteSize(n)),
-            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
-
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
@@ -529,6 +384,14 @@ pub enum ConfigError {
         /// What is allowed.
         allowed: String,
     },
+    /// A `[breaker]` setting the breaker cannot work with.
+    #[error("invalid config: {reason}")]
+    Breaker {
+        /// Dotted key, e.g. `breaker.window`.
+        key: String,
+        /// The key, the value and what is allowed.
+        reason: String,
+    },
     /// An environment variable with our prefix names no setting.
     #[error("unknown environment variable {name}: no such setting (settings are CATALOG_CACHE_<SECTION>_<KEY>, sections: {sections})")]
     UnknownEnv {
@@ -563,6 +426,7 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        rename_old_keys(&mut table)?;
         overlay_env(&mut table, env)?;
         Self::from_table(table)
     }
@@ -576,7 +440,8 @@ impl Config {
         Self::from_table(table)
     }
 
-    fn from_table(table: toml::Table) -> Result<Self, ConfigError> {
+    fn from_table(mut table: toml::Table) -> Result<Self, ConfigError> {
+        rename_old_keys(&mut table)?;
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 ConfigError::Shape {
@@ -610,7 +475,7 @@ impl Config {
             }
         }
         if !self.upstream.ca_file.as_os_str().is_empty() {
-            if let Err(e) = crate::upstream::load_ca_file(&self.upstream.ca_file) {
+            if let Err(e) = crate::tls::load_ca_file(&self.upstream.ca_file) {
                 return Err(invalid(
                     "upstream.ca_file",
                     &self.upstream.ca_file.display(),
@@ -626,10 +491,7 @@ impl Config {
                 "freshness.revalidate_budget",
                 self.freshness.revalidate_budget,
             ),
-            ("freshness.max_stale", self.freshness.max_stale),
-            ("breaker.window", self.breaker.window),
-            ("breaker.open_for", self.breaker.open_for),
-            ("breaker.max_open", self.breaker.max_open),
+            ("stale.max_stale", self.stale.max_stale),
         ];
         for (key, value) in positive {
             if value.0.is_zero() {
@@ -669,39 +531,17 @@ impl Config {
                 }
             }
         }
-        if self.freshness.fresh_for > self.freshness.max_stale {
+        if self.freshness.fresh_for > self.stale.max_stale {
             return Err(invalid(
                 "freshness.fresh_for",
                 &self.freshness.fresh_for,
-                &format!("at most freshness.max_stale ({})", self.freshness.max_stale),
+                &format!("at most stale.max_stale ({})", self.stale.max_stale),
             ));
         }
-        if !(self.breaker.failure_rate > 0.0 && self.breaker.failure_rate <= 1.0) {
-            return Err(invalid(
-                "breaker.failure_rate",
-                &self.breaker.failure_rate,
-                "a fraction greater than 0 and at most 1",
-            ));
-        }
-        for (key, value) in [
-            (
-                "breaker.consecutive_failures",
-                self.breaker.consecutive_failures,
-            ),
-            ("breaker.min_calls", self.breaker.min_calls),
-            ("breaker.half_open_probes", self.breaker.half_open_probes),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, &value, "a whole number of at least 1"));
-            }
-        }
-        if self.breaker.open_for > self.breaker.max_open {
-            return Err(invalid(
-                "breaker.open_for",
-                &self.breaker.open_for,
-                &format!("at most breaker.max_open ({})", self.breaker.max_open),
-            ));
-        }
+        self.breaker.validate().map_err(|e| ConfigError::Breaker {
+            key: e.key().to_string(),
+            reason: e.to_string(),
+        })?;
         if self.hot_cache.max_entries == 0 {
             return Err(invalid(
                 "hot_cache.max_entries",
@@ -753,6 +593,48 @@ impl Config {
     }
 }
 
+/// Keys that moved, as `(old section, old key, new section, new key)`. The
+/// old spelling is still read, from the file and from the environment.
+const RENAMED: &[(&str, &str, &str, &str)] = &[("freshness", "max_stale", "stale", "max_stale")];
+
+/// Moves keys written under their old names to their new ones. A file that
+/// sets both, differently, is refused: it is not clear which one is meant.
+fn rename_old_keys(table: &mut toml::Table) -> Result<(), ConfigError> {
+    for (old_section, old_key, new_section, new_key) in RENAMED {
+        let Some(value) = table
+            .get_mut(*old_section)
+            .and_then(toml::Value::as_table_mut)
+            .and_then(|t| t.remove(*old_key))
+        else {
+            continue;
+        };
+        let section = table
+            .entry(new_section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section) = section.as_table_mut() else {
+            return Err(ConfigError::Shape {
+                key: new_section.to_string(),
+                reason: "must be a table".into(),
+            });
+        };
+        match section.get(*new_key) {
+            Some(current) if *current != value => {
+                return Err(ConfigError::Invalid {
+                    key: format!("{old_section}.{old_key}"),
+                    value: value.to_string(),
+                    allowed: format!(
+                        "left out: it is the old name of {new_section}.{new_key}, which is set to {current}"
+                    ),
+                })
+            }
+            _ => {
+                section.insert(new_key.to_string(), value);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn read(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
         path: path.to_path_buf(),
@@ -787,6 +669,12 @@ fn overlay_env(
                 sections: SECTIONS.join(", "),
             });
         };
+        // An old name in the environment sets the new key (and wins over
+        // the file, as every variable does).
+        let (section, key) = RENAMED
+            .iter()
+            .find(|(s, k, _, _)| *s == section && *k == key)
+            .map_or((section, key), |(_, _, s, k)| (*s, *k));
         let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
             .ok()
             .and_then(|mut t| t.remove("v"))
@@ -928,6 +816,52 @@ mod tests {
         .unwrap();
         let not_ca = check(&garbage_der);
         assert!(not_ca.contains("cannot be trusted as a CA"), "{not_ca}");
+    }
+
+    #[test]
+    fn the_old_max_stale_key_still_loads_into_the_stale_section() {
+        let old = Config::from_toml("[freshness]\nmax_stale = \"12h\"\n").unwrap();
+        assert_eq!(old.stale.max_stale, Dur(Duration::from_secs(12 * 3600)));
+        let via_env =
+            Config::load(None, env(&[("CATALOG_CACHE_FRESHNESS_MAX_STALE", "2h")])).unwrap();
+        assert_eq!(via_env.stale.max_stale, Dur(Duration::from_secs(2 * 3600)));
+        let both_agree =
+            Config::from_toml("[freshness]\nmax_stale = \"6h\"\n[stale]\nmax_stale = \"6h\"\n")
+                .unwrap();
+        assert_eq!(
+            both_agree.stale.max_stale,
+            Dur(Duration::from_secs(6 * 3600))
+        );
+        let err =
+            Config::from_toml("[freshness]\nmax_stale = \"6h\"\n[stale]\nmax_stale = \"1h\"\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("freshness.max_stale"), "{err}");
+        assert!(err.to_string().contains("stale.max_stale"), "{err}");
+        // The effective config is written with the new key only.
+        let written = old.to_toml();
+        assert_eq!(written.matches("max_stale").count(), 1, "{written}");
+        assert_eq!(Config::from_toml(&written).unwrap(), old);
+        // The old name in the environment wins over the file's new one.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[stale]\nmax_stale = \"1day\"\n").unwrap();
+        let over = Config::load(
+            Some(&file),
+            env(&[("CATALOG_CACHE_FRESHNESS_MAX_STALE", "3h")]),
+        )
+        .unwrap();
+        assert_eq!(over.stale.max_stale, Dur(Duration::from_secs(3 * 3600)));
+    }
+
+    #[test]
+    fn breaker_settings_are_the_breakers_own_and_validated_once() {
+        let err = Config::from_toml("[breaker]\nmin_calls = 0\n").unwrap_err();
+        assert!(err.to_string().contains("breaker.min_calls"), "{err}");
+        let err = Config::from_toml("[breaker]\nwindow = \"5ms\"\n").unwrap_err();
+        assert!(err.to_string().contains("breaker.window"), "{err}");
+        let c = Config::from_toml("[breaker]\nmode = \"open\"\nopen_for = \"2s\"\n").unwrap();
+        assert_eq!(c.breaker.mode, crate::breaker::BreakerMode::Open);
+        assert_eq!(c.breaker.open_for, Duration::from_secs(2));
     }
 
     #[test]

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use catalog_chaos::{FakeCatalog, FakeOptions};
 
-use crate::config::{Config, DEFAULT_UPSTREAM_URL};
-use crate::sidecar::{Clock, Sidecar};
+use crate::clock::Clock;
+use crate::config::{Config, Dur, DEFAULT_UPSTREAM_URL};
+use crate::sidecar::{bind, shutdown_signal, Sidecar, StartError};
 
 /// Where the demo catalog listens.
 pub const DEMO_UPSTREAM: &str = "127.0.0.1:7007";
@@ -20,10 +21,24 @@ pub const DEMO_CONTROL: &str = "127.0.0.1:7017";
 /// How long the demo waits for the first sync before printing instructions.
 pub const DEMO_FIRST_SYNC_WAIT: Duration = Duration::from_secs(30);
 
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The demo catalog could not start (its ports are taken?).
+    #[error("cannot start the demo catalog: {0}")]
+    Catalog(String),
+    /// The sidecar could not start.
+    #[error(transparent)]
+    Sidecar(#[from] StartError),
+    /// A task of the demo failed.
+    #[error("the demo stopped: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Runs the demo until Ctrl-C.
-pub async fn run(entities: usize, data_dir: &Path) -> Result<(), String> {
-    let listen: SocketAddr = DEMO_UPSTREAM.parse().map_err(|e| format!("{e}"))?;
-    let control: SocketAddr = DEMO_CONTROL.parse().map_err(|e| format!("{e}"))?;
+pub async fn run(entities: usize, data_dir: &Path) -> Result<(), DemoError> {
+    let listen: SocketAddr = DEMO_UPSTREAM.parse().expect("a constant address");
+    let control: SocketAddr = DEMO_CONTROL.parse().expect("a constant address");
     let catalog = FakeCatalog::start(FakeOptions {
         listen,
         control: Some(control),
@@ -32,35 +47,28 @@ pub async fn run(entities: usize, data_dir: &Path) -> Result<(), String> {
         token: None,
     })
     .await
-    .map_err(|e| format!("cannot start the demo catalog: {e}"))?;
+    .map_err(|e| DemoError::Catalog(e.to_string()))?;
     let mut config = Config::default();
     config.upstream.url = DEFAULT_UPSTREAM_URL.into();
     config.mirror.path = data_dir.join("catalog-cache.db");
     config.admin.token_file = data_dir.join("admin.token");
     // Short intervals so that an outage shows within seconds.
-    config.mirror.sync_interval = crate::config::Dur(Duration::from_secs(10));
-    config.freshness.fresh_for = crate::config::Dur(Duration::from_secs(15));
-    let (proxy, admin) = crate::sidecar::bind(&config)
-        .await
-        .map_err(|e| e.to_string())?;
+    config.mirror.sync_interval = Dur(Duration::from_secs(10));
+    config.freshness.fresh_for = Dur(Duration::from_secs(15));
+    let (proxy, admin) = bind(&config).await?;
     let sidecar = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || Sidecar::open(config, Clock::system()))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
+        std::sync::Arc::new(
+            tokio::task::spawn_blocking(move || Sidecar::open(config, Clock::system())).await??,
+        )
     };
-    let runner = tokio::spawn(
-        sidecar
-            .clone()
-            .run(proxy, admin, crate::cli::shutdown_signal()),
-    );
+    let runner = tokio::spawn(sidecar.clone().run(proxy, admin, shutdown_signal()));
     let deadline = tokio::time::Instant::now() + DEMO_FIRST_SYNC_WAIT;
-    while sidecar.view().is_none() && tokio::time::Instant::now() < deadline {
+    while sidecar.generations.current().is_none() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let token_file = config.admin.token_file.display().to_string();
-    let view = sidecar.view();
+    let view = sidecar.generations.current();
     let example = view
         .as_ref()
         .and_then(|v| {
@@ -100,7 +108,7 @@ pub async fn run(entities: usize, data_dir: &Path) -> Result<(), String> {
         db = config.mirror.path.display(),
         example = example,
     );
-    let result = runner.await.map_err(|e| e.to_string())?;
+    let result = runner.await?;
     catalog.shutdown().await;
-    result.map_err(|e| e.to_string())
+    Ok(result?)
 }

@@ -3,14 +3,18 @@
 //! A flag set at run time (CLI, admin API, status page) is persisted in the
 //! mirror database with who set it, why and until when, and wins over the
 //! config file until it is set back or expires. Every change writes an audit
-//! entry in the same transaction. The read path and readiness ask this
-//! module, and only this module, what the stale policy is.
+//! entry in the same transaction. The breaker's mode is set here and only
+//! here (`set_mode`, `expire`, and at load), so the stored flag and the
+//! breaker cannot disagree. The read path and readiness ask this module,
+//! and only this module, what the stale policy is. Time is the sidecar's
+//! [`Clock`], so an override's expiry is tested by moving it.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use crate::breaker::BreakerMode;
-use crate::config::{Config, ConfiguredBreakerMode, StalePolicy};
+use crate::breaker::{Breaker, BreakerMode};
+use crate::clock::Clock;
+use crate::config::{Config, StalePolicy};
 use crate::mirror::{AuditRecord, Mirror, MirrorError, StoredFlag};
 
 const BREAKER_FLAG: &str = "breaker_mode";
@@ -57,18 +61,23 @@ pub struct Flags {
     configured_policy: StalePolicy,
     configured_max_stale: Duration,
     current: Mutex<Current>,
+    mirror: Arc<Mirror>,
+    breaker: Breaker,
+    clock: Clock,
 }
 
 impl Flags {
-    /// Loads the persisted flags over the configured ones.
-    pub fn load(config: &Config, mirror: &Mirror) -> Result<Self, MirrorError> {
-        let configured_mode = match config.breaker.mode {
-            ConfiguredBreakerMode::Auto => BreakerMode::Auto,
-            ConfiguredBreakerMode::Open => BreakerMode::Open,
-            ConfiguredBreakerMode::Closed => BreakerMode::Closed,
-        };
+    /// Loads the persisted flags over the configured ones and puts the
+    /// breaker in the mode in force.
+    pub fn load(
+        config: &Config,
+        mirror: Arc<Mirror>,
+        breaker: Breaker,
+        clock: Clock,
+    ) -> Result<Self, MirrorError> {
+        let configured_mode = config.breaker.mode;
         let configured_policy = config.stale.policy;
-        let configured_max_stale = config.freshness.max_stale.get();
+        let configured_max_stale = config.stale.max_stale.get();
         let mut mode = ModeSetting {
             mode: configured_mode,
             reason: None,
@@ -103,11 +112,15 @@ impl Flags {
                 stale.max_stale = d;
             }
         }
+        breaker.set_mode(mode.mode);
         Ok(Self {
             configured_mode,
             configured_policy,
             configured_max_stale,
             current: Mutex::new(Current { mode, stale }),
+            mirror,
+            breaker,
+            clock,
         })
     }
 
@@ -126,17 +139,25 @@ impl Flags {
         self.lock().stale.clone()
     }
 
-    /// Sets the breaker mode, optionally for a limited time. Returns the new setting.
+    /// The stale policy and `max_stale` in force, without the who and why
+    /// (what every read that cannot be answered fresh asks).
+    pub fn stale_rule(&self) -> (StalePolicy, Duration) {
+        let current = self.lock();
+        (current.stale.policy, current.stale.max_stale)
+    }
+
+    /// Sets the breaker mode, optionally for a limited time: persisted,
+    /// audited, then in force in the breaker. Returns the new setting.
+    /// Blocking (a SQLite write).
     pub fn set_mode(
         &self,
-        mirror: &Mirror,
         mode: BreakerMode,
         reason: Option<&str>,
         for_: Option<Duration>,
         actor: &str,
     ) -> Result<ModeSetting, MirrorError> {
         let mut current = self.lock();
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let setting = ModeSetting {
             mode,
             reason: reason.map(str::to_string),
@@ -160,10 +181,11 @@ impl Flags {
         };
         // Setting the configured mode with no time limit clears the override.
         let persisted = (mode != self.configured_mode || for_.is_some()).then_some(&stored);
-        mirror.set_flag(
+        self.mirror.set_flag(
             BREAKER_FLAG,
             persisted,
             &AuditRecord {
+                at: now,
                 actor,
                 subject: "breaker_mode",
                 from: Some(current.mode.mode.as_str()),
@@ -172,6 +194,7 @@ impl Flags {
             },
         )?;
         let from = std::mem::replace(&mut current.mode, setting.clone()).mode;
+        self.breaker.set_mode(mode);
         tracing::warn!(
             from = from.as_str(),
             to = mode.as_str(),
@@ -182,12 +205,14 @@ impl Flags {
         Ok(setting)
     }
 
-    /// Returns an expired breaker override to the configured mode (persisted
-    /// and audited). Returns the new mode when something expired.
-    pub fn expire(&self, mirror: &Mirror) -> Result<Option<BreakerMode>, MirrorError> {
+    /// Returns an expired breaker override to the configured mode
+    /// (persisted, audited, in force). Returns the new mode when something
+    /// expired. Blocking (a SQLite write when something expired).
+    pub fn expire(&self) -> Result<Option<BreakerMode>, MirrorError> {
+        let now = self.clock.now();
         let expired = {
             let current = self.lock();
-            matches!(current.mode.expires_at, Some(t) if t <= SystemTime::now())
+            matches!(current.mode.expires_at, Some(t) if t <= now)
         };
         if !expired {
             return Ok(None);
@@ -195,10 +220,11 @@ impl Flags {
         let mode = self.configured_mode;
         let mut current = self.lock();
         let from = current.mode.mode;
-        mirror.set_flag(
+        self.mirror.set_flag(
             BREAKER_FLAG,
             None,
             &AuditRecord {
+                at: now,
                 actor: "expiry",
                 subject: "breaker_mode",
                 from: Some(from.as_str()),
@@ -212,6 +238,7 @@ impl Flags {
             actor: "config".into(),
             expires_at: None,
         };
+        self.breaker.set_mode(mode);
         tracing::warn!(
             from = from.as_str(),
             to = mode.as_str(),
@@ -220,17 +247,18 @@ impl Flags {
         Ok(Some(mode))
     }
 
-    /// Sets the stale policy and, optionally, the oldest data ever served.
+    /// Sets the stale policy and, optionally, the oldest data ever served:
+    /// persisted and audited, then in force for every read that begins
+    /// after this returns. Blocking (a SQLite write).
     pub fn set_stale(
         &self,
-        mirror: &Mirror,
         policy: StalePolicy,
         max_stale: Option<Duration>,
         reason: Option<&str>,
         actor: &str,
     ) -> Result<StaleSetting, MirrorError> {
         let mut current = self.lock();
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let from = current.stale.clone();
         let stored = StoredFlag {
             value: policy.as_str().to_string(),
@@ -240,10 +268,11 @@ impl Flags {
             expires_at: None,
         };
         let persisted = (policy != self.configured_policy).then_some(&stored);
-        mirror.set_flag(
+        self.mirror.set_flag(
             STALE_FLAG,
             persisted,
             &AuditRecord {
+                at: now,
                 actor,
                 subject: "stale_policy",
                 from: Some(from.policy.as_str()),
@@ -260,10 +289,11 @@ impl Flags {
             };
             let persisted = (d != self.configured_max_stale).then_some(&stored);
             let from_text = humantime::format_duration(from.max_stale).to_string();
-            mirror.set_flag(
+            self.mirror.set_flag(
                 MAX_STALE_FLAG,
                 persisted,
                 &AuditRecord {
+                    at: now,
                     actor,
                     subject: "max_stale",
                     from: Some(&from_text),

@@ -7,38 +7,47 @@
 //!             upstream Backstage catalog
 //!                ▲               ▲
 //!   sync pages   │               │  revalidations, query forwards,
-//!  (sync loop)   │               │  read-through, pass-through
+//!  (Syncer)      │               │  read-through, pass-through
 //!                │   upstream ── breaker      (one place asks the upstream)
 //!                │               ▲
-//!   sync ──▶ mirror (SQLite) ──▶ index ──▶ read ◀── proxy ◀── clients (:7070)
-//!               │  flags, audit    ▲        ▲ │
-//!               ▼                  │        │ └─▶ hot cache (moka)
-//!             admin ◀── operators (:7071)   flags (stale policy)
+//!   sync ──▶ mirror (SQLite) ──▶ generation ──▶ read ◀── proxy ◀── clients (:7070)
+//!               │  flags, audit   (index)       ▲  │
+//!               ▼                               │  └─▶ hot cache (moka)
+//!             admin ◀── operators (:7071)     flags (stale policy)
 //! ```
 //!
-//! - [`config`]: defaults, TOML, `CATALOG_CACHE_*` overrides, validation.
-//! - [`upstream`]: the HTTP(S) client; every upstream call goes through it and the [`breaker`].
-//! - [`retry`]: the one place the `backoff` crate is used.
-//! - [`mirror`]: the SQLite file: generations, flags, audit, read-through store, snapshots.
-//! - [`index`] and [`query`] (with [`filter`], [`predicate`], [`cursor`]): the in-memory index of one
-//!   generation and Backstage's query semantics over it.
-//! - [`cache`]: the hot cache of upstream answers (revalidated entities, 404s, read-through).
-//! - [`sync`]: the sync loop and the mass-deletion guard.
-//! - [`read`]: the read path — the one place that decides fresh, revalidate, stale or 503.
+//! Where each decision is made:
+//!
+//! - [`config`] (with [`units`]): defaults, TOML, `CATALOG_CACHE_*` overrides, validation.
+//! - [`clock`]: every wall-clock read; tests move it.
+//! - [`upstream`]: the HTTP(S) client ([`tls`] for its trust); every upstream call goes
+//!   through it and the [`breaker`] (admission and the state machine), retrying through [`retry`]
+//!   (the one place the `backoff` crate is used).
+//! - [`mirror`]: the SQLite file: generations, flags, audit, read-through store; [`snapshot`]:
+//!   export, import, seeding from a peer.
+//! - [`generation`]: the generation readers are served from, swapped atomically; [`index`]: its
+//!   in-memory query index; [`query`]: Backstage's query semantics over it.
+//! - [`sync`]: the sync loop, what a sync applies, and the mass-deletion guard.
+//! - [`read`]: the read path — `decide` is where fresh, ask, stale or refuse is decided;
+//!   [`cache`]: the hot cache of upstream answers.
 //! - [`flags`]: the operator's persisted, audited breaker mode and stale policy.
-//! - [`proxy`] and [`admin`]: the two listeners; [`health`]: readiness; [`metrics`]: metric names.
-//! - [`sidecar`]: shared state and lifecycle; [`cli`], [`demo`]: the commands.
+//! - [`proxy`] and [`admin`]: the two listeners; [`api_error`]: the one place an error becomes
+//!   an HTTP response; [`health`]: readiness; [`metrics`]: metric names.
+//! - [`sidecar`]: the composition root (opens, wires, runs); [`cli`], [`demo`]: the commands.
 
 pub mod admin;
+pub mod api_error;
 pub mod breaker;
 pub mod cache;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod cursor;
 pub mod demo;
 pub mod entity;
 pub mod filter;
 pub mod flags;
+pub mod generation;
 pub mod health;
 pub mod index;
 pub mod metrics;
@@ -49,5 +58,8 @@ pub mod query;
 pub mod read;
 pub mod retry;
 pub mod sidecar;
+pub mod snapshot;
 pub mod sync;
+pub mod tls;
+pub mod units;
 pub mod upstream;

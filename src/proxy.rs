@@ -8,22 +8,22 @@
 //! optional client-token check, and a panic catcher that answers 500 in
 //! Backstage's shape instead of dropping the connection.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
-use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode};
 use http_body_util::BodyExt;
 
+use crate::api_error::{ApiError, ErrorKind};
 use crate::entity::EntityRef;
 use crate::metrics as m;
 use crate::query::QueryKind;
-use crate::read::{CacheStatus, ErrorKind, Incoming, Lookup, Reply};
-use crate::sidecar::Sidecar;
+use crate::read::{Answer, CacheStatus, Incoming, Lookup, ReadError, ReadPath};
 
 /// Where the catalog API is mounted, as in Backstage.
 pub const MOUNT: &str = "/api/catalog";
@@ -33,26 +33,25 @@ pub const STALE_HEADER: http::HeaderName = http::HeaderName::from_static("x-cata
 /// RFC 9211's header.
 pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
 
-/// The proxy's router.
-pub fn router(sidecar: Arc<Sidecar>) -> Router {
-    Router::new()
-        .fallback(handle)
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
-            panic_response,
-        ))
-        .with_state(sidecar)
+/// What the proxy listener needs: the read path and its own limits.
+#[derive(Clone)]
+pub struct ProxyState {
+    /// Where every answer comes from.
+    pub read: Arc<ReadPath>,
+    /// Accepted client bearer tokens, when the proxy requires them.
+    pub client_tokens: Option<Arc<HashSet<String>>>,
+    /// Largest request body accepted (`proxy.max_request_body`).
+    pub max_request_body: usize,
 }
 
-fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    let (status, body) = crate::read::error_body(
-        ErrorKind::Internal,
-        "catalog-cache hit an internal error answering this request",
-        &Method::GET,
-        "",
-    );
-    let mut response = Response::new(Body::from(body));
-    *response.status_mut() = status;
-    response
+/// The proxy's router.
+pub fn router(state: ProxyState) -> Router {
+    Router::new()
+        .fallback(handle)
+        .layer(axum::middleware::from_fn(|request, next| {
+            crate::api_error::catch_panic(MOUNT, request, next)
+        }))
+        .with_state(state)
 }
 
 /// Which read-path operation a request is.
@@ -123,7 +122,7 @@ fn percent_decode(segment: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("Path segment '{segment}' is not UTF-8"))
 }
 
-async fn handle(State(sidecar): State<Arc<Sidecar>>, request: Request) -> Response {
+async fn handle(State(state): State<ProxyState>, request: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let method = parts.method.clone();
@@ -133,31 +132,19 @@ async fn handle(State(sidecar): State<Arc<Sidecar>>, request: Request) -> Respon
         .strip_prefix(MOUNT)
         .filter(|p| p.is_empty() || p.starts_with('/'))
     else {
-        let incoming = Incoming {
-            method: &method,
-            path: &full_path,
-            query: &query,
-            headers: &parts.headers,
-            body: Bytes::new(),
-        };
-        let reply = sidecar.error_reply(
+        let error = ApiError::new(
             ErrorKind::NotFound,
-            &format!(
+            format!(
                 "catalog-cache serves the catalog API under {MOUNT}; {full_path} is not part of it"
             ),
-            &incoming,
+            &method,
+            &path_and_query(&full_path, &query),
         );
-        return render(reply, "unknown", started);
+        return render_error(error, CacheStatus::Hit, "unknown", started);
     };
     let path = if path.is_empty() { "/" } else { path };
-    let mut incoming = Incoming {
-        method: &method,
-        path,
-        query: &query,
-        headers: &parts.headers,
-        body: Bytes::new(),
-    };
-    if let Some(tokens) = &sidecar.client_tokens {
+    let url = path_and_query(path, &query);
+    if let Some(tokens) = &state.client_tokens {
         let presented = parts
             .headers
             .get(http::header::AUTHORIZATION)
@@ -169,74 +156,126 @@ async fn handle(State(sidecar): State<Arc<Sidecar>>, request: Request) -> Respon
             Some(_) => None,
         };
         if let Some(message) = refusal {
-            return render(
-                sidecar.error_reply(ErrorKind::Authentication, message, &incoming),
-                "unauthorized",
-                started,
-            );
+            let error = ApiError::new(ErrorKind::Authentication, message, &method, &url);
+            return render_error(error, CacheStatus::Hit, "unauthorized", started);
         }
     }
-    let limit = sidecar.config.proxy.max_request_body.0 as usize;
+    let limit = state.max_request_body;
     let body = match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => {
-            let message =
-                format!("Request body is larger than proxy.max_request_body ({limit} bytes)");
-            return render(
-                sidecar.error_reply(ErrorKind::TooLarge, &message, &incoming),
-                "too_large",
-                started,
+            let error = ApiError::new(
+                ErrorKind::TooLarge,
+                format!("Request body is larger than proxy.max_request_body ({limit} bytes)"),
+                &method,
+                &url,
             );
+            return render_error(error, CacheStatus::Hit, "too_large", started);
         }
     };
-    incoming.body = body;
+    let incoming = Incoming {
+        method: &method,
+        path,
+        query: &query,
+        headers: &parts.headers,
+        body,
+    };
     let route = match route(&method, path) {
         Ok(r) => r,
         Err(message) => {
-            return render(
-                sidecar.error_reply(ErrorKind::Input, &message, &incoming),
-                "invalid",
-                started,
-            )
+            let error = ApiError::new(ErrorKind::Input, message, &method, &url);
+            return render_error(error, CacheStatus::Hit, "invalid", started);
         }
     };
     let label = route.label();
-    let reply = match route {
-        Route::Entity(lookup) => sidecar.read_entity(lookup, &incoming).await,
-        Route::ByRefs => sidecar.read_by_refs(&incoming).await,
-        Route::Query(kind) => sidecar.read_query(kind, &incoming).await,
-        Route::ReadThrough => sidecar.read_through(&incoming).await,
-        Route::PassThrough => sidecar.pass_through(&incoming).await,
+    let read = &state.read;
+    let answered = match route {
+        Route::Entity(lookup) => read.read_entity(lookup).await,
+        Route::ByRefs => read.read_by_refs(&incoming).await,
+        Route::Query(kind) => read.read_query(kind, &incoming).await,
+        Route::ReadThrough => read.read_through(&incoming).await,
+        Route::PassThrough => read.pass_through(&incoming).await,
     };
-    render(reply, label, started)
+    match answered {
+        Ok(answer) => render(answer, label, started),
+        Err(e) => render_read_error(e, &method, &url, label, started),
+    }
+}
+
+fn path_and_query(path: &str, query: &str) -> String {
+    if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{query}")
+    }
 }
 
 /// Turns a read-path answer into an HTTP response with the staleness headers.
-fn render(reply: Reply, route: &'static str, started: Instant) -> Response {
+fn render(answer: Answer, route: &'static str, started: Instant) -> Response {
     m::record_request(
         route,
-        reply.cache.outcome(),
+        answer.cache.outcome(),
         started.elapsed().as_secs_f64(),
     );
-    let mut response = Response::new(Body::from(reply.body));
-    *response.status_mut() = reply.status;
+    let mut response = Response::new(Body::from(answer.body));
+    *response.status_mut() = answer.status;
+    *response.headers_mut() = answer.headers;
+    staleness_headers(
+        &mut response,
+        answer.cache,
+        answer.age.as_secs(),
+        answer.stale,
+    );
+    if answer.status == StatusCode::NO_CONTENT {
+        response.headers_mut().remove(http::header::CONTENT_TYPE);
+    }
+    response
+}
+
+/// Turns a read-path error into Backstage's error answer with the
+/// staleness headers.
+fn render_read_error(
+    error: ReadError,
+    method: &Method,
+    url: &str,
+    route: &'static str,
+    started: Instant,
+) -> Response {
+    let (cache, age, stale) = error.served();
+    let mut api = ApiError::new(error.kind(), error.message(), method, url);
+    api.retry_after = error.retry_after();
+    m::record_request(route, cache.outcome(), started.elapsed().as_secs_f64());
+    let mut response = api.into_response();
+    staleness_headers(&mut response, cache, age.as_secs(), stale);
+    response
+}
+
+/// An error the proxy answers before the read path is involved.
+fn render_error(
+    error: ApiError,
+    cache: CacheStatus,
+    route: &'static str,
+    started: Instant,
+) -> Response {
+    m::record_request(route, cache.outcome(), started.elapsed().as_secs_f64());
+    let mut response = error.into_response();
+    staleness_headers(&mut response, cache, 0, false);
+    response
+}
+
+fn staleness_headers(response: &mut Response, cache: CacheStatus, age: u64, stale: bool) {
     let headers = response.headers_mut();
-    *headers = reply.headers;
-    let cache_status = match reply.cache {
+    let cache_status = match cache {
         CacheStatus::Hit => HeaderValue::from_static("catalog-cache; hit"),
         other => HeaderValue::from_str(&other.header())
             .unwrap_or(HeaderValue::from_static("catalog-cache")),
     };
     headers.insert(CACHE_STATUS, cache_status);
-    headers.insert(http::header::AGE, HeaderValue::from(reply.age.as_secs()));
+    headers.insert(http::header::AGE, HeaderValue::from(age));
     headers.insert(
         STALE_HEADER,
-        HeaderValue::from_static(if reply.stale { "true" } else { "false" }),
+        HeaderValue::from_static(if stale { "true" } else { "false" }),
     );
-    if reply.status == StatusCode::NO_CONTENT {
-        headers.remove(http::header::CONTENT_TYPE);
-    }
-    response
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! The read path: the one place that decides where an answer comes from and
-//! whether it is stale.
+//! The read path ([`ReadPath`]): the one place that decides where an answer
+//! comes from and whether it is stale.
 //!
 //! Fresh local data (younger than `freshness.fresh_for`) is served at once.
 //! Older or absent data is asked of the upstream — concurrent reads of one
@@ -8,24 +8,30 @@
 //! background so that its answer is stored and the breaker hears its outcome.
 //! When the upstream cannot answer, the local copy is served marked stale if
 //! the stale policy allows it and it is younger than `max_stale`, else 503.
-//! The HTTP layer (`proxy`) only turns a [`Reply`] into headers and bytes.
+//! That decision is [`decide`], a pure function of the local copy's age, the
+//! breaker's admission, the stale policy and the clock. Methods return
+//! `Result<Answer, ReadError>`; the proxy turns either into HTTP.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
-use crate::cache::{HotEntry, HotKey};
-use crate::config::StalePolicy;
+use crate::api_error::ErrorKind;
+use crate::cache::{HotCache, HotEntry, HotKey};
+use crate::clock::Clock;
+use crate::config::{Config, StalePolicy};
 use crate::entity::{Entity, EntityRef};
-use crate::mirror::StoredAnswer;
+use crate::flags::Flags;
+use crate::generation::Generations;
+use crate::mirror::{Mirror, StoredAnswer};
 use crate::query::{self, QueryKind, QueryRequest};
-use crate::sidecar::Sidecar;
+use crate::sync::SyncStatus;
 use crate::upstream::{
-    by_name_path, encode_component, Expect, Operation, UpstreamError, UpstreamRequest,
+    by_name_path, encode_component, Expect, Operation, Upstream, UpstreamError, UpstreamRequest,
     UpstreamResponse,
 };
 
@@ -86,104 +92,341 @@ impl CacheStatus {
     }
 }
 
-/// A complete answer of the read path.
+/// A complete answer of the read path (any status the upstream or the
+/// mirror gave; the sidecar's own errors are [`ReadError`]s).
 #[derive(Debug, Clone)]
-pub struct Reply {
+pub struct Answer {
     /// Status.
     pub status: StatusCode,
-    /// Headers to send besides the staleness ones (content type, Link, Retry-After).
+    /// Headers to send besides the staleness ones (content type, Link, …).
     pub headers: HeaderMap,
     /// Body.
     pub body: Bytes,
     /// How it was obtained.
     pub cache: CacheStatus,
-    /// Seconds since the upstream last confirmed the data.
+    /// How long ago the upstream last confirmed the data.
     pub age: Duration,
     /// Whether the data is stale (the `X-Catalog-Stale` header).
     pub stale: bool,
 }
 
-/// The error kinds the sidecar itself answers with, in Backstage's shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// 400 `InputError`.
-    Input,
-    /// 401 `AuthenticationError`.
-    Authentication,
-    /// 404 `NotFoundError`.
-    NotFound,
-    /// 413 `PayloadTooLargeError`.
-    TooLarge,
-    /// 503 `ServiceUnavailableError`.
-    Unavailable,
-    /// 500 `Error`.
-    Internal,
+/// A read the sidecar answers with an error of its own.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReadError {
+    /// The request is malformed (400): the client's fault, retrying the
+    /// same request cannot help.
+    Input(String),
+    /// The entity is not in the mirror, which stands in for an upstream
+    /// that cannot answer (404, marked stale: the mirror is the last known
+    /// truth).
+    NotFound {
+        /// Backstage's wording.
+        message: String,
+        /// How long ago the upstream last confirmed the mirror.
+        age: Duration,
+        /// Remaining freshness in seconds (negative).
+        ttl: i64,
+    },
+    /// Neither the upstream nor the mirror may answer (503): retrying after
+    /// `retry_after` may help.
+    Unavailable {
+        /// What the upstream did and why the mirror may not answer.
+        message: String,
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// Something broke inside the sidecar (500).
+    Internal(String),
 }
 
-impl ErrorKind {
-    fn status_and_name(self) -> (StatusCode, &'static str) {
+impl ReadError {
+    /// Which of Backstage's errors this is.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Input => (StatusCode::BAD_REQUEST, "InputError"),
-            Self::Authentication => (StatusCode::UNAUTHORIZED, "AuthenticationError"),
-            Self::NotFound => (StatusCode::NOT_FOUND, "NotFoundError"),
-            Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLargeError"),
-            Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError"),
-            Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "Error"),
+            Self::Input(_) => ErrorKind::Input,
+            Self::NotFound { .. } => ErrorKind::NotFound,
+            Self::Unavailable { .. } => ErrorKind::Unavailable,
+            Self::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// The message for the error body.
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Input(m) | Self::Internal(m) => m,
+            Self::NotFound { message, .. } | Self::Unavailable { message, .. } => message,
+        }
+    }
+
+    /// `Retry-After`, for a 503.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Unavailable { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// How the answer was obtained, for the staleness headers:
+    /// `(Cache-Status, Age, X-Catalog-Stale)`.
+    pub fn served(&self) -> (CacheStatus, Duration, bool) {
+        match self {
+            Self::NotFound { age, ttl, .. } => (CacheStatus::StaleHit { ttl: *ttl }, *age, true),
+            Self::Unavailable { .. } => (CacheStatus::Unavailable, Duration::ZERO, false),
+            Self::Input(_) | Self::Internal(_) => (CacheStatus::Hit, Duration::ZERO, false),
         }
     }
 }
 
-/// Backstage's error body: `{"error":{name,message},"request":{method,url},"response":{statusCode}}`.
-pub fn error_body(
-    kind: ErrorKind,
-    message: &str,
-    method: &Method,
-    url: &str,
-) -> (StatusCode, Bytes) {
-    let (status, name) = kind.status_and_name();
-    let body = serde_json::json!({
-        "error": {"name": name, "message": message},
-        "request": {"method": method.as_str(), "url": url},
-        "response": {"statusCode": status.as_u16()},
-    });
-    (status, Bytes::from(body.to_string()))
-}
+// ------------------------------------------------------------- the decision
 
-fn json_headers() -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    h
-}
-
-/// What a read knows locally before asking the upstream.
-enum Local {
-    /// Data and when the upstream last confirmed it.
+/// What the read path knows locally, as the decision sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    /// A copy the upstream last confirmed at this time.
     Found {
-        reply: Reply,
+        /// When the upstream last confirmed it.
         confirmed_at: SystemTime,
     },
-    /// The mirror holds a complete generation (confirmed at the given time)
-    /// that does not contain the thing asked for.
-    AbsentFromMirror { confirmed_at: SystemTime },
-    /// Nothing is known (no generation yet, or data the mirror cannot compute).
+    /// A complete mirror generation, confirmed at this time, that does not
+    /// hold the entity asked for.
+    AbsentFromMirror {
+        /// When the upstream last confirmed the generation.
+        confirmed_at: SystemTime,
+    },
+    /// Nothing: no generation yet, or data the mirror cannot compute.
     Unknown,
 }
 
-type FetchResult = Result<Arc<UpstreamResponse>, Arc<UpstreamError>>;
-type SharedFetch = Shared<BoxFuture<'static, FetchResult>>;
-
-/// Calls in flight, by key: concurrent reads of one key share one call.
-#[derive(Default)]
-pub struct InFlight {
-    calls: std::sync::Mutex<HashMap<String, SharedFetch>>,
+/// Whether the upstream can be asked now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamState {
+    /// The breaker would admit a call.
+    Admits,
+    /// The breaker refuses calls, or the upstream failed or ran past the
+    /// revalidate budget.
+    Unavailable,
 }
+
+/// The rules a decision applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// `freshness.fresh_for`.
+    pub fresh_for: Duration,
+    /// The stale policy in force.
+    pub policy: StalePolicy,
+    /// The oldest data ever served.
+    pub max_stale: Duration,
+}
+
+/// What a read does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Serve the local copy as fresh.
+    Fresh,
+    /// Ask the upstream, waiting at most the revalidate budget.
+    Ask,
+    /// Serve the local copy, marked stale.
+    Stale {
+        /// How long ago the upstream last confirmed it.
+        age: Duration,
+        /// Remaining freshness in seconds (negative).
+        ttl: i64,
+    },
+    /// Answer Backstage's 404 from the mirror, marked stale.
+    StaleNotFound {
+        /// How long ago the upstream last confirmed the mirror.
+        age: Duration,
+        /// Remaining freshness in seconds (negative).
+        ttl: i64,
+    },
+    /// Answer 503.
+    Refuse(Refusal),
+}
+
+/// Why a read is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Nothing is held locally.
+    NoCopy,
+    /// The stale policy is `refuse`.
+    Policy,
+    /// The local copy is older than `max_stale`.
+    TooOld {
+        /// Its age.
+        age: Duration,
+        /// The limit.
+        max_stale: Duration,
+    },
+}
+
+impl Refusal {
+    /// The second half of the 503's message.
+    fn detail(self) -> String {
+        match self {
+            Self::NoCopy => "the mirror holds no copy of this".into(),
+            Self::Policy => "the stale-data policy is 'refuse', so mirror data the upstream cannot confirm is not served".into(),
+            Self::TooOld { age, max_stale } => format!(
+                "the mirror's copy is {} old, older than max_stale ({})",
+                humantime::format_duration(Duration::from_secs(age.as_secs())),
+                humantime::format_duration(max_stale)
+            ),
+        }
+    }
+}
+
+/// Where a read's answer comes from: fresh local data is served; older or
+/// absent data is asked of the upstream while the breaker admits calls;
+/// otherwise the local copy (or the mirror's "not found") is served stale
+/// when the policy allows and it is younger than `max_stale`, else refused.
+pub fn decide(local: Local, upstream: UpstreamState, rules: &Rules, now: SystemTime) -> Decision {
+    let age_of = |at: SystemTime| now.duration_since(at).unwrap_or_default();
+    let confirmed_at = match local {
+        Local::Found { confirmed_at } if age_of(confirmed_at) < rules.fresh_for => {
+            return Decision::Fresh
+        }
+        _ if upstream == UpstreamState::Admits => return Decision::Ask,
+        Local::Found { confirmed_at } | Local::AbsentFromMirror { confirmed_at } => confirmed_at,
+        Local::Unknown => return Decision::Refuse(Refusal::NoCopy),
+    };
+    let age = age_of(confirmed_at);
+    if rules.policy == StalePolicy::Refuse {
+        return Decision::Refuse(Refusal::Policy);
+    }
+    if age > rules.max_stale {
+        return Decision::Refuse(Refusal::TooOld {
+            age,
+            max_stale: rules.max_stale,
+        });
+    }
+    let ttl = (rules.fresh_for.as_secs() as i64 - age.as_secs() as i64).min(-1);
+    match local {
+        Local::AbsentFromMirror { .. } => Decision::StaleNotFound { age, ttl },
+        _ => Decision::Stale { age, ttl },
+    }
+}
+
+// ------------------------------------------------------------- the read path
+
+/// What a read holds locally before asking the upstream: the local answer
+/// (or the mirror's "not found") to fall back on.
+enum Held {
+    /// A local answer and when the upstream last confirmed it.
+    Copy {
+        answer: Answer,
+        confirmed_at: SystemTime,
+    },
+    /// The mirror's complete generation (confirmed at the time given) does
+    /// not hold the entity; Backstage's wording for its 404.
+    Absent {
+        confirmed_at: SystemTime,
+        message: String,
+    },
+    /// Nothing.
+    Nothing,
+}
+
+impl Held {
+    fn local(&self) -> Local {
+        match self {
+            Held::Copy { confirmed_at, .. } => Local::Found {
+                confirmed_at: *confirmed_at,
+            },
+            Held::Absent { confirmed_at, .. } => Local::AbsentFromMirror {
+                confirmed_at: *confirmed_at,
+            },
+            Held::Nothing => Local::Unknown,
+        }
+    }
+}
+
+/// Keeps what the upstream answered: in the hot cache at once, in the
+/// mirror file in the background.
+#[derive(Clone)]
+struct Keeper {
+    hot: HotCache,
+    mirror: Arc<Mirror>,
+    clock: Clock,
+}
+
+impl Keeper {
+    /// An entity the upstream just returned.
+    fn entity(&self, entity: Arc<Entity>) {
+        let at = self.clock.now();
+        self.hot.put_entity(entity.clone(), at);
+        let mirror = self.mirror.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = mirror.store_entity(&entity, at) {
+                tracing::warn!(error = %e, uid = %entity.uid, "cannot store a revalidated entity");
+            }
+        });
+    }
+
+    /// An upstream 404 for `key`, remembered for `negative_ttl`.
+    fn missing(&self, key: &str, body: Bytes) {
+        self.hot.put_missing(key, body, self.clock.now());
+    }
+
+    /// A read-through answer for `key`.
+    fn answer(&self, key: &str, response: &UpstreamResponse) {
+        let answer = Arc::new(StoredAnswer {
+            status: response.status.as_u16(),
+            content_type: response
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            body: response.body.clone(),
+            stored_at: self.clock.now(),
+        });
+        self.hot.put_answer(key, answer.clone());
+        let mirror = self.mirror.clone();
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = mirror.store_answer(&key, &answer) {
+                tracing::warn!(error = %e, key = %key, "cannot store a read-through answer");
+            }
+        });
+    }
+}
+
+/// Why a shared upstream call produced no response.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    /// The upstream's fault (or the breaker's refusal).
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The task making the call died: the sidecar's fault.
+    #[error("the upstream call's task failed: {0}")]
+    Task(String),
+}
+
+type FetchResult = Result<Arc<UpstreamResponse>, Arc<FetchError>>;
+type SharedFetch = Shared<BoxFuture<'static, FetchResult>>;
 
 /// What to do with an upstream answer once it arrives (even if no reader
 /// is still waiting for it).
-type OnFetched = Box<dyn FnOnce(&Sidecar, &UpstreamResponse) + Send>;
+type OnFetched = Box<dyn FnOnce(&Keeper, &UpstreamResponse) + Send>;
+
+/// One upstream call a read may make.
+struct Fetch {
+    /// What concurrent identical calls share one call by.
+    key: String,
+    request: UpstreamRequest,
+    op: Operation,
+    on_fetched: OnFetched,
+}
+
+/// Calls in flight, by key: concurrent reads of one key share one call.
+#[derive(Default)]
+struct InFlight {
+    calls: Mutex<HashMap<String, SharedFetch>>,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SharedFetch>> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// A request the proxy hands to the read path.
 pub struct Incoming<'a> {
@@ -229,37 +472,118 @@ pub enum Lookup {
     ByUid(String),
 }
 
-impl Sidecar {
-    fn now(&self) -> SystemTime {
-        self.clock.now()
+/// The read path's settings (from `[freshness]` and `[breaker]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ReadSettings {
+    /// `freshness.fresh_for`.
+    pub fresh_for: Duration,
+    /// `freshness.revalidate_budget`.
+    pub revalidate_budget: Duration,
+    /// `breaker.open_for`: the `Retry-After` of a 503 when the upstream
+    /// named none.
+    pub retry_after: Duration,
+}
+
+impl ReadSettings {
+    /// The settings of `config`.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            fresh_for: config.freshness.fresh_for.get(),
+            revalidate_budget: config.freshness.revalidate_budget.get(),
+            retry_after: config.breaker.open_for,
+        }
+    }
+}
+
+/// The read path and what it needs: the current generation, the hot cache,
+/// the upstream, the operator's flags, the sync loop's status, the mirror
+/// (to keep revalidated answers) and the clock.
+pub struct ReadPath {
+    settings: ReadSettings,
+    generations: Arc<Generations>,
+    hot: HotCache,
+    upstream: Arc<Upstream>,
+    flags: Arc<Flags>,
+    sync: Arc<SyncStatus>,
+    keeper: Keeper,
+    clock: Clock,
+    inflight: Arc<InFlight>,
+}
+
+fn json_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    h
+}
+
+impl ReadPath {
+    /// A read path over these parts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: ReadSettings,
+        generations: Arc<Generations>,
+        hot: HotCache,
+        upstream: Arc<Upstream>,
+        flags: Arc<Flags>,
+        sync: Arc<SyncStatus>,
+        mirror: Arc<Mirror>,
+        clock: Clock,
+    ) -> Self {
+        Self {
+            settings,
+            generations,
+            keeper: Keeper {
+                hot: hot.clone(),
+                mirror,
+                clock: clock.clone(),
+            },
+            hot,
+            upstream,
+            flags,
+            sync,
+            clock,
+            inflight: Arc::default(),
+        }
     }
 
     fn age_of(&self, confirmed_at: SystemTime) -> Duration {
-        self.now().duration_since(confirmed_at).unwrap_or_default()
+        self.clock.since(confirmed_at)
     }
 
     fn is_fresh(&self, confirmed_at: SystemTime) -> bool {
-        self.age_of(confirmed_at) < self.config.freshness.fresh_for.get()
+        self.age_of(confirmed_at) < self.settings.fresh_for
+    }
+
+    fn rules(&self) -> Rules {
+        let (policy, max_stale) = self.flags.stale_rule();
+        Rules {
+            fresh_for: self.settings.fresh_for,
+            policy,
+            max_stale,
+        }
     }
 
     /// One entity, by name or uid.
-    pub async fn read_entity(&self, lookup: Lookup, req: &Incoming<'_>) -> Reply {
+    pub async fn read_entity(&self, lookup: Lookup) -> Result<Answer, ReadError> {
         let found = self.find_entity(&lookup);
-        // The common case first, with no allocation beyond the reply: a
+        // The common case first, with no allocation beyond the answer: a
         // fresh local copy and no remembered 404 to weigh against it.
         if self.hot.is_empty() {
             if let Some((entity, confirmed_at)) = &found {
                 if self.is_fresh(*confirmed_at) {
-                    return self.entity_reply(&entity.body, *confirmed_at);
+                    return Ok(self.entity_answer(&entity.body, *confirmed_at));
                 }
                 // The outage case, just as lean: the breaker refuses, so the
                 // local copy is all there is to decide on.
                 if let Some(refused) = self.upstream.refused_now(Operation::Revalidate) {
-                    let local = Local::Found {
-                        reply: self.entity_reply(&entity.body, *confirmed_at),
+                    let held = Held::Copy {
+                        answer: self.entity_answer(&entity.body, *confirmed_at),
                         confirmed_at: *confirmed_at,
                     };
-                    return self.decide_without_upstream(local, &refused, req, None);
+                    return self.without_upstream(held, &refused);
                 }
             }
         }
@@ -273,103 +597,91 @@ impl Sidecar {
         if let Some(HotEntry::Missing { body, at }) =
             self.hot.get(&HotKey::Path(negative_key.as_str().into()))
         {
-            let held = self.upstream_suspect();
+            let suspect = self.sync.upstream_suspect();
             if found
                 .as_ref()
-                .is_none_or(|(_, confirmed_at)| *confirmed_at <= at && !held)
+                .is_none_or(|(_, confirmed_at)| *confirmed_at <= at && !suspect)
             {
-                return Reply {
+                return Ok(Answer {
                     status: StatusCode::NOT_FOUND,
                     headers: json_headers(),
                     body,
                     cache: CacheStatus::Hit,
                     age: self.age_of(at),
                     stale: false,
-                };
+                });
             }
         }
         if let Some((entity, confirmed_at)) = &found {
             if self.is_fresh(*confirmed_at) {
-                return self.entity_reply(&entity.body, *confirmed_at);
+                return Ok(self.entity_answer(&entity.body, *confirmed_at));
             }
         }
-        let local = match found {
-            Some((entity, confirmed_at)) => Local::Found {
-                reply: self.entity_reply(&entity.body, confirmed_at),
+        let held = match found {
+            Some((entity, confirmed_at)) => Held::Copy {
+                answer: self.entity_answer(&entity.body, confirmed_at),
                 confirmed_at,
             },
-            None => match self.view() {
-                Some(view) => Local::AbsentFromMirror {
-                    confirmed_at: view.meta.synced_at,
+            None => match self.generations.current() {
+                Some(generation) => Held::Absent {
+                    confirmed_at: generation.meta.synced_at,
+                    message: match &lookup {
+                        Lookup::ByName(r) => format!(
+                            "No entity named '{}' found, with kind '{}' in namespace '{}'",
+                            r.name,
+                            r.kind.to_lowercase(),
+                            r.namespace
+                        ),
+                        Lookup::ByUid(uid) => format!("No entity with uid {uid}"),
+                    },
                 },
-                None => Local::Unknown,
+                None => Held::Nothing,
             },
         };
-        let not_found_message = match &lookup {
-            Lookup::ByName(r) => format!(
-                "No entity named '{}' found, with kind '{}' in namespace '{}'",
-                r.name,
-                r.kind.to_lowercase(),
-                r.namespace
-            ),
-            Lookup::ByUid(uid) => format!("No entity with uid {uid}"),
-        };
         let on_fetched: OnFetched = Box::new(
-            move |sidecar: &Sidecar, response: &UpstreamResponse| {
+            move |keeper: &Keeper, response: &UpstreamResponse| {
                 if response.status == StatusCode::OK {
                     match Entity::from_json(response.body.clone()) {
-                        Ok(entity) => sidecar.store_revalidated(Arc::new(entity)),
+                        Ok(entity) => keeper.entity(Arc::new(entity)),
                         Err(e) => {
                             tracing::warn!(error = %e, "upstream returned an entity the mirror cannot hold")
                         }
                     }
                 } else if response.status == StatusCode::NOT_FOUND {
-                    sidecar
-                        .hot
-                        .put_missing(&negative_key, response.body.clone(), sidecar.now());
+                    keeper.missing(&negative_key, response.body.clone());
                 }
             },
         );
-        let request = UpstreamRequest::get(upstream_path.clone());
-        self.revalidate(
-            upstream_path,
-            local,
-            request,
-            Operation::Revalidate,
+        let fetch = Fetch {
+            key: upstream_path.clone(),
+            request: UpstreamRequest::get(upstream_path),
+            op: Operation::Revalidate,
             on_fetched,
-            req,
-            Some(not_found_message),
-        )
-        .await
+        };
+        self.resolve(held, fetch).await
     }
 
     /// The newest local copy of an entity and when it was confirmed: a
     /// revalidated copy in the hot cache when it is newer than the
     /// generation, else the generation's.
     fn find_entity(&self, lookup: &Lookup) -> Option<(Arc<Entity>, SystemTime)> {
-        let view = self.view();
+        let generation = self.generations.current();
         let hot = !self.hot.is_empty();
-        let (hot_key, from_view) = match lookup {
+        let (hot_key, from_generation) = match lookup {
             Lookup::ByName(r) => {
                 let canonical = r.canonical();
-                let found = view
+                let found = generation
                     .as_ref()
-                    .and_then(|v| v.index.by_ref(&canonical).cloned());
+                    .and_then(|g| g.by_ref(&canonical).map(|(e, at)| (e.clone(), at)));
                 (hot.then(|| HotKey::Ref(canonical.into())), found)
             }
             Lookup::ByUid(uid) => {
-                let found = view.as_ref().and_then(|v| v.index.by_uid(uid).cloned());
+                let found = generation
+                    .as_ref()
+                    .and_then(|g| g.by_uid(uid).map(|(e, at)| (e.clone(), at)));
                 (hot.then(|| HotKey::Uid(uid.as_str().into())), found)
             }
         };
-        let from_view = from_view.zip(view.as_ref()).map(|(entity, v)| {
-            let confirmed = v
-                .confirmed
-                .get(&entity.uid)
-                .copied()
-                .map_or(v.meta.synced_at, |c| c.max(v.meta.synced_at));
-            (entity, confirmed)
-        });
         let from_hot = match hot_key.and_then(|k| self.hot.get(&k)) {
             Some(HotEntry::Entity {
                 entity,
@@ -377,27 +689,14 @@ impl Sidecar {
             }) => Some((entity, confirmed_at)),
             _ => None,
         };
-        match (from_hot, from_view) {
-            (Some(h), Some(v)) => Some(if h.1 > v.1 { h } else { v }),
-            (h, v) => h.or(v),
+        match (from_hot, from_generation) {
+            (Some(h), Some(g)) => Some(if h.1 > g.1 { h } else { g }),
+            (h, g) => h.or(g),
         }
     }
 
-    /// Keeps an entity the upstream just returned: in the hot cache at once,
-    /// in the mirror file in the background.
-    fn store_revalidated(&self, entity: Arc<Entity>) {
-        let at = self.now();
-        self.hot.put_entity(entity.clone(), at);
-        let mirror = self.mirror.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = mirror.store_entity(&entity, at) {
-                tracing::warn!(error = %e, uid = %entity.uid, "cannot store a revalidated entity");
-            }
-        });
-    }
-
-    fn entity_reply(&self, body: &Bytes, confirmed_at: SystemTime) -> Reply {
-        Reply {
+    fn entity_answer(&self, body: &Bytes, confirmed_at: SystemTime) -> Answer {
+        Answer {
             status: StatusCode::OK,
             headers: json_headers(),
             body: body.clone(),
@@ -408,24 +707,26 @@ impl Sidecar {
     }
 
     /// `POST /entities/by-refs`.
-    pub async fn read_by_refs(&self, req: &Incoming<'_>) -> Reply {
-        let parsed = match query::parse_by_refs(req.query, &req.body) {
-            Ok(p) => p,
-            Err(e) => return self.error_reply(ErrorKind::Input, &e.to_string(), req),
-        };
-        let view = self.view();
+    pub async fn read_by_refs(&self, req: &Incoming<'_>) -> Result<Answer, ReadError> {
+        let parsed = query::parse_by_refs(req.query, &req.body)
+            .map_err(|e| ReadError::Input(e.to_string()))?;
+        let generation = self.generations.current();
         let mut found = Vec::with_capacity(parsed.entity_refs.len());
         let mut oldest: Option<SystemTime> = None;
         let mut unknown = false;
         for text in &parsed.entity_refs {
             // Backstage compares the ref as written with the lower-cased
             // stored ref, so only an already lower-case ref can match.
-            let entity = EntityRef::parse(text).ok().and_then(|r| {
+            let written = EntityRef::parse(text).ok();
+            let canonical = written.as_ref().map(|r| {
                 let as_written = format!("{}:{}/{}", r.kind, r.namespace, r.name);
-                (as_written == r.canonical())
-                    .then(|| self.find_entity(&Lookup::ByName(r)))
-                    .flatten()
+                let canonical = r.canonical();
+                (as_written == canonical, r)
             });
+            let entity = match &canonical {
+                Some((true, r)) => self.find_entity(&Lookup::ByName((*r).clone())),
+                _ => None,
+            };
             match entity {
                 Some((e, confirmed)) => {
                     oldest = Some(oldest.map_or(confirmed, |o| o.min(confirmed)));
@@ -434,18 +735,14 @@ impl Sidecar {
                 None => {
                     // An upper-case ref never matches (above): its null is
                     // the answer, not something to ask the upstream about.
-                    let can_match = EntityRef::parse(text)
-                        .map(|r| format!("{}:{}/{}", r.kind, r.namespace, r.name) == r.canonical())
-                        .unwrap_or(true);
-                    let negative = EntityRef::parse(text)
-                        .map(|r| by_name_path(&r.kind, &r.namespace, &r.name).to_lowercase())
-                        .ok()
-                        .is_some_and(|k| {
-                            matches!(
-                                self.hot.get(&HotKey::Path(k.into())),
-                                Some(HotEntry::Missing { .. })
-                            )
-                        });
+                    let can_match = canonical.as_ref().is_none_or(|(lower, _)| *lower);
+                    let negative = canonical.as_ref().is_some_and(|(_, r)| {
+                        let key = by_name_path(&r.kind, &r.namespace, &r.name).to_lowercase();
+                        matches!(
+                            self.hot.get(&HotKey::Path(key.into())),
+                            Some(HotEntry::Missing { .. })
+                        )
+                    });
                     if can_match && !negative {
                         unknown = true;
                     }
@@ -453,17 +750,15 @@ impl Sidecar {
                 }
             }
         }
-        let body = match query::render_by_refs(&parsed, &found) {
-            Ok(b) => b,
-            Err(e) => return self.error_reply(ErrorKind::Input, &e.to_string(), req),
-        };
-        let Some(view) = view else {
+        let body =
+            query::render_by_refs(&parsed, &found).map_err(|e| ReadError::Input(e.to_string()))?;
+        let Some(generation) = generation else {
             return self
                 .forward_without_mirror(req, Operation::Revalidate)
                 .await;
         };
-        let confirmed_at = oldest.unwrap_or(view.meta.synced_at);
-        let local_reply = Reply {
+        let confirmed_at = oldest.unwrap_or(generation.meta.synced_at);
+        let local = Answer {
             status: StatusCode::OK,
             headers: json_headers(),
             body,
@@ -472,9 +767,9 @@ impl Sidecar {
             stale: false,
         };
         if self.is_fresh(confirmed_at) && !unknown {
-            return local_reply;
+            return Ok(local);
         }
-        let on_fetched: OnFetched = Box::new(|sidecar: &Sidecar, response: &UpstreamResponse| {
+        let on_fetched: OnFetched = Box::new(|keeper: &Keeper, response: &UpstreamResponse| {
             if response.status != StatusCode::OK {
                 return;
             }
@@ -488,29 +783,31 @@ impl Sidecar {
                     if let Ok(entity) =
                         Entity::from_json(Bytes::copy_from_slice(raw.get().as_bytes()))
                     {
-                        sidecar.store_revalidated(Arc::new(entity));
+                        keeper.entity(Arc::new(entity));
                     }
                 }
             }
         });
-        self.revalidate(
-            req.key(),
-            Local::Found {
-                reply: local_reply,
-                confirmed_at,
-            },
-            self.forward_request(req),
-            Operation::Revalidate,
+        let held = Held::Copy {
+            answer: local,
+            confirmed_at,
+        };
+        let fetch = Fetch {
+            key: req.key(),
+            request: forward_request(req),
+            op: Operation::Revalidate,
             on_fetched,
-            req,
-            None,
-        )
-        .await
+        };
+        self.resolve(held, fetch).await
     }
 
     /// A query answered from the mirror index (`GET /entities`, by-query, facets).
-    pub async fn read_query(&self, kind: QueryKind, req: &Incoming<'_>) -> Reply {
-        let Some(view) = self.view() else {
+    pub async fn read_query(
+        &self,
+        kind: QueryKind,
+        req: &Incoming<'_>,
+    ) -> Result<Answer, ReadError> {
+        let Some(generation) = self.generations.current() else {
             return self.forward_without_mirror(req, Operation::Query).await;
         };
         let request = QueryRequest {
@@ -520,10 +817,10 @@ impl Sidecar {
         };
         // Right after a restart or sync the query index may still be
         // building; waiting for it must not stall an async worker.
-        let answered = if view.index.is_query_ready() {
-            query::answer(&view.index, &request)
+        let answered = if generation.index.is_query_ready() {
+            query::answer(&generation.index, &request)
         } else {
-            let index = view.index.clone();
+            let index = generation.index.clone();
             let (query_string, body) = (req.query.to_string(), req.body.clone());
             let waited = tokio::task::spawn_blocking(move || {
                 query::answer(
@@ -540,24 +837,17 @@ impl Sidecar {
                 Ok(answered) => answered,
                 Err(e) => {
                     tracing::error!(error = %e, "query failed while the index was building");
-                    return self.error_reply(
-                        ErrorKind::Internal,
-                        "the query index is unavailable",
-                        req,
-                    );
+                    return Err(ReadError::Internal("the query index is unavailable".into()));
                 }
             }
         };
-        let answer = match answered {
-            Ok(a) => a,
-            Err(e) => return self.error_reply(ErrorKind::Input, &e.to_string(), req),
-        };
+        let answer = answered.map_err(|e| ReadError::Input(e.to_string()))?;
         let mut headers = json_headers();
         if let Some(link) = answer.link.and_then(|l| HeaderValue::from_str(&l).ok()) {
             headers.insert(http::header::LINK, link);
         }
-        let confirmed_at = view.meta.synced_at;
-        let reply = Reply {
+        let confirmed_at = generation.meta.synced_at;
+        let local = Answer {
             status: StatusCode::OK,
             headers,
             body: answer.body,
@@ -566,47 +856,49 @@ impl Sidecar {
             stale: false,
         };
         if self.is_fresh(confirmed_at) {
-            return reply;
+            return Ok(local);
         }
-        self.sync_soon();
-        self.revalidate(
-            req.key(),
-            Local::Found {
-                reply,
+        self.sync.sync_soon();
+        let fetch = Fetch {
+            key: req.key(),
+            request: forward_request(req),
+            op: Operation::Query,
+            on_fetched: Box::new(|_, _| {}),
+        };
+        self.resolve(
+            Held::Copy {
+                answer: local,
                 confirmed_at,
             },
-            self.forward_request(req),
-            Operation::Query,
-            Box::new(|_, _| {}),
-            req,
-            None,
+            fetch,
         )
         .await
     }
 
     /// Before any generation is loaded there is nothing local: ask the upstream.
-    async fn forward_without_mirror(&self, req: &Incoming<'_>, op: Operation) -> Reply {
-        self.revalidate(
-            req.key(),
-            Local::Unknown,
-            self.forward_request(req),
+    async fn forward_without_mirror(
+        &self,
+        req: &Incoming<'_>,
+        op: Operation,
+    ) -> Result<Answer, ReadError> {
+        let fetch = Fetch {
+            key: req.key(),
+            request: forward_request(req),
             op,
-            Box::new(|_, _| {}),
-            req,
-            None,
-        )
-        .await
+            on_fetched: Box::new(|_, _| {}),
+        };
+        self.resolve(Held::Nothing, fetch).await
     }
 
     /// A read the mirror cannot compute (`/ancestry`, `/locations…`):
     /// fetched through the breaker, stored, served stale from the store
     /// during an outage.
-    pub async fn read_through(&self, req: &Incoming<'_>) -> Reply {
+    pub async fn read_through(&self, req: &Incoming<'_>) -> Result<Answer, ReadError> {
         let key = req.path_and_query();
         let stored = match self.hot.get(&HotKey::Path(key.as_str().into())) {
             Some(HotEntry::Answer(a)) => Some(a),
             _ => {
-                let mirror = self.mirror.clone();
+                let mirror = self.keeper.mirror.clone();
                 let k = key.clone();
                 tokio::task::spawn_blocking(move || mirror.answer(&k))
                     .await
@@ -616,7 +908,7 @@ impl Sidecar {
                     .map(Arc::new)
             }
         };
-        let local = match stored {
+        let held = match stored {
             Some(answer) => {
                 let mut headers = HeaderMap::new();
                 if let Some(ct) = answer
@@ -626,8 +918,8 @@ impl Sidecar {
                 {
                     headers.insert(http::header::CONTENT_TYPE, ct);
                 }
-                Local::Found {
-                    reply: Reply {
+                Held::Copy {
+                    answer: Answer {
                         status: StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK),
                         headers,
                         body: answer.body.clone(),
@@ -638,58 +930,37 @@ impl Sidecar {
                     confirmed_at: answer.stored_at,
                 }
             }
-            None => Local::Unknown,
+            None => Held::Nothing,
         };
-        if let Local::Found {
-            reply,
+        if let Held::Copy {
+            answer,
             confirmed_at,
-        } = &local
+        } = &held
         {
             if self.is_fresh(*confirmed_at) {
-                return reply.clone();
+                return Ok(answer.clone());
             }
         }
         let store_key = key.clone();
         let on_fetched: OnFetched =
-            Box::new(move |sidecar: &Sidecar, response: &UpstreamResponse| {
-                if !response.status.is_success() {
-                    return;
+            Box::new(move |keeper: &Keeper, response: &UpstreamResponse| {
+                if response.status.is_success() {
+                    keeper.answer(&store_key, response);
                 }
-                let answer = Arc::new(StoredAnswer {
-                    status: response.status.as_u16(),
-                    content_type: response
-                        .headers
-                        .get(http::header::CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string),
-                    body: response.body.clone(),
-                    stored_at: sidecar.now(),
-                });
-                sidecar.hot.put_answer(&store_key, answer.clone());
-                let mirror = sidecar.mirror.clone();
-                let k = store_key.clone();
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = mirror.store_answer(&k, &answer) {
-                        tracing::warn!(error = %e, key = %k, "cannot store a read-through answer");
-                    }
-                });
             });
-        self.revalidate(
+        let fetch = Fetch {
             key,
-            local,
-            self.forward_request(req),
-            Operation::ReadThrough,
+            request: forward_request(req),
+            op: Operation::ReadThrough,
             on_fetched,
-            req,
-            None,
-        )
-        .await
+        };
+        self.resolve(held, fetch).await
     }
 
     /// Writes and everything the sidecar does not interpret: passed through,
     /// never cached, never queued; with the breaker open, a fast 503.
-    pub async fn pass_through(&self, req: &Incoming<'_>) -> Reply {
-        let mut request = self.forward_request(req);
+    pub async fn pass_through(&self, req: &Incoming<'_>) -> Result<Answer, ReadError> {
+        let mut request = forward_request(req);
         request.own_identity = false;
         match self
             .upstream
@@ -700,16 +971,16 @@ impl Sidecar {
                 if response.status.is_success() {
                     self.after_write(req);
                 }
-                Reply {
+                Ok(Answer {
                     status: response.status,
                     headers: passed_headers(&response.headers),
                     body: response.body,
                     cache: CacheStatus::Bypass,
                     age: Duration::ZERO,
                     stale: false,
-                }
+                })
             }
-            Err(e) => self.unavailable(&e, req, "the write was not sent"),
+            Err(e) => Err(self.unavailable(&e, "the write was not sent")),
         }
     }
 
@@ -717,63 +988,35 @@ impl Sidecar {
     fn after_write(&self, req: &Incoming<'_>) {
         if req.method == Method::DELETE {
             if let Some(uid) = req.path.strip_prefix("/entities/by-uid/") {
-                if let Some(view) = self.view() {
-                    if let Some(e) = view.index.by_uid(uid) {
+                if let Some(generation) = self.generations.current() {
+                    if let Some(e) = generation.index.by_uid(uid) {
                         self.hot.invalidate_entity(&e.uid, &e.entity_ref);
                     }
                 }
             }
         }
         if req.method != Method::GET {
-            self.sync_soon();
+            self.sync.sync_soon();
         }
     }
 
-    fn forward_request(&self, req: &Incoming<'_>) -> UpstreamRequest {
-        let mut headers = HeaderMap::new();
-        for name in [
-            http::header::CONTENT_TYPE,
-            http::header::AUTHORIZATION,
-            http::header::ACCEPT,
-        ] {
-            if let Some(v) = req.headers.get(&name) {
-                headers.insert(name, v.clone());
-            }
+    /// Asks the upstream (sharing the call with concurrent reads of the
+    /// same key), waits at most the revalidate budget, and decides.
+    async fn resolve(&self, held: Held, fetch: Fetch) -> Result<Answer, ReadError> {
+        if let Some(refused) = self.upstream.refused_now(fetch.op) {
+            return self.without_upstream(held, &refused);
         }
-        UpstreamRequest {
-            method: req.method.clone(),
-            path_and_query: req.path_and_query(),
-            headers,
-            body: req.body.clone(),
-            own_identity: true,
-        }
-    }
-
-    /// Asks the upstream (sharing the call with concurrent reads of `key`),
-    /// waits at most the revalidate budget, and decides.
-    #[allow(clippy::too_many_arguments)]
-    async fn revalidate(
-        &self,
-        key: String,
-        local: Local,
-        request: UpstreamRequest,
-        op: Operation,
-        on_fetched: OnFetched,
-        req: &Incoming<'_>,
-        not_found_message: Option<String>,
-    ) -> Reply {
-        if let Some(refused) = self.upstream.refused_now(op) {
-            return self.decide_without_upstream(local, &refused, req, not_found_message);
-        }
-        let fetch = self.fetch_shared(key, request, op, on_fetched);
-        let budget = self.config.freshness.revalidate_budget.get();
-        let outcome = match tokio::time::timeout(budget, fetch).await {
+        let budget = self.settings.revalidate_budget;
+        let outcome = match tokio::time::timeout(budget, self.fetch_shared(fetch)).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err((*e).clone()),
+            Ok(Err(e)) => match &*e {
+                FetchError::Upstream(e) => Err(e.clone()),
+                FetchError::Task(what) => return Err(ReadError::Internal(what.clone())),
+            },
             Err(_) => Err(UpstreamError::Timeout(budget)),
         };
         let outcome = match outcome {
-            Ok(response) if self.contradicts_held_mirror(&local, &response) => {
+            Ok(response) if self.contradicts_held_mirror(&held, &response) => {
                 Err(UpstreamError::Untrusted(
                     "it reports missing entities the mirror holds while a mass deletion is held"
                         .into(),
@@ -783,44 +1026,35 @@ impl Sidecar {
         };
         match outcome {
             Ok(response) => {
-                let had_local = matches!(local, Local::Found { .. });
+                let had_local = matches!(held, Held::Copy { .. });
                 let status = response.status.as_u16();
                 let cache = match (had_local, response.status) {
                     (true, _) => CacheStatus::Revalidated { status },
                     (false, StatusCode::OK) => CacheStatus::Stored,
                     (false, _) => CacheStatus::Miss { status },
                 };
-                Reply {
+                Ok(Answer {
                     status: response.status,
                     headers: passed_headers(&response.headers),
                     body: response.body.clone(),
                     cache,
                     age: Duration::ZERO,
                     stale: false,
-                }
+                })
             }
-            Err(error) => self.decide_without_upstream(local, &error, req, not_found_message),
+            Err(error) => self.without_upstream(held, &error),
         }
     }
 
-    /// Whether the upstream's word that entities are gone is in doubt: the
-    /// deletion guard holds a sync, or the last sync failed (a catalog that
-    /// empties mid-walk fails the walk before a full walk can be held).
-    fn upstream_suspect(&self) -> bool {
-        self.held_deletions().is_some()
-            || self
-                .last_sync()
-                .is_some_and(|r| r.result == crate::sync::SyncResult::Failed)
-    }
-
-    /// While the upstream is suspect (see `upstream_suspect`), it is doubted when it says
-    /// entities are lost: an answer that says a mirrored entity is gone (a 404,
-    /// or a by-refs `null` the mirror can fill) is not taken over the mirror.
-    fn contradicts_held_mirror(&self, local: &Local, response: &UpstreamResponse) -> bool {
-        let Local::Found { reply, .. } = local else {
+    /// While the upstream is suspect (see [`SyncStatus::upstream_suspect`]),
+    /// it is doubted when it says entities are lost: an answer that says a
+    /// mirrored entity is gone (a 404, or a by-refs `null` the mirror can
+    /// fill) is not taken over the mirror.
+    fn contradicts_held_mirror(&self, held: &Held, response: &UpstreamResponse) -> bool {
+        let Held::Copy { answer, .. } = held else {
             return false;
         };
-        if !self.upstream_suspect() {
+        if !self.sync.upstream_suspect() {
             return false;
         }
         if response.status == StatusCode::NOT_FOUND {
@@ -835,150 +1069,110 @@ impl Sidecar {
                 .ok()
                 .map(|i| i.items.iter().filter(|x| x.is_none()).count())
         };
-        matches!((nulls(&response.body), nulls(&reply.body)), (Some(up), Some(here)) if up > here)
+        matches!((nulls(&response.body), nulls(&answer.body)), (Some(up), Some(here)) if up > here)
     }
 
-    /// The staleness decision: the upstream could not answer.
-    fn decide_without_upstream(
-        &self,
-        local: Local,
-        error: &UpstreamError,
-        req: &Incoming<'_>,
-        not_found_message: Option<String>,
-    ) -> Reply {
-        let stale = self.flags.stale();
-        let fresh_for = self.config.freshness.fresh_for.get();
-        let (reply, confirmed_at) = match local {
-            Local::Found {
-                reply,
-                confirmed_at,
-            } => (reply, confirmed_at),
-            Local::AbsentFromMirror { confirmed_at } => match not_found_message {
-                Some(message) => (
-                    self.error_reply(ErrorKind::NotFound, &message, req),
-                    confirmed_at,
-                ),
-                None => {
-                    return self.unavailable(error, req, "the mirror cannot answer this request")
-                }
+    /// The upstream could not answer: the decision on what is held.
+    fn without_upstream(&self, held: Held, error: &UpstreamError) -> Result<Answer, ReadError> {
+        match decide(
+            held.local(),
+            UpstreamState::Unavailable,
+            &self.rules(),
+            self.clock.now(),
+        ) {
+            Decision::Stale { age, ttl } => match held {
+                Held::Copy { answer, .. } => Ok(Answer {
+                    cache: CacheStatus::StaleHit { ttl },
+                    age,
+                    stale: true,
+                    ..answer
+                }),
+                _ => Err(ReadError::Internal(
+                    "a stale decision without a local copy".into(),
+                )),
             },
-            Local::Unknown => {
-                return self.unavailable(error, req, "the mirror holds no copy of this")
-            }
-        };
-        let age = self.age_of(confirmed_at);
-        if stale.policy == StalePolicy::Refuse {
-            return self.unavailable(
-                error,
-                req,
-                "the stale-data policy is 'refuse', so mirror data the upstream cannot confirm is not served",
-            );
-        }
-        if age > stale.max_stale {
-            return self.unavailable(
-                error,
-                req,
-                &format!(
-                    "the mirror's copy is {} old, older than max_stale ({})",
-                    humantime::format_duration(Duration::from_secs(age.as_secs())),
-                    humantime::format_duration(stale.max_stale)
-                ),
-            );
-        }
-        let ttl = fresh_for.as_secs() as i64 - age.as_secs() as i64;
-        Reply {
-            cache: CacheStatus::StaleHit { ttl: ttl.min(-1) },
-            age,
-            stale: true,
-            ..reply
+            Decision::StaleNotFound { age, ttl } => match held {
+                Held::Absent { message, .. } => Err(ReadError::NotFound { message, age, ttl }),
+                _ => Err(ReadError::Internal(
+                    "a not-found decision without a generation".into(),
+                )),
+            },
+            Decision::Refuse(refusal) => Err(self.unavailable(error, &refusal.detail())),
+            // Not reached while the upstream is unavailable; serve what is
+            // held as it is rather than fail.
+            Decision::Fresh | Decision::Ask => match held {
+                Held::Copy { answer, .. } => Ok(answer),
+                _ => Err(self.unavailable(error, &Refusal::NoCopy.detail())),
+            },
         }
     }
 
     /// The sidecar's own 503, saying why and when to retry.
-    fn unavailable(&self, error: &UpstreamError, req: &Incoming<'_>, detail: &str) -> Reply {
-        let message = format!("The catalog is unavailable: {error}; {detail}");
-        let (status, body) = error_body(
-            ErrorKind::Unavailable,
-            &message,
-            req.method,
-            &req.path_and_query(),
-        );
-        let mut headers = json_headers();
-        let retry_after = error
-            .retry_after()
-            .unwrap_or(self.config.breaker.open_for.get())
-            .as_secs_f64()
-            .ceil()
-            .max(1.0) as u64;
-        headers.insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
-        Reply {
-            status,
-            headers,
-            body,
-            cache: CacheStatus::Unavailable,
-            age: Duration::ZERO,
-            stale: false,
+    fn unavailable(&self, error: &UpstreamError, detail: &str) -> ReadError {
+        ReadError::Unavailable {
+            message: format!("The catalog is unavailable: {error}; {detail}"),
+            retry_after: error.retry_after().unwrap_or(self.settings.retry_after),
         }
     }
 
-    /// An error answered by the sidecar itself, in Backstage's shape.
-    pub fn error_reply(&self, kind: ErrorKind, message: &str, req: &Incoming<'_>) -> Reply {
-        let (status, body) = error_body(kind, message, req.method, &req.path_and_query());
-        Reply {
-            status,
-            headers: json_headers(),
-            body,
-            cache: CacheStatus::Hit,
-            age: Duration::ZERO,
-            stale: false,
-        }
-    }
-
-    fn fetch_shared(
-        &self,
-        key: String,
-        request: UpstreamRequest,
-        op: Operation,
-        on_fetched: OnFetched,
-    ) -> SharedFetch {
-        let mut calls = self
-            .inflight
-            .calls
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(existing) = calls.get(&key) {
+    fn fetch_shared(&self, fetch: Fetch) -> SharedFetch {
+        let mut calls = self.inflight.lock();
+        if let Some(existing) = calls.get(&fetch.key) {
             return existing.clone();
         }
-        let Some(me) = self.self_ref.upgrade() else {
-            let err: FetchResult = Err(Arc::new(UpstreamError::Connect(
-                "the sidecar is shutting down".into(),
-            )));
-            return futures::future::ready(err).boxed().shared();
-        };
+        let Fetch {
+            key,
+            request,
+            op,
+            on_fetched,
+        } = fetch;
+        let (upstream, keeper, inflight) = (
+            self.upstream.clone(),
+            self.keeper.clone(),
+            self.inflight.clone(),
+        );
         let task_key = key.clone();
         let handle = tokio::spawn(async move {
-            let result = me.upstream.call(op, &request, Expect::Json, None).await;
+            let result = upstream.call(op, &request, Expect::Json, None).await;
             if let Ok(response) = &result {
-                on_fetched(&me, response);
+                on_fetched(&keeper, response);
             }
-            me.inflight
-                .calls
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&task_key);
-            result.map(Arc::new).map_err(Arc::new)
+            inflight.lock().remove(&task_key);
+            result
+                .map(Arc::new)
+                .map_err(|e| Arc::new(FetchError::Upstream(e)))
         });
         let shared = async move {
-            handle.await.unwrap_or_else(|e| {
-                Err(Arc::new(UpstreamError::Connect(format!(
-                    "upstream task failed: {e}"
-                ))))
-            })
+            handle
+                .await
+                .unwrap_or_else(|e| Err(Arc::new(FetchError::Task(e.to_string()))))
         }
         .boxed()
         .shared();
         calls.insert(key, shared.clone());
         shared
+    }
+}
+
+/// The request passed on to the upstream for a client's request: its
+/// method, path, query and body, and the headers the upstream needs.
+fn forward_request(req: &Incoming<'_>) -> UpstreamRequest {
+    let mut headers = HeaderMap::new();
+    for name in [
+        http::header::CONTENT_TYPE,
+        http::header::AUTHORIZATION,
+        http::header::ACCEPT,
+    ] {
+        if let Some(v) = req.headers.get(&name) {
+            headers.insert(name, v.clone());
+        }
+    }
+    UpstreamRequest {
+        method: req.method.clone(),
+        path_and_query: req.path_and_query(),
+        headers,
+        body: req.body.clone(),
+        own_identity: true,
     }
 }
 
@@ -997,4 +1191,213 @@ fn passed_headers(upstream: &HeaderMap) -> HeaderMap {
         }
     }
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FRESH_FOR: Duration = Duration::from_secs(90);
+
+    fn rules(policy: StalePolicy) -> Rules {
+        Rules {
+            fresh_for: FRESH_FOR,
+            policy,
+            max_stale: Duration::from_secs(24 * 3600),
+        }
+    }
+
+    fn at(now: SystemTime, ago: u64) -> SystemTime {
+        now - Duration::from_secs(ago)
+    }
+
+    #[test]
+    fn fresh_data_is_served_whatever_the_upstream_and_the_policy() {
+        let now = SystemTime::now();
+        let local = Local::Found {
+            confirmed_at: at(now, 89),
+        };
+        for upstream in [UpstreamState::Admits, UpstreamState::Unavailable] {
+            for policy in [StalePolicy::Serve, StalePolicy::Refuse] {
+                assert_eq!(
+                    decide(local, upstream, &rules(policy), now),
+                    Decision::Fresh
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn old_or_absent_data_asks_an_upstream_the_breaker_admits() {
+        let now = SystemTime::now();
+        for local in [
+            Local::Found {
+                confirmed_at: at(now, 90),
+            },
+            Local::AbsentFromMirror {
+                confirmed_at: at(now, 5),
+            },
+            Local::Unknown,
+        ] {
+            assert_eq!(
+                decide(
+                    local,
+                    UpstreamState::Admits,
+                    &rules(StalePolicy::Refuse),
+                    now
+                ),
+                Decision::Ask,
+                "{local:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_the_upstream_old_data_is_served_stale_with_its_age_and_negative_ttl() {
+        let now = SystemTime::now();
+        let local = Local::Found {
+            confirmed_at: at(now, 300),
+        };
+        assert_eq!(
+            decide(
+                local,
+                UpstreamState::Unavailable,
+                &rules(StalePolicy::Serve),
+                now
+            ),
+            Decision::Stale {
+                age: Duration::from_secs(300),
+                ttl: -210
+            }
+        );
+        // Just past fresh_for the ttl is still negative.
+        let local = Local::Found {
+            confirmed_at: at(now, 90),
+        };
+        assert_eq!(
+            decide(
+                local,
+                UpstreamState::Unavailable,
+                &rules(StalePolicy::Serve),
+                now
+            ),
+            Decision::Stale {
+                age: Duration::from_secs(90),
+                ttl: -1
+            }
+        );
+        // The mirror's "not found" stands in for the upstream the same way.
+        let absent = Local::AbsentFromMirror {
+            confirmed_at: at(now, 120),
+        };
+        assert_eq!(
+            decide(
+                absent,
+                UpstreamState::Unavailable,
+                &rules(StalePolicy::Serve),
+                now
+            ),
+            Decision::StaleNotFound {
+                age: Duration::from_secs(120),
+                ttl: -30
+            }
+        );
+    }
+
+    #[test]
+    fn the_refuse_policy_max_stale_and_an_empty_mirror_refuse() {
+        let now = SystemTime::now();
+        let old = Local::Found {
+            confirmed_at: at(now, 300),
+        };
+        assert_eq!(
+            decide(
+                old,
+                UpstreamState::Unavailable,
+                &rules(StalePolicy::Refuse),
+                now
+            ),
+            Decision::Refuse(Refusal::Policy)
+        );
+        let ancient = Local::Found {
+            confirmed_at: at(now, 25 * 3600),
+        };
+        assert_eq!(
+            decide(
+                ancient,
+                UpstreamState::Unavailable,
+                &rules(StalePolicy::Serve),
+                now
+            ),
+            Decision::Refuse(Refusal::TooOld {
+                age: Duration::from_secs(25 * 3600),
+                max_stale: Duration::from_secs(24 * 3600)
+            })
+        );
+        assert_eq!(
+            decide(
+                Local::Unknown,
+                UpstreamState::Unavailable,
+                &rules(StalePolicy::Serve),
+                now
+            ),
+            Decision::Refuse(Refusal::NoCopy)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timed_operator_override_expires_by_moving_the_clock() {
+        use crate::breaker::{Breaker, BreakerConfig, BreakerMode};
+        use crate::config::Config;
+
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::system();
+        let (mirror, _) = Mirror::open(&dir.path().join("m.db"), &clock).unwrap();
+        let breaker = Breaker::new(BreakerConfig::default(), clock.clone());
+        let flags = Flags::load(
+            &Config::default(),
+            Arc::new(mirror),
+            breaker.clone(),
+            clock.clone(),
+        )
+        .unwrap();
+        let upstream_state = |b: &Breaker| match b.would_reject() {
+            Some(_) => UpstreamState::Unavailable,
+            None => UpstreamState::Admits,
+        };
+        let (policy, max_stale) = flags.stale_rule();
+        let rules = Rules {
+            fresh_for: FRESH_FOR,
+            policy,
+            max_stale,
+        };
+        let confirmed_at = clock.now();
+        let local = Local::Found { confirmed_at };
+
+        flags
+            .set_mode(
+                BreakerMode::Open,
+                Some("maintenance"),
+                Some(Duration::from_secs(600)),
+                "cli",
+            )
+            .unwrap();
+        clock.advance(Duration::from_secs(300));
+        assert_eq!(flags.expire().unwrap(), None, "not yet expired");
+        let decision = decide(local, upstream_state(&breaker), &rules, clock.now());
+        assert!(
+            matches!(decision, Decision::Stale { ttl: -210, age } if age >= Duration::from_secs(300)),
+            "forced open: old data is served stale, the upstream is not asked ({decision:?})"
+        );
+
+        clock.advance(Duration::from_secs(301));
+        assert_eq!(flags.expire().unwrap(), Some(BreakerMode::Auto));
+        assert_eq!(breaker.mode(), BreakerMode::Auto);
+        assert_eq!(flags.mode().mode, BreakerMode::Auto);
+        assert_eq!(
+            decide(local, upstream_state(&breaker), &rules, clock.now()),
+            Decision::Ask,
+            "back to auto: the upstream is asked again"
+        );
+    }
 }

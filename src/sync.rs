@@ -1,30 +1,39 @@
-//! The sync loop: pages through the upstream catalog and applies the whole
-//! result as one new mirror generation.
+//! The sync loop ([`Syncer`]): pages through the upstream catalog and
+//! applies the whole result as one new mirror generation.
 //!
 //! A sync that fails on any page, or receives malformed data, applies
-//! nothing. Unchanged entities (same `metadata.etag`) are not rewritten and
-//! keep their hot-cache entries. A sync that would remove more than
-//! `mirror.max_delete_ratio` of the mirror (or empty it) is held until an
-//! operator accepts it. Syncs run every `mirror.sync_interval` ± jitter;
-//! failed ones back off exponentially, and while the breaker is open the
-//! next attempt is timed to be its half-open probe, so recovery needs no
-//! client traffic. One sync runs at a time.
+//! nothing ([`SyncError`] says why). Unchanged entities (same
+//! `metadata.etag`) are not rewritten and keep their hot-cache entries. A
+//! sync that would remove more than `mirror.max_delete_ratio` of the mirror
+//! (or empty it) is held until an operator accepts it. Syncs run every
+//! `mirror.sync_interval` ± jitter; failed ones back off exponentially, and
+//! while the breaker is open the next attempt is timed to be its half-open
+//! probe, so recovery needs no client traffic. One sync runs at a time.
+//! What the rest of the sidecar may know of and ask of the loop is
+//! [`SyncStatus`]: the last report, held deletions, "sync soon".
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
-use crate::entity::Entity;
+use crate::breaker::Breaker;
+use crate::cache::HotCache;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::entity::{Entity, EntityError};
+use crate::generation::{Generation, Generations};
 use crate::index::Index;
 use crate::metrics as m;
-use crate::mirror::{rfc3339, ApplyStats, AuditRecord};
+use crate::mirror::{rfc3339, ApplyStats, AuditRecord, Diff, Mirror, MirrorError};
 use crate::retry::{self, RetryPolicy};
-use crate::sidecar::{Sidecar, View};
-use crate::upstream::{encode_component, Expect, Operation, UpstreamRequest};
+use crate::upstream::{
+    encode_component, Expect, Operation, Upstream, UpstreamError, UpstreamRequest,
+};
 
 /// Most pages one sync reads before it gives up (a cursor loop guard).
 const MAX_PAGES: usize = 100_000;
@@ -107,20 +116,222 @@ struct PageInfo {
     next_cursor: Option<String>,
 }
 
-impl Sidecar {
+/// Why a sync applied nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The upstream gave no usable answer for a page.
+    #[error("page {page}: {source}")]
+    Page {
+        /// 1-based page number.
+        page: usize,
+        /// What went wrong.
+        source: UpstreamError,
+    },
+    /// The upstream answered a page with a non-success status.
+    #[error("page {page}: the upstream answered {status}")]
+    Status {
+        /// 1-based page number.
+        page: usize,
+        /// The status.
+        status: http::StatusCode,
+    },
+    /// A page is not the shape of a by-query page.
+    #[error("page {page} is not a by-query page: {reason}")]
+    NotAPage {
+        /// 1-based page number.
+        page: usize,
+        /// The parser's message.
+        reason: String,
+    },
+    /// A page holds something that is not an entity the mirror can hold.
+    #[error("page {page}: {source}")]
+    BadEntity {
+        /// 1-based page number.
+        page: usize,
+        /// What is wrong with it.
+        source: EntityError,
+    },
+    /// A page's `totalItems` disagrees with page 1's.
+    #[error("page {page}: the upstream now counts {total} entities, page 1 counted {first}; the catalog changed during the sync")]
+    CountChanged {
+        /// 1-based page number.
+        page: usize,
+        /// This page's count.
+        total: usize,
+        /// Page 1's count.
+        first: usize,
+    },
+    /// The walk ended with fewer entities than page 1 announced.
+    #[error("paging ended after {got} entities, but the upstream counted {total}; the catalog changed during the sync or a page was cut short")]
+    ShortWalk {
+        /// Entities received.
+        got: usize,
+        /// Entities announced.
+        total: usize,
+    },
+    /// The upstream sent the cursor it was given back.
+    #[error("page {page}: the upstream repeated its cursor")]
+    RepeatedCursor {
+        /// 1-based page number.
+        page: usize,
+    },
+    /// The walk did not end (a cursor loop guard).
+    #[error("gave up after {0} pages")]
+    TooManyPages(usize),
+    /// The mirror could not store the generation.
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
+    /// The blocking task that applies a generation failed.
+    #[error("applying the generation failed: {0}")]
+    Internal(String),
+}
+
+/// What the rest of the sidecar may know of and ask of the sync loop: the
+/// last report, the deletions being held, and a request to sync soon.
+/// Shared by the loop, the read path and the admin API.
+#[derive(Default)]
+pub struct SyncStatus {
+    last: Mutex<Option<SyncReport>>,
+    held: Mutex<Option<HeldDeletions>>,
+    trigger: Notify,
+}
+
+impl SyncStatus {
+    /// The state a previous run left in the mirror (last report, held
+    /// deletions), so that `status` tells the truth right after a restart.
+    pub fn restore(mirror: &Mirror) -> Self {
+        let status = Self::default();
+        if let Ok(Some(text)) = mirror.note("last_sync") {
+            *lock(&status.last) = serde_json::from_str(&text).ok();
+        }
+        if let Ok(Some(text)) = mirror.note("held_deletions") {
+            *lock(&status.held) = serde_json::from_str(&text).ok();
+        }
+        status
+    }
+
+    /// The held deletions, if any.
+    pub fn held_deletions(&self) -> Option<HeldDeletions> {
+        lock(&self.held).clone()
+    }
+
+    /// The last sync's report.
+    pub fn last_sync(&self) -> Option<SyncReport> {
+        lock(&self.last).clone()
+    }
+
+    /// Whether the upstream's word that entities are gone is in doubt: the
+    /// deletion guard holds a sync, or the last sync failed (a catalog that
+    /// empties mid-walk fails the walk before a full walk can be held).
+    pub fn upstream_suspect(&self) -> bool {
+        lock(&self.held).is_some()
+            || lock(&self.last)
+                .as_ref()
+                .is_some_and(|r| r.result == SyncResult::Failed)
+    }
+
+    /// Asks the sync loop for a sync as soon as it can (debounced).
+    pub fn sync_soon(&self) {
+        self.trigger.notify_one();
+    }
+
+    /// Sets the held-deletions gauge.
+    pub fn publish_gauges(&self) {
+        metrics::gauge!(m::SYNC_HELD_DELETIONS)
+            .set(self.held_deletions().map_or(0.0, |h| h.would_remove as f64));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The sync loop's settings (from `[mirror]` and `[upstream]`).
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    /// `mirror.page_size`.
+    pub page_size: u32,
+    /// `mirror.max_delete_ratio`.
+    pub max_delete_ratio: f64,
+    /// `mirror.sync_interval`.
+    pub interval: Duration,
+    /// `mirror.sync_jitter`.
+    pub jitter: f64,
+    /// `upstream.timeout`: a page's retries stop after twice this.
+    pub upstream_timeout: Duration,
+}
+
+impl SyncSettings {
+    /// The settings of `config`.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            page_size: config.mirror.page_size,
+            max_delete_ratio: config.mirror.max_delete_ratio,
+            interval: config.mirror.sync_interval.get(),
+            jitter: config.mirror.sync_jitter,
+            upstream_timeout: config.upstream.timeout.get(),
+        }
+    }
+}
+
+/// The sync loop and what it needs.
+pub struct Syncer {
+    settings: SyncSettings,
+    upstream: Arc<Upstream>,
+    breaker: Breaker,
+    mirror: Arc<Mirror>,
+    generations: Arc<Generations>,
+    hot: HotCache,
+    clock: Clock,
+    status: Arc<SyncStatus>,
+    /// One sync at a time.
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+impl Syncer {
+    /// A sync loop over these parts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: SyncSettings,
+        upstream: Arc<Upstream>,
+        breaker: Breaker,
+        mirror: Arc<Mirror>,
+        generations: Arc<Generations>,
+        hot: HotCache,
+        clock: Clock,
+        status: Arc<SyncStatus>,
+    ) -> Self {
+        Self {
+            settings,
+            upstream,
+            breaker,
+            mirror,
+            generations,
+            hot,
+            clock,
+            status,
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// What the loop reports and accepts.
+    pub fn status(&self) -> &Arc<SyncStatus> {
+        &self.status
+    }
+
     /// Reads the whole catalog from the upstream, page by page.
-    async fn fetch_catalog(&self) -> Result<Vec<Entity>, String> {
+    async fn fetch_catalog(&self) -> Result<Vec<Entity>, SyncError> {
         let policy = RetryPolicy {
             initial: Duration::from_millis(100),
             max_interval: Duration::from_secs(1),
-            max_elapsed: Some(self.config.upstream.timeout.get() * 2),
+            max_elapsed: Some(self.settings.upstream_timeout * 2),
             ..RetryPolicy::default()
         };
-        let page_size = self.config.mirror.page_size;
+        let page_size = self.settings.page_size;
         let mut entities: Vec<Entity> = Vec::new();
         let mut cursor: Option<String> = None;
         let mut expected: Option<usize> = None;
-        for page_number in 1..=MAX_PAGES {
+        for page in 1..=MAX_PAGES {
             let path = match &cursor {
                 None => format!("/entities/by-query?limit={page_size}"),
                 Some(c) => format!(
@@ -137,57 +348,56 @@ impl Sidecar {
                     Some(&policy),
                 )
                 .await
-                .map_err(|e| format!("page {page_number}: {e}"))?;
+                .map_err(|source| SyncError::Page { page, source })?;
             if !response.status.is_success() {
-                return Err(format!(
-                    "page {page_number}: the upstream answered {}",
-                    response.status
-                ));
+                return Err(SyncError::Status {
+                    page,
+                    status: response.status,
+                });
             }
-            let page: Page<'_> = serde_json::from_slice(&response.body)
-                .map_err(|e| format!("page {page_number} is not a by-query page: {e}"))?;
+            let parsed: Page<'_> =
+                serde_json::from_slice(&response.body).map_err(|e| SyncError::NotAPage {
+                    page,
+                    reason: e.to_string(),
+                })?;
             // Backstage repeats page 1's totalItems on every page. A page that
             // disagrees, or a walk that ends short of it, means the catalog
             // changed under the walk or a page was cut short: applying it
             // could drop entities that exist, so the sync fails instead.
-            match (expected, page.total_items) {
+            match (expected, parsed.total_items) {
                 (None, Some(total)) => expected = Some(total),
                 (Some(first), Some(total)) if total != first => {
-                    return Err(format!(
-                        "page {page_number}: the upstream now counts {total} entities, page 1 counted {first}; the catalog changed during the sync"
-                    ))
+                    return Err(SyncError::CountChanged { page, total, first })
                 }
                 _ => {}
             }
-            for raw in page.items {
+            for raw in parsed.items {
                 let entity = Entity::from_json(Bytes::copy_from_slice(raw.get().as_bytes()))
-                    .map_err(|e| format!("page {page_number}: {e}"))?;
+                    .map_err(|source| SyncError::BadEntity { page, source })?;
                 entities.push(entity);
             }
-            match page.page_info.next_cursor {
+            match parsed.page_info.next_cursor {
                 Some(next) if Some(&next) == cursor.as_ref() => {
-                    return Err(format!(
-                        "page {page_number}: the upstream repeated its cursor"
-                    ))
+                    return Err(SyncError::RepeatedCursor { page })
                 }
                 Some(next) => cursor = Some(next),
                 None => {
                     return match expected {
-                        Some(total) if total != entities.len() => Err(format!(
-                            "paging ended after {} entities, but the upstream counted {total}; the catalog changed during the sync or a page was cut short",
-                            entities.len()
-                        )),
+                        Some(total) if total != entities.len() => Err(SyncError::ShortWalk {
+                            got: entities.len(),
+                            total,
+                        }),
                         _ => Ok(entities),
                     }
                 }
             }
         }
-        Err(format!("gave up after {MAX_PAGES} pages"))
+        Err(SyncError::TooManyPages(MAX_PAGES))
     }
 
     /// Runs one sync now (waiting for one in progress to end first).
     pub async fn sync_once(&self, accept_deletions: bool) -> SyncReport {
-        let _one_at_a_time = self.sync.lock.lock().await;
+        let _one_at_a_time = self.one_at_a_time.lock().await;
         let started = Instant::now();
         let fetched = self.fetch_catalog().await;
         let report = match fetched {
@@ -231,23 +441,23 @@ impl Sidecar {
         result: SyncResult,
         started: Instant,
         stats: ApplyStats,
-        error: Option<String>,
+        error: Option<SyncError>,
     ) -> SyncReport {
         SyncReport {
             result,
-            at: rfc3339(SystemTime::now()),
+            at: rfc3339(self.clock.now()),
             duration_seconds: started.elapsed().as_secs_f64(),
             added: stats.added,
             changed: stats.changed,
             removed: stats.removed,
             unchanged: stats.unchanged,
-            generation: self.view().map(|v| v.meta.id),
-            error,
+            generation: self.generations.current().map(|g| g.meta.id),
+            error: error.map(|e| e.to_string()),
         }
     }
 
     fn remember_report(&self, report: &SyncReport) {
-        *self.sync.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+        *lock(&self.status.last) = Some(report.clone());
         if let Ok(text) = serde_json::to_string(report) {
             if let Err(e) = self.mirror.set_note("last_sync", Some(&text)) {
                 tracing::warn!(error = %e, "cannot persist the sync report");
@@ -261,36 +471,24 @@ impl Sidecar {
         accept_deletions: bool,
         started: Instant,
     ) -> SyncReport {
-        let current = self.view();
-        let previous = current.as_ref().map(|v| v.etags()).unwrap_or_default();
+        let current = self.generations.current();
+        let previous = current.as_ref().map(|g| g.etags()).unwrap_or_default();
         // Reuse the previous generation's entity for an unchanged etag, so
         // unchanged entities keep one copy in memory.
         let mut next: Vec<Arc<Entity>> = Vec::with_capacity(entities.len());
-        let mut seen = std::collections::HashSet::with_capacity(entities.len());
-        let mut stats = ApplyStats::default();
+        let mut seen = HashSet::with_capacity(entities.len());
         for entity in entities {
             if !seen.insert(entity.uid.clone()) {
                 continue;
             }
-            let old = current.as_ref().and_then(|v| v.index.by_uid(&entity.uid));
-            match old {
-                Some(old) if old.etag == entity.etag => {
-                    stats.unchanged += 1;
-                    next.push(old.clone());
-                }
-                Some(_) => {
-                    stats.changed += 1;
-                    next.push(Arc::new(entity));
-                }
-                None => {
-                    stats.added += 1;
-                    next.push(Arc::new(entity));
-                }
+            match current.as_ref().and_then(|g| g.index.by_uid(&entity.uid)) {
+                Some(old) if old.etag == entity.etag => next.push(old.clone()),
+                _ => next.push(Arc::new(entity)),
             }
         }
-        stats.removed = previous
-            .len()
-            .saturating_sub(stats.unchanged + stats.changed);
+        drop(seen);
+        let diff = Diff::between(&previous, &next);
+        let stats = diff.stats;
         let held = self.deletion_guard(previous.len(), stats.removed, next.is_empty());
         if let Some(held) = held.filter(|_| !accept_deletions) {
             let message = format!(
@@ -300,41 +498,41 @@ impl Sidecar {
                 held.ratio * 100.0
             );
             self.hold(held);
-            return self.report(SyncResult::Held, started, stats, Some(message));
+            let mut report = self.report(SyncResult::Held, started, stats, None);
+            report.error = Some(message);
+            return report;
         }
-        let now = self.now_wall();
-        if stats.added == 0 && stats.changed == 0 && stats.removed == 0 {
-            if let Some(view) = &current {
+        let now = self.clock.now();
+        if diff.is_empty() {
+            if let Some(current) = &current {
                 let mirror = self.mirror.clone();
-                let keep: HashSet<Arc<str>> =
-                    view.index.entities().map(|e| e.uid.clone()).collect();
+                let keep = diff.members.clone();
                 let confirmed =
                     tokio::task::spawn_blocking(move || mirror.confirm(now, &keep)).await;
                 match confirmed {
                     Ok(Ok(Some(meta))) => {
-                        self.install(View {
-                            index: view.index.clone(),
+                        self.generations.install(Generation {
+                            index: current.index.clone(),
                             meta,
-                            confirmed: view.confirmed.clone(),
+                            confirmed: current.confirmed.clone(),
                         });
                         self.clear_held(accept_deletions);
                         return self.report(SyncResult::Unchanged, started, stats, None);
                     }
                     Ok(Err(e)) => {
-                        return self.report(SyncResult::Failed, started, stats, Some(e.to_string()))
+                        return self.report(SyncResult::Failed, started, stats, Some(e.into()))
                     }
                     _ => {}
                 }
             }
         }
         let mirror = self.mirror.clone();
-        let generation_entities = next.clone();
         let fetched_in = started.elapsed();
         let applied = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
-            let result = mirror.apply(&generation_entities, &previous, now, "sync")?;
+            let result = mirror.apply(&diff, now, "sync")?;
             let applied_in = t.elapsed();
-            let index = Index::build(result.0.id, generation_entities);
+            let index = Index::build(result.0.id, next);
             // Install the new generation only once it can answer queries:
             // until then the previous one keeps answering them at full speed
             // (a restart, with no previous generation, installs at once).
@@ -345,15 +543,20 @@ impl Sidecar {
                 index_seconds = (t.elapsed() - applied_in).as_secs_f64(),
                 "sync phases"
             );
-            Ok::<_, crate::mirror::MirrorError>((result, index))
+            Ok::<_, MirrorError>((result, index))
         })
         .await;
         let ((meta, written), index) = match applied {
             Ok(Ok(done)) => done,
-            Ok(Err(e)) => {
-                return self.report(SyncResult::Failed, started, stats, Some(e.to_string()))
+            Ok(Err(e)) => return self.report(SyncResult::Failed, started, stats, Some(e.into())),
+            Err(e) => {
+                return self.report(
+                    SyncResult::Failed,
+                    started,
+                    stats,
+                    Some(SyncError::Internal(e.to_string())),
+                )
             }
-            Err(e) => return self.report(SyncResult::Failed, started, stats, Some(e.to_string())),
         };
         // Invalidate hot entries of changed or removed entities; keep the rest.
         if let Some(old) = &current {
@@ -364,14 +567,11 @@ impl Sidecar {
                 }
             }
         }
-        self.install(View {
-            index: Arc::new(index),
-            meta,
-            confirmed: Arc::new(HashMap::new()),
-        });
+        self.generations.install(Generation::new(index, meta));
         if accept_deletions && stats.removed > 0 {
             let to = format!("{} removed", stats.removed);
             if let Err(e) = self.mirror.audit(&AuditRecord {
+                at: now,
                 actor: "cli",
                 subject: "deletions",
                 from: None,
@@ -396,16 +596,16 @@ impl Sidecar {
         let ratio = removed as f64 / before as f64;
         // An upstream that suddenly serves an empty catalog never empties
         // the mirror, even with the guard set to 1.
-        (ratio > self.config.mirror.max_delete_ratio || empty).then(|| HeldDeletions {
+        (ratio > self.settings.max_delete_ratio || empty).then(|| HeldDeletions {
             would_remove: removed,
             of: before,
             ratio,
-            since: rfc3339(SystemTime::now()),
+            since: rfc3339(self.clock.now()),
         })
     }
 
     fn hold(&self, held: HeldDeletions) {
-        let mut slot = self.sync.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = lock(&self.status.held);
         let since = slot
             .as_ref()
             .map(|h| h.since.clone())
@@ -429,7 +629,7 @@ impl Sidecar {
         if !upstream_recovered {
             return;
         }
-        let mut slot = self.sync.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = lock(&self.status.held);
         if slot.take().is_some() {
             tracing::info!("held deletions cleared");
             let _ = self.mirror.set_note("held_deletions", None);
@@ -437,66 +637,39 @@ impl Sidecar {
         metrics::gauge!(m::SYNC_HELD_DELETIONS).set(0.0);
     }
 
-    /// The held deletions, if any.
-    pub fn held_deletions(&self) -> Option<HeldDeletions> {
-        self.sync
-            .held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// The last sync's report.
-    pub fn last_sync(&self) -> Option<SyncReport> {
-        self.sync
-            .last
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Asks the sync loop for a sync as soon as it can (debounced).
-    pub fn sync_soon(&self) {
-        self.sync.trigger.notify_one();
-    }
-
     /// The loop: sync, then wait for the interval (± jitter), a trigger,
     /// or — after a failure — the backoff delay or the breaker's probe time.
-    pub async fn sync_loop(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let mut failures = retry::next_delays(&RetryPolicy {
-            initial: Duration::from_secs(1),
-            max_interval: self.config.mirror.sync_interval.get(),
-            max_elapsed: None,
-            ..RetryPolicy::default()
-        });
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let backoff = || {
+            retry::next_delays(&RetryPolicy {
+                initial: Duration::from_secs(1),
+                max_interval: self.settings.interval,
+                max_elapsed: None,
+                ..RetryPolicy::default()
+            })
+        };
+        let mut failures = backoff();
         loop {
             let report = self.sync_once(false).await;
             let wait = match report.result {
                 SyncResult::Failed => {
-                    let backoff = failures
-                        .next()
-                        .unwrap_or(self.config.mirror.sync_interval.get());
+                    let delay = failures.next().unwrap_or(self.settings.interval);
                     match self.breaker.next_probe_at() {
                         Some(at) => at
                             .saturating_duration_since(tokio::time::Instant::now())
                             .max(Duration::from_millis(50))
-                            .min(backoff.max(Duration::from_millis(50))),
-                        None => backoff,
+                            .min(delay.max(Duration::from_millis(50))),
+                        None => delay,
                     }
                 }
                 _ => {
-                    failures = retry::next_delays(&RetryPolicy {
-                        initial: Duration::from_secs(1),
-                        max_interval: self.config.mirror.sync_interval.get(),
-                        max_elapsed: None,
-                        ..RetryPolicy::default()
-                    });
+                    failures = backoff();
                     self.jittered_interval()
                 }
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.sync.trigger.notified() => {
+                _ = self.status.trigger.notified() => {
                     // Debounce bursts of triggers (many stale reads at once).
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -509,8 +682,8 @@ impl Sidecar {
     }
 
     fn jittered_interval(&self) -> Duration {
-        let interval = self.config.mirror.sync_interval.get().as_secs_f64();
-        let jitter = self.config.mirror.sync_jitter;
+        let interval = self.settings.interval.as_secs_f64();
+        let jitter = self.settings.jitter;
         let factor = if jitter > 0.0 {
             rand::rng().random_range(1.0 - jitter..=1.0 + jitter)
         } else {

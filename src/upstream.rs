@@ -9,7 +9,7 @@
 //! both work; an HTTPS upstream is trusted through the system roots (or the
 //! bundled web PKI roots when the system has none) plus `upstream.ca_file`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -22,6 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::breaker::{Breaker, Rejected};
+use crate::clock::Clock;
 use crate::config::UpstreamConfig;
 use crate::metrics as m;
 use crate::retry::{self, Attempt, RetryPolicy};
@@ -86,22 +87,6 @@ impl UpstreamRequest {
             path_and_query: path_and_query.into(),
             headers: HeaderMap::new(),
             body: Bytes::new(),
-            own_identity: true,
-        }
-    }
-
-    /// A `POST` of a JSON body with the sidecar's identity.
-    pub fn post_json(path_and_query: impl Into<String>, body: Bytes) -> Self {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        Self {
-            method: Method::POST,
-            path_and_query: path_and_query.into(),
-            headers,
-            body,
             own_identity: true,
         }
     }
@@ -189,20 +174,21 @@ pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: String,
     token: TokenFile,
-    breaker: Arc<Breaker>,
+    breaker: Breaker,
     timeout: Duration,
     last_error: Mutex<Option<LastError>>,
+    clock: Clock,
 }
 
 impl Upstream {
     /// Builds the client for `config.url`, sharing `breaker`.
-    pub fn new(config: &UpstreamConfig, breaker: Arc<Breaker>) -> Self {
+    pub fn new(config: &UpstreamConfig, breaker: Breaker, clock: Clock) -> Self {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout.get()));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config(&config.ca_file))
+            .with_tls_config(crate::tls::client_config(&config.ca_file))
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
@@ -217,17 +203,13 @@ impl Upstream {
             breaker,
             timeout: config.timeout.get(),
             last_error: Mutex::new(None),
+            clock,
         }
     }
 
     /// The base URL, e.g. `http://127.0.0.1:7007/api/catalog`.
     pub fn base_url(&self) -> &str {
         &self.base
-    }
-
-    /// The breaker this client reports to.
-    pub fn breaker(&self) -> &Arc<Breaker> {
-        &self.breaker
     }
 
     /// The last failure seen.
@@ -313,7 +295,7 @@ impl Upstream {
                 tracing::debug!(operation = op.as_str(), error = %e, "upstream call failed");
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastError {
                     message: e.to_string(),
-                    at: SystemTime::now(),
+                    at: self.clock.now(),
                 });
             }
         }
@@ -402,102 +384,6 @@ impl Upstream {
         }
         Ok(response)
     }
-}
-
-/// Why `upstream.ca_file` cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CaFileError {
-    /// The file cannot be read.
-    #[error("cannot read {path}: {reason}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        reason: String,
-    },
-    /// The file is not PEM, or a PEM section is broken.
-    #[error("{path} is not a PEM file: {reason}")]
-    NotPem {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message.
-        reason: String,
-    },
-    /// The file holds no `CERTIFICATE` section.
-    #[error("{path} holds no PEM CERTIFICATE section")]
-    Empty {
-        /// The file.
-        path: PathBuf,
-    },
-    /// A certificate in the file cannot be a trust anchor.
-    #[error("certificate {index} in {path} cannot be trusted as a CA: {reason}")]
-    BadCertificate {
-        /// The file.
-        path: PathBuf,
-        /// 1-based position of the certificate in the file.
-        index: usize,
-        /// rustls' message.
-        reason: String,
-    },
-}
-
-/// Reads a PEM file of CA certificates into a root store, refusing a file
-/// that is unreadable, not PEM, without certificates, or with a certificate
-/// that cannot be a trust anchor. Called by `Config::validate` (so `config
-/// check` refuses a bad file) and again when the client is built.
-pub fn load_ca_file(path: &Path) -> Result<rustls::RootCertStore, CaFileError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-
-    let pem = std::fs::read(path).map_err(|e| CaFileError::Read {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let mut roots = rustls::RootCertStore::empty();
-    for (i, cert) in CertificateDer::pem_slice_iter(&pem).enumerate() {
-        let cert = cert.map_err(|e| CaFileError::NotPem {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        roots.add(cert).map_err(|e| CaFileError::BadCertificate {
-            path: path.to_path_buf(),
-            index: i + 1,
-            reason: e.to_string(),
-        })?;
-    }
-    if roots.is_empty() {
-        return Err(CaFileError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(roots)
-}
-
-/// The TLS settings for the upstream: the ring provider (named here, so no
-/// process-wide default is needed), rustls' safe protocol versions, and as
-/// roots the system store — or the bundled web PKI roots when it is empty —
-/// plus the certificates of `ca_file` (empty: none).
-fn tls_config(ca_file: &Path) -> rustls::ClientConfig {
-    let native = rustls_native_certs::load_native_certs();
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(native.certs);
-    if added == 0 {
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    }
-    if !ca_file.as_os_str().is_empty() {
-        match load_ca_file(ca_file) {
-            Ok(extra) => roots.roots.extend(extra.roots),
-            // `Config::validate` refused a bad file at start; one that broke
-            // since is logged, and the upstream's certificate then fails to
-            // verify, visibly, on every call.
-            Err(e) => tracing::error!(error = %e, "upstream.ca_file is not used"),
-        }
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("the ring provider supports rustls' default protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

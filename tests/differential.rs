@@ -4,30 +4,21 @@
 //! Both run in-process over loopback; the sidecar serves every query from its
 //! mirror, so any difference is a bug on one side (or a documented choice).
 
+mod support;
+
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
 
 use base64::Engine;
-use catalog_cache::config::{Config, Dur};
-use catalog_cache::sidecar::{Clock, Sidecar};
-use catalog_chaos::{FakeCatalog, FakeCatalogHandle, FakeOptions};
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+
+use support::{TestSidecar, ADMIN_TOKEN};
 
 const ENTITIES: usize = 1500;
 const SEED: u64 = 20_261_201;
 
-/// One demo catalog and one sidecar in front of it.
+/// One demo catalog and one sidecar in front of it (the shared harness).
 struct Pair {
-    fake: FakeCatalogHandle,
-    proxy: String,
-    admin: String,
-    admin_token: String,
-    client: reqwest::Client,
-    _stop: oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
+    ts: TestSidecar,
 }
 
 /// One answer, reduced to what is compared.
@@ -78,68 +69,20 @@ fn post(path: impl Into<String>, body: Value) -> Req {
 
 impl Pair {
     async fn start() -> Pair {
-        let fake = FakeCatalog::start(FakeOptions {
-            entities: ENTITIES,
-            seed: SEED,
-            ..FakeOptions::default()
-        })
-        .await
-        .expect("the demo catalog starts");
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.upstream.url = fake.base_url();
-        config.mirror.path = dir.path().join("catalog-cache.db");
-        config.mirror.sync_interval = Dur(Duration::from_secs(3600));
-        config.mirror.sync_jitter = 0.0;
-        config.admin.token_file = dir.path().join("admin.token");
-        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy_addr = proxy.local_addr().unwrap().to_string();
-        let admin_addr = admin.local_addr().unwrap().to_string();
-        let sidecar: Arc<Sidecar> =
-            tokio::task::spawn_blocking(move || Sidecar::open(config, Clock::system()))
-                .await
-                .unwrap()
-                .expect("the sidecar opens");
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(sidecar.run(proxy, admin, async move {
-            let _ = stopped.await;
-        }));
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap();
-        let ready = format!("http://{admin_addr}/readyz");
-        let mut waited = 0;
-        loop {
-            if let Ok(r) = client.get(&ready).send().await {
-                if r.status() == 200 {
-                    break;
-                }
-            }
-            waited += 1;
-            assert!(waited < 1000, "the sidecar never became ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let admin_token = std::fs::read_to_string(dir.path().join("admin.token"))
-            .expect("the sidecar writes its admin token")
-            .trim()
-            .to_string();
-        Pair {
-            fake,
-            proxy: format!("http://{proxy_addr}/api/catalog"),
-            admin: format!("http://{admin_addr}"),
-            admin_token,
-            client,
-            _stop: stop,
-            _dir: dir,
-        }
+        let ts = TestSidecar::builder()
+            .with(|b| {
+                b.entities = ENTITIES;
+                b.seed = SEED;
+            })
+            .start()
+            .await;
+        Pair { ts }
     }
 
     async fn send(&self, base: &str, req: &Req) -> Reply {
         let url = format!("{base}{}", req.path);
         let builder = if req.post {
-            let b = self.client.post(&url);
+            let b = self.ts.http.post(&url);
             match &req.body {
                 Some(body) => b
                     .header("content-type", "application/json")
@@ -147,7 +90,7 @@ impl Pair {
                 None => b,
             }
         } else {
-            self.client.get(&url)
+            self.ts.http.get(&url)
         };
         let r = builder
             .send()
@@ -164,23 +107,25 @@ impl Pair {
     }
 
     async fn upstream(&self, req: &Req) -> Reply {
-        self.send(&self.fake.base_url(), req).await
+        self.send(&self.ts.fake.base_url(), req).await
     }
 
     async fn sidecar(&self, req: &Req) -> Reply {
-        self.send(&self.proxy, req).await
+        self.send(&self.ts.url(""), req).await
     }
 
     async fn sync(&self) -> Value {
         let r = self
-            .client
-            .post(format!("{}/admin/sync", self.admin))
-            .bearer_auth(&self.admin_token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.json().await.unwrap()
+            .ts
+            .admin_send(
+                reqwest::Method::POST,
+                "/admin/sync",
+                Some(ADMIN_TOKEN),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        r.json()
     }
 }
 
@@ -619,7 +564,7 @@ fn requests(s: &Sample) -> Vec<Req> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_answers_alike() {
     let pair = Pair::start().await;
-    let s = sample(&pair.fake.entities());
+    let s = sample(&pair.ts.fake.entities());
     let reqs = requests(&s);
     assert!(reqs.len() >= 60, "{} requests", reqs.len());
     let mut failures = Vec::new();
@@ -964,6 +909,7 @@ async fn walks_survive_a_sync() {
         ),
     ];
     let before: HashSet<String> = pair
+        .ts
         .fake
         .entities()
         .iter()
@@ -993,17 +939,18 @@ async fn walks_survive_a_sync() {
 
     // Change the upstream, never on a sort field: touch and edit entities on
     // both sides of every walk's position, add a few, remove a few.
-    let all = pair.fake.entities();
+    let all = pair.ts.fake.entities();
     let owner = sample(&all).group_ref;
     let mut removed = HashSet::new();
     for (i, e) in all.iter().enumerate() {
         let uid = e["metadata"]["uid"].as_str().unwrap();
         match i % 97 {
             0 => {
-                pair.fake.touch(uid).expect("touch");
+                pair.ts.fake.touch(uid).expect("touch");
             }
             1 => {
-                pair.fake
+                pair.ts
+                    .fake
                     .update_entity(uid, |e| {
                         e["metadata"]["description"] = json!("edited mid-walk")
                     })
@@ -1016,11 +963,12 @@ async fn walks_survive_a_sync() {
         }
     }
     assert_eq!(
-        pair.fake
+        pair.ts
+            .fake
             .remove_entities(|e| removed.contains(e["metadata"]["uid"].as_str().unwrap())),
         removed.len()
     );
-    pair.fake.add_entities(
+    pair.ts.fake.add_entities(
         [
             "aaa-added-1",
             "Checkout-Added-2",
@@ -1037,6 +985,7 @@ async fn walks_survive_a_sync() {
     assert_eq!(report["added"], 5, "{report}");
     assert_eq!(report["removed"], removed.len(), "{report}");
     let after: HashSet<String> = pair
+        .ts
         .fake
         .entities()
         .iter()

@@ -1,96 +1,17 @@
 //! Process tests: the real `catalog-cache` binary, killed with SIGKILL and
 //! restarted, against the demo catalog over loopback, on real SQLite files.
 
-use std::net::TcpListener;
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use catalog_chaos::{FakeCatalog, FakeCatalogHandle, FakeOptions, Faults};
+use catalog_chaos::Faults;
 use rand::{Rng, SeedableRng};
 use rusqlite::{Connection, OpenFlags};
 
-const BIN: &str = env!("CARGO_BIN_EXE_catalog-cache");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A sidecar process; killed (SIGKILL) when dropped.
-struct Process {
-    child: Child,
-    proxy: String,
-    admin: String,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(data: &Path, upstream: &str, extra: &[(&str, &str)]) -> Process {
-    let proxy = format!("127.0.0.1:{}", free_port());
-    let admin = format!("127.0.0.1:{}", free_port());
-    let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .env_clear()
-        .env("CATALOG_CACHE_UPSTREAM_URL", upstream)
-        .env("CATALOG_CACHE_LISTEN_PROXY", &proxy)
-        .env("CATALOG_CACHE_LISTEN_ADMIN", &admin)
-        .env("CATALOG_CACHE_MIRROR_PATH", data.join("catalog-cache.db"))
-        .env("CATALOG_CACHE_ADMIN_TOKEN_FILE", data.join("admin.token"))
-        .env("CATALOG_CACHE_MIRROR_SYNC_INTERVAL", "300ms")
-        .env("CATALOG_CACHE_MIRROR_SYNC_JITTER", "0")
-        .env("CATALOG_CACHE_LOG_LEVEL", "warn")
-        .current_dir(data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    Process {
-        child: cmd.spawn().expect("the catalog-cache binary starts"),
-        proxy,
-        admin,
-    }
-}
-
-async fn fake(entities: usize) -> FakeCatalogHandle {
-    FakeCatalog::start(FakeOptions {
-        entities,
-        ..FakeOptions::default()
-    })
-    .await
-    .unwrap()
-}
-
-async fn get(url: &str) -> Option<(u16, String, reqwest::header::HeaderMap)> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let r = client.get(url).send().await.ok()?;
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    Some((status, r.text().await.ok()?, headers))
-}
-
-async fn wait_ready(admin: &str, within: Duration) -> Duration {
-    let started = Instant::now();
-    while started.elapsed() < within {
-        if let Some((200, _, _)) = get(&format!("http://{admin}/readyz")).await {
-            return started.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("sidecar at {admin} not ready within {within:?}");
-}
+use support::process::{fake, free_port, get, start, wait_ready, Process, BIN};
 
 /// Checks the file as a crashed sidecar left it: SQLite's integrity check
 /// passes and the stored generation is whole (its recorded entity count is

@@ -5,8 +5,12 @@
 //! changes only what it is about. `start()` waits for the first sync so
 //! every test begins from a loaded generation (unless told otherwise).
 //! Waits are on events (`eventually`), bounded, never fixed sleeps.
+//! [`process`] runs the real binary instead, for what process death shows.
+//! Every integration test binary (`tests/*.rs`) uses this one harness.
 
 #![allow(dead_code)]
+
+pub mod process;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,8 +18,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use catalog_cache::clock::Clock;
 use catalog_cache::config::{ByteSize, Config, Dur, StalePolicy};
-use catalog_cache::sidecar::{Clock, Sidecar};
+use catalog_cache::sidecar::Sidecar;
 use catalog_chaos::{FakeCatalog, FakeCatalogHandle, FakeOptions, Faults};
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -32,6 +37,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct Builder {
     /// Entities the demo catalog generates.
     pub entities: usize,
+    /// The demo catalog's generator seed.
+    pub seed: u64,
     /// Entities per sync page.
     pub page_size: u32,
     /// `freshness.fresh_for`.
@@ -40,7 +47,7 @@ pub struct Builder {
     pub budget: Duration,
     /// `freshness.negative_ttl`.
     pub negative_ttl: Duration,
-    /// `freshness.max_stale`.
+    /// `stale.max_stale`.
     pub max_stale: Duration,
     /// `mirror.sync_interval` (long by default: tests call `sync_once`).
     pub sync_interval: Duration,
@@ -72,6 +79,7 @@ impl Default for Builder {
     fn default() -> Self {
         Self {
             entities: 120,
+            seed: 7,
             page_size: 50,
             fresh_for: Duration::from_secs(90),
             // Generous, so that a healthy upstream on a loaded machine
@@ -115,7 +123,7 @@ impl Builder {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             control: None,
             entities: self.entities,
-            seed: 7,
+            seed: self.seed,
             token: self.upstream_token.clone(),
         })
         .await
@@ -157,11 +165,11 @@ impl Builder {
         c.freshness.fresh_for = Dur(self.fresh_for);
         c.freshness.revalidate_budget = Dur(self.budget);
         c.freshness.negative_ttl = Dur(self.negative_ttl);
-        c.freshness.max_stale = Dur(self.max_stale);
+        c.stale.max_stale = Dur(self.max_stale);
         c.stale.policy = self.stale_policy;
         c.breaker.consecutive_failures = self.consecutive_failures;
-        c.breaker.open_for = Dur(self.open_for);
-        c.breaker.max_open = Dur(self.max_open);
+        c.breaker.open_for = self.open_for;
+        c.breaker.max_open = self.max_open;
         c.admin.token_file = dir.join("admin.token");
         c.admin.token = Some(ADMIN_TOKEN.to_string());
         c.proxy.max_request_body = ByteSize(self.max_request_body);
@@ -288,7 +296,8 @@ impl TestSidecar {
         clock: Clock,
         builder: Builder,
     ) -> TestSidecar {
-        let sidecar = Sidecar::open(config.clone(), clock.clone()).expect("the sidecar opens");
+        let sidecar =
+            Arc::new(Sidecar::open(config.clone(), clock.clone()).expect("the sidecar opens"));
         let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind proxy");
@@ -328,7 +337,7 @@ impl TestSidecar {
         let sidecar = self.sidecar.clone();
         eventually("the first sync", WAIT, || {
             let s = sidecar.clone();
-            async move { s.view().is_some() }
+            async move { s.generations.current().is_some() }
         })
         .await;
     }
@@ -550,7 +559,7 @@ impl TestSidecar {
 
     /// The current generation id.
     pub fn generation(&self) -> Option<u64> {
-        self.sidecar.view().map(|v| v.meta.id)
+        self.sidecar.generations.current().map(|v| v.meta.id)
     }
 
     /// The demo catalog's entities (as stored upstream).

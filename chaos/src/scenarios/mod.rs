@@ -104,8 +104,8 @@ pub const WEAKENINGS: &[Weakening] = &[
     },
     Weakening {
         name: "short-max-stale",
-        about: "freshness.fresh_for = max_stale = 2s: nothing older than 2s is ever served",
-        env: &[("CATALOG_CACHE_FRESHNESS_MAX_STALE", "2s")],
+        about: "freshness.fresh_for = stale.max_stale = 2s: nothing older than 2s is ever served",
+        env: &[("CATALOG_CACHE_STALE_MAX_STALE", "2s")],
         breaks: &["stale-policy-flip"],
         action: None,
     },

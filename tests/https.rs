@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use catalog_cache::clock::Clock;
 use catalog_cache::config::Config;
-use catalog_cache::sidecar::Clock;
 use catalog_cache::sync::SyncResult;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,7 +17,9 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_rustls::TlsAcceptor;
 
-use crate::support::*;
+mod support;
+
+use support::*;
 
 /// A private CA and a TLS front that relays every connection, after the
 /// handshake, byte for byte to `backend`.
@@ -132,18 +134,24 @@ async fn https_setup() -> (TestSidecar, TlsFront, Arc<tempfile::TempDir>, Config
 async fn an_https_upstream_behind_a_private_ca_syncs_and_reads_through() {
     let (plain, front, dir, mut config) = https_setup().await;
     config.upstream.ca_file = front.write_ca(dir.path());
-    let extra = catalog_cache::upstream::load_ca_file(&config.upstream.ca_file)
+    let extra = catalog_cache::tls::load_ca_file(&config.upstream.ca_file)
         .expect("the CA file is accepted");
     assert_eq!(extra.len(), 1, "one CA certificate in the file");
     let ts = plain.sibling(dir, config, Clock::system()).await;
     ts.wait_for_first_sync().await;
-    let synced = ts.sidecar.view().expect("a generation").index.len();
+    let synced = ts
+        .sidecar
+        .generations
+        .current()
+        .expect("a generation")
+        .index
+        .len();
     assert_eq!(synced, ts.upstream_entities().len());
     assert!(
         front.handshakes() > 0,
         "the sync went through the TLS front"
     );
-    let report = ts.sidecar.sync_once(false).await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert_eq!(report.result, SyncResult::Unchanged);
 
     ts.fake
@@ -164,9 +172,12 @@ async fn without_the_ca_file_the_private_ca_is_not_trusted_and_nothing_is_applie
     let (plain, front, dir, config) = https_setup().await;
     assert!(config.upstream.ca_file.as_os_str().is_empty());
     let ts = plain.sibling(dir, config, Clock::system()).await;
-    let report = ts.sidecar.sync_once(false).await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert_eq!(report.result, SyncResult::Failed);
-    assert!(ts.sidecar.view().is_none(), "nothing was applied");
+    assert!(
+        ts.sidecar.generations.current().is_none(),
+        "nothing was applied"
+    );
     assert_eq!(front.handshakes(), 0, "no handshake completed");
     let status = ts.status().await;
     let message = status["upstream"]["last_error"]["message"]

@@ -8,7 +8,9 @@ use std::path::Path;
 
 use catalog_cache::config::Config;
 
-use crate::support::*;
+mod support;
+
+use support::*;
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))

@@ -8,7 +8,9 @@ use catalog_chaos::Faults;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::support::*;
+mod support;
+
+use support::*;
 
 fn refused() -> Faults {
     Faults {
@@ -242,7 +244,7 @@ async fn a_forced_open_breaker_serves_the_mirror_without_calling_the_upstream() 
     assert_eq!(missing.status, 404);
     assert_eq!(missing.json()["error"]["name"], "NotFoundError");
     assert_eq!(missing.stale(), "true");
-    let report = ts.sidecar.sync_once(false).await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert_eq!(report.result, catalog_cache::sync::SyncResult::Failed);
     assert_eq!(
         ts.fake.stats().total,
@@ -517,7 +519,7 @@ async fn metrics_count_requests_by_route_and_outcome() {
     ts.post("/refresh", &json!({"entityRef": canonical_ref(&e)}))
         .await;
     assert_eq!(
-        ts.sidecar.sync_once(false).await.result,
+        ts.sidecar.syncer.sync_once(false).await.result,
         catalog_cache::sync::SyncResult::Unchanged
     );
     ts.faults(refused()).await;

@@ -4,13 +4,16 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use catalog_cache::clock::Clock;
 use catalog_cache::mirror::Mirror;
-use catalog_cache::sidecar::{import_into, Clock};
+use catalog_cache::snapshot::import_into;
 use catalog_cache::sync::SyncResult;
 use catalog_chaos::Faults;
 use serde_json::{json, Value};
 
-use crate::support::*;
+mod support;
+
+use support::*;
 
 /// A spread of entities: every kind the generator makes, a few of each.
 fn sample(entities: &[Value], per_kind: usize) -> Vec<Value> {
@@ -304,11 +307,14 @@ async fn a_mass_deletion_is_held_until_accepted() {
         .remove_entities(|e| doomed.contains(e["metadata"]["uid"].as_str().unwrap_or("")));
     assert_eq!(removed, total / 2);
 
-    let held = ts.sidecar.sync_once(false).await;
+    let held = ts.sidecar.syncer.sync_once(false).await;
     assert_eq!(held.result, SyncResult::Held, "{held:?}");
     assert_eq!(held.removed, total / 2);
     assert_eq!(ts.generation(), generation, "a held sync applies nothing");
-    assert_eq!(ts.sidecar.view().expect("view").index.len(), total);
+    assert_eq!(
+        ts.sidecar.generations.current().expect("view").index.len(),
+        total
+    );
     assert_eq!(
         ts.sidecar
             .mirror
@@ -328,11 +334,11 @@ async fn a_mass_deletion_is_held_until_accepted() {
     assert_eq!(status["held_deletions"]["of"], total);
     assert_eq!(status["last_sync"]["result"], "held");
 
-    let accepted = ts.sidecar.sync_once(true).await;
+    let accepted = ts.sidecar.syncer.sync_once(true).await;
     assert_eq!(accepted.result, SyncResult::Applied, "{accepted:?}");
     assert_eq!(accepted.removed, total / 2);
     assert_eq!(
-        ts.sidecar.view().expect("view").index.len(),
+        ts.sidecar.generations.current().expect("view").index.len(),
         total - total / 2
     );
     assert_ne!(ts.generation(), generation);
@@ -354,10 +360,13 @@ async fn an_empty_upstream_catalog_is_held_even_when_deletions_are_allowed() {
         ..Faults::default()
     })
     .await;
-    let report = ts.sidecar.sync_once(false).await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert_eq!(report.result, SyncResult::Held, "{report:?}");
     assert_eq!(ts.generation(), generation);
-    assert_eq!(ts.sidecar.view().expect("view").index.len(), total);
+    assert_eq!(
+        ts.sidecar.generations.current().expect("view").index.len(),
+        total
+    );
     assert_eq!(ts.status().await["held_deletions"]["would_remove"], total);
 }
 
@@ -387,7 +396,7 @@ async fn a_sync_with_a_failed_page_keeps_the_old_generation() {
         ..Faults::default()
     })
     .await;
-    let report = ts.sidecar.sync_once(false).await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert_eq!(report.result, SyncResult::Failed, "{report:?}");
     assert!(
         report.error.as_deref().unwrap_or("").contains("page 2"),
@@ -407,7 +416,7 @@ async fn a_sync_with_a_failed_page_keeps_the_old_generation() {
     assert_eq!(ts.status().await["last_sync"]["result"], "failed");
     // Once the page is served, the change arrives.
     ts.faults(Faults::default()).await;
-    let report = ts.sidecar.sync_once(false).await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert_eq!(report.result, SyncResult::Applied, "{report:?}");
     assert_eq!(report.changed, 1);
     assert_eq!(
@@ -423,8 +432,8 @@ async fn a_sync_detects_changes_by_etag() {
     let generation = ts.generation();
     // Nothing changed upstream: the mirror is confirmed, not rewritten.
     ts.clock.advance(Duration::from_secs(60));
-    assert!(ts.sidecar.data_age().expect("age") >= Duration::from_secs(60));
-    let report = ts.sidecar.sync_once(false).await;
+    assert!(ts.sidecar.generations.age().expect("age") >= Duration::from_secs(60));
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert_eq!(report.result, SyncResult::Unchanged, "{report:?}");
     assert_eq!(
         (
@@ -441,13 +450,13 @@ async fn a_sync_detects_changes_by_etag() {
         "an unchanged sync makes no new generation"
     );
     assert!(
-        ts.sidecar.data_age().expect("age") < Duration::from_secs(60),
+        ts.sidecar.generations.age().expect("age") < Duration::from_secs(60),
         "the confirmation resets the data age"
     );
     // One entity changed upstream: one changed, the rest unchanged.
     let e = ts.upstream_entities()[3].clone();
     let new_etag = ts.fake.touch(&uid(&e)).expect("touched");
-    let report = ts.sidecar.sync_once(false).await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert_eq!(report.result, SyncResult::Applied, "{report:?}");
     assert_eq!(
         (
@@ -508,7 +517,10 @@ async fn a_corrupt_database_is_moved_aside_and_the_mirror_refilled() {
         })
         .start_in(dir.clone())
         .await;
-    assert!(ts.sidecar.view().is_none(), "the sidecar starts empty");
+    assert!(
+        ts.sidecar.generations.current().is_none(),
+        "the sidecar starts empty"
+    );
     assert_eq!(
         ts.admin_get("/readyz").await.status,
         503,
@@ -538,13 +550,18 @@ async fn a_corrupt_database_is_moved_aside_and_the_mirror_refilled() {
     // The sync loop retries on its own once the upstream is back (and a
     // sync asked for now waits for one in progress).
     ts.faults(Faults::default()).await;
-    let report = ts.sidecar.sync_once(false).await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert!(
         matches!(report.result, SyncResult::Applied | SyncResult::Unchanged),
         "{report:?}"
     );
     assert_eq!(
-        ts.sidecar.view().expect("refilled").index.len(),
+        ts.sidecar
+            .generations
+            .current()
+            .expect("refilled")
+            .index
+            .len(),
         ts.upstream_entities().len()
     );
     assert_eq!(ts.admin_get("/readyz").await.status, 200);
@@ -563,7 +580,13 @@ async fn a_snapshot_seeds_a_new_sidecar_with_the_snapshots_age() {
     let before = ts.get(&by_name_path(&e)).await;
     let snapshot = ts.admin_get("/admin/snapshot").await;
     assert_eq!(snapshot.status, 200);
-    let synced_at = ts.sidecar.view().expect("view").meta.synced_at;
+    let synced_at = ts
+        .sidecar
+        .generations
+        .current()
+        .expect("view")
+        .meta
+        .synced_at;
 
     let dir = Arc::new(tempfile::tempdir().expect("a temp dir"));
     let file = dir.path().join("snapshot.db");
@@ -571,15 +594,21 @@ async fn a_snapshot_seeds_a_new_sidecar_with_the_snapshots_age() {
     let mut config = ts.builder_used().config(&ts.fake.base_url(), dir.path());
     config.freshness.fresh_for = ts.config.freshness.fresh_for;
     {
-        let (mirror, _) = Mirror::open(&config.mirror.path).expect("a new mirror");
-        let (meta, _) = import_into(&mirror, &file, &HashMap::new(), "snapshot").expect("import");
+        let clock = Clock::system();
+        let (mirror, _) = Mirror::open(&config.mirror.path, &clock).expect("a new mirror");
+        let (meta, _) =
+            import_into(&mirror, &file, &HashMap::new(), "snapshot", clock.now()).expect("import");
         assert_eq!(meta.entities, ts.upstream_entities().len());
     }
     ts.faults(refused()).await;
     let clock = Clock::system();
     clock.advance(Duration::from_secs(2 * 3600));
     let seeded = ts.sibling(dir, config, clock).await;
-    let view = seeded.sidecar.view().expect("the snapshot is a generation");
+    let view = seeded
+        .sidecar
+        .generations
+        .current()
+        .expect("the snapshot is a generation");
     assert_eq!(
         catalog_cache::mirror::to_ms(view.meta.synced_at),
         catalog_cache::mirror::to_ms(synced_at),
@@ -782,7 +811,7 @@ async fn a_cached_404_gives_way_to_an_entity_a_sync_brings_in() {
     let path = "/entities/by-name/component/default/arrives-later";
     assert_eq!(ts.get(path).await.status, 404);
     ts.fake.add_entities(vec![new_component("arrives-later")]);
-    let report = ts.sidecar.sync_once(false).await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert_eq!(
         (report.result, report.added),
         (SyncResult::Applied, 1),
@@ -807,7 +836,10 @@ async fn held_deletions_survive_a_restart() {
     let doomed: HashSet<String> = entities.iter().take(entities.len() / 2).map(uid).collect();
     ts.fake
         .remove_entities(|e| doomed.contains(e["metadata"]["uid"].as_str().unwrap_or("")));
-    assert_eq!(ts.sidecar.sync_once(false).await.result, SyncResult::Held);
+    assert_eq!(
+        ts.sidecar.syncer.sync_once(false).await.result,
+        SyncResult::Held
+    );
     ts.faults(refused()).await;
     let ts = ts.restart().await;
     let status = ts.status().await;
@@ -820,7 +852,10 @@ async fn held_deletions_survive_a_restart() {
         status["last_sync"]["result"], "held",
         "the last sync report is kept too"
     );
-    assert_eq!(ts.sidecar.view().expect("view").index.len(), entities.len());
+    assert_eq!(
+        ts.sidecar.generations.current().expect("view").index.len(),
+        entities.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -837,7 +872,13 @@ async fn a_new_sidecar_seeds_its_mirror_from_a_peer() {
     let seeded = peer.sibling(dir, config, Clock::system()).await;
     seeded.wait_for_first_sync().await;
     assert_eq!(
-        seeded.sidecar.view().expect("view").index.len(),
+        seeded
+            .sidecar
+            .generations
+            .current()
+            .expect("view")
+            .index
+            .len(),
         peer.upstream_entities().len()
     );
     let a = seeded.get(&by_name_path(&e)).await;
@@ -916,8 +957,9 @@ async fn a_delete_through_the_sidecar_reaches_the_mirror() {
         async move {
             ts_ref
                 .sidecar
-                .view()
-                .is_some_and(|v| v.index.by_uid(&gone).is_none())
+                .generations
+                .current()
+                .is_some_and(|g| g.index.by_uid(&gone).is_none())
         }
     })
     .await;
@@ -948,7 +990,7 @@ async fn the_sidecar_uses_its_own_upstream_identity_and_forwards_the_callers_on_
     let e = ts.upstream_entities()[3].clone();
     // Synced with the sidecar's token; reads need none from the caller.
     assert_eq!(
-        ts.sidecar.view().expect("view").index.len(),
+        ts.sidecar.generations.current().expect("view").index.len(),
         ts.upstream_entities().len()
     );
     ts.age_past_fresh(Duration::from_secs(1));
@@ -1006,7 +1048,7 @@ async fn the_admin_sync_endpoint_runs_a_sync_and_can_accept_deletions() {
     assert_eq!(accepted.json()["result"], "applied", "{}", accepted.json());
     assert_eq!(accepted.json()["removed"], entities.len() / 2);
     assert_eq!(
-        ts.sidecar.view().expect("view").index.len(),
+        ts.sidecar.generations.current().expect("view").index.len(),
         entities.len() - entities.len() / 2
     );
     let audit = ts.status().await["audit"]
@@ -1050,12 +1092,12 @@ async fn an_entity_fetched_then_deleted_upstream_does_not_come_back_after_a_rest
     .await;
     ts.fake
         .remove_entities(|e| e["metadata"]["name"] == "short-lived");
-    let report = ts.sidecar.sync_once(false).await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert_ne!(report.result, SyncResult::Failed, "{report:?}");
     let total = ts.upstream_entities().len();
     let ts = ts.restart().await;
     assert_eq!(
-        ts.sidecar.view().expect("view").index.len(),
+        ts.sidecar.generations.current().expect("view").index.len(),
         total,
         "the mirror holds the upstream's catalog, nothing the upstream deleted"
     );
@@ -1073,7 +1115,7 @@ async fn while_deletions_are_held_mirrored_entities_keep_reading_stale_not_404()
         ..Faults::default()
     })
     .await;
-    let report = ts.sidecar.sync_once(false).await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert_eq!(report.result, SyncResult::Held, "{report:?}");
     ts.age_past_fresh(Duration::from_secs(1));
     for _ in 0..2 {
@@ -1113,14 +1155,17 @@ async fn a_walk_that_ends_short_of_the_announced_total_applies_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = TestSidecar::builder().config(&format!("http://{addr}/api/catalog"), dir.path());
     let sidecar = catalog_cache::sidecar::Sidecar::open(config, Clock::system()).unwrap();
-    let report = sidecar.sync_once(false).await;
+    let report = sidecar.syncer.sync_once(false).await;
     server.abort();
     assert_eq!(report.result, SyncResult::Failed, "{report:?}");
     assert!(
         report.error.as_deref().unwrap_or("").contains("counted 3"),
         "{report:?}"
     );
-    assert!(sidecar.view().is_none(), "nothing was applied");
+    assert!(
+        sidecar.generations.current().is_none(),
+        "nothing was applied"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1137,7 +1182,7 @@ async fn after_a_failed_sync_an_upstream_404_for_a_mirrored_entity_is_served_sta
         ..Faults::default()
     })
     .await;
-    let report = ts.sidecar.sync_once(false).await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert_eq!(report.result, SyncResult::Failed, "{report:?}");
     ts.age_past_fresh(Duration::from_secs(1));
     let read = ts.get(&by_name_path(&e)).await;
@@ -1145,7 +1190,7 @@ async fn after_a_failed_sync_an_upstream_404_for_a_mirrored_entity_is_served_sta
     assert_eq!(read.stale(), "true");
     // Once a sync succeeds again, the upstream's word is taken.
     ts.faults(Faults::default()).await;
-    let report = ts.sidecar.sync_once(false).await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
     assert_eq!(report.result, SyncResult::Applied, "{report:?}");
     assert_eq!(ts.get(&by_name_path(&e)).await.status, 404);
 }
