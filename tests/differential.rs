@@ -11,7 +11,7 @@ use std::time::Duration;
 use base64::Engine;
 use catalog_cache::config::{Config, Dur};
 use catalog_cache::sidecar::{Clock, Sidecar};
-use catalog_chaos::{FakeCatalog, FakeCatalogHandle, FakeOptions};
+use catalog_fake::{FakeCatalog, FakeCatalogHandle, FakeOptions};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use catalog_chaos::{FakeCatalog, FakeCatalogHandle, FakeOptions, Faults};
+use catalog_fake::{FakeCatalog, FakeCatalogHandle, FakeOptions, Faults};
 use rand::{Rng, SeedableRng};
 use rusqlite::{Connection, OpenFlags};
 
