@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 #
 # catalog-cache image: the sidecar (`catalog-cache`) and the demo/chaos tool
-# (`catalog-chaos`, used by docker-compose.yml as a stand-in catalog).
+# (`catalog-chaos`, whose `fake-catalog` docker-compose.yml uses as a
+# stand-in catalog; the catalog itself is the `catalog-fake` library in
+# chaos/fake, built as a dependency of both binaries).
 #
 #   docker build -t catalog-cache .
 #   docker run --rm -e CATALOG_CACHE_UPSTREAM_URL=http://backstage:7007/api/catalog \
@@ -24,25 +26,28 @@ WORKDIR /src
 # Dependencies first, against stub sources, so that this layer is reused
 # until Cargo.toml or Cargo.lock change. Targets declared with an explicit
 # `path =` get a stub too, or cargo refuses to load the manifest.
+# `chaos/fake` (catalog-fake) is a library only: no stub main.rs, or cargo
+# would see a binary target that the real sources do not have.
 COPY Cargo.toml Cargo.lock ./
 COPY chaos/Cargo.toml chaos/
+COPY chaos/fake/Cargo.toml chaos/fake/
 RUN set -eux; \
-    for dir in . chaos; do \
+    for dir in . chaos chaos/fake; do \
       mkdir -p "$dir/src"; \
-      echo 'fn main() {}' > "$dir/src/main.rs"; \
+      if [ "$dir" != chaos/fake ]; then echo 'fn main() {}' > "$dir/src/main.rs"; fi; \
       : > "$dir/src/lib.rs"; \
       sed -n 's/^path *= *"\(.*\.rs\)".*/\1/p' "$dir/Cargo.toml" | while read -r p; do \
         mkdir -p "$dir/$(dirname "$p")"; echo 'fn main() {}' > "$dir/$p"; \
       done; \
     done; \
     cargo build --release --locked -p catalog-cache -p catalog-chaos; \
-    rm -rf src chaos/src
+    rm -rf src chaos/src chaos/fake/src
 
 # The real sources. COPY keeps the files' own mtimes, which can be older
 # than the stubs' build: touch them so cargo rebuilds our crates.
 COPY . .
 RUN set -eux; \
-    find src chaos/src -name '*.rs' -exec touch {} +; \
+    find src chaos/src chaos/fake/src -name '*.rs' -exec touch {} +; \
     cargo build --release --locked -p catalog-cache -p catalog-chaos --bins; \
     mkdir -p /out; \
     cp target/release/catalog-cache target/release/catalog-chaos /out/; \

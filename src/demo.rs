@@ -1,5 +1,5 @@
 //! `catalog-cache demo`: the demo catalog (5,000 generated entities, from
-//! the `catalog-chaos` library) on 127.0.0.1:7007 with its fault control on
+//! the `catalog-fake` library) on 127.0.0.1:7007 with its fault control on
 //! 127.0.0.1:7017, and the sidecar in front of it on 7070/7071, in one
 //! process. Prints what to try, then runs until Ctrl-C.
 
@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use catalog_chaos::{FakeCatalog, FakeOptions};
+use catalog_fake::{FakeCatalog, FakeOptions};
 
 use crate::clock::Clock;
 use crate::config::{Config, Dur, DEFAULT_UPSTREAM_URL};

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use catalog_chaos::Faults;
+use catalog_fake::Faults;
 use rand::{Rng, SeedableRng};
 use rusqlite::{Connection, OpenFlags};
 

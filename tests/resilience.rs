@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use catalog_cache::breaker::{BreakerMode, BreakerState};
-use catalog_chaos::Faults;
+use catalog_fake::Faults;
 use reqwest::Method;
 use serde_json::{json, Value};
 

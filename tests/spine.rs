@@ -8,7 +8,7 @@ use catalog_cache::clock::Clock;
 use catalog_cache::mirror::Mirror;
 use catalog_cache::snapshot::import_into;
 use catalog_cache::sync::SyncResult;
-use catalog_chaos::Faults;
+use catalog_fake::Faults;
 use serde_json::{json, Value};
 
 mod support;
@@ -1140,7 +1140,7 @@ async fn while_deletions_are_held_mirrored_entities_keep_reading_stale_not_404()
 async fn a_walk_that_ends_short_of_the_announced_total_applies_nothing() {
     // An upstream whose pages disagree with their own count (the catalog
     // emptied mid-walk, a page cut short): 3 announced, 2 sent.
-    let entities = catalog_chaos::generate(2, 5);
+    let entities = catalog_fake::generate(2, 5);
     let body = json!({"items": entities, "totalItems": 3, "pageInfo": {}}).to_string();
     let app = axum::Router::new().route(
         "/api/catalog/entities/by-query",

@@ -1,12 +1,13 @@
-//! `catalog-chaos`: the demo catalog (`fake-catalog`) and the chaos
-//! scenarios (`run`). Parses arguments, starts logging, runs the subcommand.
+//! `catalog-chaos`: the demo catalog (`fake-catalog`, served by the
+//! `catalog-fake` library) and the chaos scenarios (`run`). Parses arguments, starts logging, runs the subcommand.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use catalog_chaos::fake::{until_signal, DEFAULT_CONTROL, DEFAULT_ENTITIES, DEFAULT_LISTEN};
-use catalog_chaos::{scenario, scenarios, FakeCatalog, FakeOptions};
+use catalog_chaos::{scenario, scenarios};
+use catalog_fake::fake::{until_signal, DEFAULT_CONTROL, DEFAULT_ENTITIES, DEFAULT_LISTEN};
+use catalog_fake::{FakeCatalog, FakeOptions};
 use clap::{Parser, Subcommand};
 
 /// A Backstage-compatible demo catalog with fault injection.

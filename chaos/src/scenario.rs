@@ -466,7 +466,7 @@ impl Upstream {
 
     /// The upstream URL the sidecar is given.
     pub fn url(&self) -> String {
-        format!("http://{}{}", self.listen, crate::fake::MOUNT)
+        format!("http://{}{}", self.listen, catalog_fake::fake::MOUNT)
     }
 
     /// SIGKILLs the process: an outage.

@@ -21,7 +21,7 @@ use std::time::Duration;
 use catalog_cache::clock::Clock;
 use catalog_cache::config::{ByteSize, Config, Dur, StalePolicy};
 use catalog_cache::sidecar::Sidecar;
-use catalog_chaos::{FakeCatalog, FakeCatalogHandle, FakeOptions, Faults};
+use catalog_fake::{FakeCatalog, FakeCatalogHandle, FakeOptions, Faults};
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use catalog_chaos::{FakeCatalog, FakeCatalogHandle, FakeOptions};
+use catalog_fake::{FakeCatalog, FakeCatalogHandle, FakeOptions};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_catalog-cache");

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use base64::Engine as _;
-use catalog_chaos::{FakeCatalog, FakeCatalogHandle, FakeOptions, Faults, SlowBody};
+use catalog_fake::{FakeCatalog, FakeCatalogHandle, FakeOptions, Faults, SlowBody};
 use serde_json::{json, Value};
 
 async fn start(entities: usize) -> FakeCatalogHandle {
