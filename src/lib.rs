@@ -20,8 +20,8 @@
 //! - [`upstream`]: the HTTP(S) client; every upstream call goes through it and the [`breaker`].
 //! - [`retry`]: the one place the `backoff` crate is used.
 //! - [`mirror`]: the SQLite file: generations, flags, audit, read-through store, snapshots.
-//! - [`index`] and [`query`] (with [`filter`], [`predicate`], [`cursor`]): the in-memory index of one
-//!   generation and Backstage's query semantics over it.
+//! - [`index`] and [`query`] (with [`query::filter`], [`query::predicate`], [`query::cursor`]): the
+//!   in-memory index of one generation and Backstage's query semantics over it.
 //! - [`cache`]: the hot cache of upstream answers (revalidated entities, 404s, read-through).
 //! - [`sync`]: the sync loop and the mass-deletion guard.
 //! - [`read`]: the read path — the one place that decides fresh, revalidate, stale or 503.
@@ -34,16 +34,13 @@ pub mod breaker;
 pub mod cache;
 pub mod cli;
 pub mod config;
-pub mod cursor;
 pub mod demo;
 pub mod entity;
-pub mod filter;
 pub mod flags;
 pub mod health;
 pub mod index;
 pub mod metrics;
 pub mod mirror;
-pub mod predicate;
 pub mod proxy;
 pub mod query;
 pub mod read;
