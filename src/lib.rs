@@ -26,7 +26,8 @@
 //! - [`mirror`]: the SQLite file: generations, flags, audit, read-through store; [`snapshot`]:
 //!   export, import, seeding from a peer.
 //! - [`generation`]: the generation readers are served from, swapped atomically; [`index`]: its
-//!   in-memory query index; [`query`]: Backstage's query semantics over it.
+//!   in-memory query index; [`query`]: Backstage's query semantics over it (with
+//!   [`query::filter`], [`query::predicate`], [`query::cursor`]).
 //! - [`sync`]: the sync loop, what a sync applies, and the mass-deletion guard.
 //! - [`read`]: the read path — `decide` is where fresh, ask, stale or refuse is decided;
 //!   [`cache`]: the hot cache of upstream answers.
@@ -42,17 +43,14 @@ pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod cursor;
 pub mod demo;
 pub mod entity;
-pub mod filter;
 pub mod flags;
 pub mod generation;
 pub mod health;
 pub mod index;
 pub mod metrics;
 pub mod mirror;
-pub mod predicate;
 pub mod proxy;
 pub mod query;
 pub mod read;

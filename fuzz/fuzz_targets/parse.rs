@@ -8,10 +8,10 @@
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use catalog_cache::cursor::Cursor;
 use catalog_cache::entity::Entity;
 use catalog_cache::index::Index;
-use catalog_cache::predicate::Predicate;
+use catalog_cache::query::cursor::Cursor;
+use catalog_cache::query::predicate::Predicate;
 use catalog_cache::query::{answer, parse_by_refs, render_by_refs, QueryKind, QueryRequest};
 use libfuzzer_sys::fuzz_target;
 

@@ -1,11 +1,18 @@
 //! Golden cases for every query rule, plus property tests that compare the
 //! index with a plain scan over `serde_json::Value` (the oracle).
 
-use super::*;
+use super::params::form_encode;
+use super::{
+    answer, parse_by_refs, render_by_refs, QueryError, QueryKind, QueryRequest, MAX_QUERY_STRING,
+};
+use crate::entity::Entity;
+use crate::index::Index;
 use bytes::Bytes;
 use proptest::prelude::*;
-use serde_json::json;
+use serde_json::{json, Map, Value};
+use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 
 fn entity(v: Value) -> Arc<Entity> {
     Arc::new(Entity::from_json(Bytes::from(v.to_string())).expect("test entity"))

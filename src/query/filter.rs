@@ -7,8 +7,8 @@
 use roaring::RoaringBitmap;
 use serde_json::{json, Value};
 
+use super::error::QueryError;
 use crate::index::Index;
-use crate::query::QueryError;
 
 /// A filter over search rows, in Backstage's `EntityFilter` shape.
 #[derive(Debug, Clone, PartialEq, Eq)]

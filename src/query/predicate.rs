@@ -8,8 +8,8 @@
 use roaring::RoaringBitmap;
 use serde_json::{Map, Value};
 
+use super::error::QueryError;
 use crate::index::{js_number, js_string, DocSet, Index};
-use crate::query::QueryError;
 
 /// Deepest nesting of predicates accepted (a bound on work and stack).
 pub const MAX_DEPTH: usize = 32;

@@ -12,9 +12,9 @@ use base64::engine::DecodePaddingMode;
 use base64::{alphabet, Engine as _};
 use serde_json::{json, Map, Value};
 
-use crate::filter::EntityFilter;
-use crate::predicate::Predicate;
-use crate::query::QueryError;
+use super::error::QueryError;
+use super::filter::EntityFilter;
+use super::predicate::Predicate;
 
 /// Longest cursor accepted, in characters.
 pub const MAX_CURSOR_LEN: usize = 64 * 1024;

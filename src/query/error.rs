@@ -1,0 +1,29 @@
+//! `QueryError`, the one error of the query module: every variant is a
+//! client error, answered as Backstage's 400 `InputError`. Returned by every
+//! parser and handler under `query` (filter, predicate, cursor, parameters,
+//! bodies); re-exported as `query::QueryError`. Imports nothing from the
+//! query modules, so each of them can depend on it without a cycle.
+
+/// Why a query cannot be answered. Every variant is a client error (400
+/// `InputError`); the message is Backstage's wording where it has one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// A bad `filter` parameter.
+    #[error("{0}")]
+    Filter(String),
+    /// A bad predicate (`query`).
+    #[error("{0}")]
+    Predicate(String),
+    /// An unreadable `cursor`.
+    #[error("Malformed cursor: {0}")]
+    Cursor(String),
+    /// A bad parameter (limit, offset, order, fields, facet, after).
+    #[error("{0}")]
+    Param(String),
+    /// A bad request body.
+    #[error("{0}")]
+    Body(String),
+    /// Input larger than the stated bounds.
+    #[error("{0}")]
+    TooLarge(String),
+}
