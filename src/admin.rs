@@ -113,9 +113,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/stale", get(get_stale).put(put_stale))
         .route("/admin/sync", post(post_sync))
         .route("/admin/snapshot", get(get_snapshot))
-        .layer(axum::middleware::from_fn(|request, next| {
-            crate::api_error::catch_panic("", request, next)
-        }))
+        .layer(crate::api_error::CatchPanicLayer::new(""))
         .with_state(state)
 }
 

@@ -4,12 +4,13 @@
 //! bug answers 500 with the real method and path instead of dropping the
 //! connection.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::Request;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::FutureExt;
@@ -115,34 +116,104 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Middleware for both routers: a handler that panics is answered 500 in
+/// The layer both routers wear: a handler that panics is answered 500 in
 /// Backstage's shape with the request's real method and path, and the
 /// connection stays usable. `mount` is stripped from the reported path (the
-/// proxy's `/api/catalog`; empty for the admin listener).
-pub async fn catch_panic(mount: &'static str, request: Request, next: Next) -> Response {
-    let method = request.method().clone();
-    let url = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let url = url.strip_prefix(mount).unwrap_or(url).to_string();
-    match AssertUnwindSafe(next.run(request)).catch_unwind().await {
-        Ok(response) => response,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            tracing::error!(method = %method, url = %url, panic = %what, "a request handler panicked");
-            ApiError::new(
-                ErrorKind::Internal,
-                "catalog-cache hit an internal error answering this request",
-                &method,
-                &url,
-            )
-            .into_response()
+/// proxy's `/api/catalog`; empty for the admin listener). It costs the hit
+/// path two cheap clones (method, URI), no allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct CatchPanicLayer {
+    mount: &'static str,
+}
+
+impl CatchPanicLayer {
+    /// Catches panics of the service it wraps, reporting paths below `mount`.
+    pub fn new(mount: &'static str) -> Self {
+        Self { mount }
+    }
+}
+
+impl<S> tower::Layer<S> for CatchPanicLayer {
+    type Service = CatchPanic<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CatchPanic {
+            inner,
+            mount: self.mount,
+        }
+    }
+}
+
+/// The service of [`CatchPanicLayer`].
+#[derive(Debug, Clone)]
+pub struct CatchPanic<S> {
+    inner: S,
+    mount: &'static str,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for CatchPanic<S>
+where
+    S: tower::Service<http::Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = CatchPanicFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = request.method().clone();
+        let uri = request.uri().clone();
+        CatchPanicFuture {
+            inner: AssertUnwindSafe(self.inner.call(request)).catch_unwind(),
+            method,
+            uri,
+            mount: self.mount,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`CatchPanic`].
+    pub struct CatchPanicFuture<F> {
+        #[pin]
+        inner: futures::future::CatchUnwind<AssertUnwindSafe<F>>,
+        method: Method,
+        uri: http::Uri,
+        mount: &'static str,
+    }
+}
+
+impl<F, E> Future for CatchPanicFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.inner.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(result)) => Poll::Ready(result),
+            Poll::Ready(Err(panic)) => {
+                let url = this.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                let url = url.strip_prefix(*this.mount).unwrap_or(url);
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(method = %this.method, url = %url, panic = %what, "a request handler panicked");
+                Poll::Ready(Ok(ApiError::new(
+                    ErrorKind::Internal,
+                    "catalog-cache hit an internal error answering this request",
+                    this.method,
+                    url,
+                )
+                .into_response()))
+            }
         }
     }
 }

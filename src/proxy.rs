@@ -48,10 +48,8 @@ pub struct ProxyState {
 pub fn router(state: ProxyState) -> Router {
     Router::new()
         .fallback(handle)
-        .layer(axum::middleware::from_fn(|request, next| {
-            crate::api_error::catch_panic(MOUNT, request, next)
-        }))
-        .with_state(state)
+        .layer(crate::api_error::CatchPanicLayer::new(MOUNT))
+        .with_state(Arc::new(state))
 }
 
 /// Which read-path operation a request is.
@@ -122,7 +120,7 @@ fn percent_decode(segment: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("Path segment '{segment}' is not UTF-8"))
 }
 
-async fn handle(State(state): State<ProxyState>, request: Request) -> Response {
+async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let method = parts.method.clone();
@@ -143,7 +141,7 @@ async fn handle(State(state): State<ProxyState>, request: Request) -> Response {
         return render_error(error, CacheStatus::Hit, "unknown", started);
     };
     let path = if path.is_empty() { "/" } else { path };
-    let url = path_and_query(path, &query);
+    let url = || path_and_query(path, &query);
     if let Some(tokens) = &state.client_tokens {
         let presented = parts
             .headers
@@ -156,7 +154,7 @@ async fn handle(State(state): State<ProxyState>, request: Request) -> Response {
             Some(_) => None,
         };
         if let Some(message) = refusal {
-            let error = ApiError::new(ErrorKind::Authentication, message, &method, &url);
+            let error = ApiError::new(ErrorKind::Authentication, message, &method, &url());
             return render_error(error, CacheStatus::Hit, "unauthorized", started);
         }
     }
@@ -168,7 +166,7 @@ async fn handle(State(state): State<ProxyState>, request: Request) -> Response {
                 ErrorKind::TooLarge,
                 format!("Request body is larger than proxy.max_request_body ({limit} bytes)"),
                 &method,
-                &url,
+                &url(),
             );
             return render_error(error, CacheStatus::Hit, "too_large", started);
         }
@@ -183,7 +181,7 @@ async fn handle(State(state): State<ProxyState>, request: Request) -> Response {
     let route = match route(&method, path) {
         Ok(r) => r,
         Err(message) => {
-            let error = ApiError::new(ErrorKind::Input, message, &method, &url);
+            let error = ApiError::new(ErrorKind::Input, message, &method, &url());
             return render_error(error, CacheStatus::Hit, "invalid", started);
         }
     };
@@ -198,7 +196,7 @@ async fn handle(State(state): State<ProxyState>, request: Request) -> Response {
     };
     match answered {
         Ok(answer) => render(answer, label, started),
-        Err(e) => render_read_error(e, &method, &url, label, started),
+        Err(e) => render_read_error(e, &method, &url(), label, started),
     }
 }
 
