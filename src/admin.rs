@@ -76,6 +76,7 @@ impl AdminState {
         self.breaker.publish_gauges();
         self.syncer.status().publish_gauges();
         metrics::gauge!(m::HOT_CACHE_ENTRIES).set(self.hot.entry_count() as f64);
+        metrics::gauge!(m::HOT_CACHE_BYTES).set(self.hot.weighted_bytes() as f64);
         let policy = self.flags.stale_rule().0;
         for p in [StalePolicy::Serve, StalePolicy::Refuse] {
             metrics::gauge!(m::STALE_POLICY, "policy" => p.as_str()).set(if p == policy {

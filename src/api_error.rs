@@ -25,6 +25,8 @@ pub enum ErrorKind {
     Authentication,
     /// 404 `NotFoundError`.
     NotFound,
+    /// 408 `RequestTimeoutError`: the request (its body) did not arrive in time.
+    RequestTimeout,
     /// 413 `PayloadTooLargeError`.
     TooLarge,
     /// 503 `ServiceUnavailableError`: the upstream could not answer and the
@@ -41,6 +43,7 @@ impl ErrorKind {
             Self::Input => (StatusCode::BAD_REQUEST, "InputError"),
             Self::Authentication => (StatusCode::UNAUTHORIZED, "AuthenticationError"),
             Self::NotFound => (StatusCode::NOT_FOUND, "NotFoundError"),
+            Self::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "RequestTimeoutError"),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLargeError"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "Error"),

@@ -308,6 +308,18 @@ impl BreakerConfig {
     }
 }
 
+/// Who asks to call the upstream. Only the sync loop may probe a
+/// recovering upstream: a client's request never decides whether the
+/// breaker closes again, so clients cannot move it either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// The sync loop: its next attempt after an open period is the probe.
+    Sync,
+    /// A read or write on behalf of a client: admitted only while closed
+    /// (or forced closed).
+    Client,
+}
+
 /// A call the breaker turned away.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
@@ -692,7 +704,7 @@ enum Admission {
 }
 
 /// The admission rules, in one place for `try_acquire` and `would_reject`.
-fn admission(inner: &Inner, now: Instant) -> Admission {
+fn admission(inner: &Inner, now: Instant, caller: Caller) -> Admission {
     match (inner.mode, inner.state) {
         (BreakerMode::Open, _) => Admission::Reject(FORCED_OPEN_RETRY_AFTER),
         (BreakerMode::Closed, _) => Admission::Admit(PermitKind::Forced),
@@ -700,12 +712,17 @@ fn admission(inner: &Inner, now: Instant) -> Admission {
             let until = inner.open_until.unwrap_or(now);
             if now < until {
                 Admission::Reject(until - now)
-            } else {
+            } else if caller == Caller::Sync {
                 Admission::HalfOpenAndProbe
+            } else {
+                // The sync loop's probe is due now.
+                Admission::Reject(HALF_OPEN_RETRY_AFTER)
             }
         }
         (BreakerMode::Auto, BreakerState::HalfOpen) => {
-            if inner.probes_in_flight + inner.probes_succeeded >= inner.config.half_open_probes {
+            if caller == Caller::Client
+                || inner.probes_in_flight + inner.probes_succeeded >= inner.config.half_open_probes
+            {
                 Admission::Reject(HALF_OPEN_RETRY_AFTER)
             } else {
                 Admission::Admit(PermitKind::Probe)
@@ -767,20 +784,21 @@ impl Breaker {
     /// moving the state machine: `Some` when a call would be rejected now.
     /// Lets a read that is bound to be refused skip the work of preparing
     /// an upstream call (the path every read takes while the breaker is open).
-    pub fn would_reject(&self) -> Option<Rejected> {
+    pub fn would_reject(&self, caller: Caller) -> Option<Rejected> {
         let inner = self.shared.lock();
-        match admission(&inner, Instant::now()) {
+        match admission(&inner, Instant::now(), caller) {
             Admission::Reject(retry_after) => Some(rejected(&inner, retry_after)),
             _ => None,
         }
     }
 
     /// Asks to make one upstream call. An open breaker whose open period has
-    /// ended turns half-open here and admits this call as a probe.
-    pub fn try_acquire(&self) -> Result<Permit, Rejected> {
+    /// ended turns half-open here and admits the sync loop's call as a
+    /// probe; a client's call waits for the probe's verdict.
+    pub fn try_acquire(&self, caller: Caller) -> Result<Permit, Rejected> {
         let mut inner = self.shared.lock();
         let now = Instant::now();
-        let kind = match admission(&inner, now) {
+        let kind = match admission(&inner, now, caller) {
             Admission::Reject(retry_after) => return Err(rejected(&inner, retry_after)),
             Admission::Admit(kind) => kind,
             Admission::HalfOpenAndProbe => {
@@ -889,13 +907,19 @@ mod tests {
 
     fn fail(breaker: &Breaker, n: u32) {
         for _ in 0..n {
-            breaker.try_acquire().expect("admitted").failure();
+            breaker
+                .try_acquire(Caller::Sync)
+                .expect("admitted")
+                .failure();
         }
     }
 
     fn succeed(breaker: &Breaker, n: u32) {
         for _ in 0..n {
-            breaker.try_acquire().expect("admitted").success();
+            breaker
+                .try_acquire(Caller::Sync)
+                .expect("admitted")
+                .success();
         }
     }
 
@@ -910,6 +934,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn only_the_sync_loop_probes_a_recovering_upstream() {
+        let breaker = Breaker::new(config(), Clock::system());
+        open_then_wait(&breaker).await;
+        // The open period is over: a client is still turned away, and is
+        // not the probe, so its outcome cannot close (or re-open) anything.
+        let turned_away = breaker
+            .try_acquire(Caller::Client)
+            .expect_err("clients never probe");
+        assert_eq!(turned_away.retry_after, HALF_OPEN_RETRY_AFTER);
+        assert!(breaker.would_reject(Caller::Client).is_some());
+        assert!(breaker.would_reject(Caller::Sync).is_none());
+        assert_eq!(breaker.state(), BreakerState::Open);
+        let probe = breaker
+            .try_acquire(Caller::Sync)
+            .expect("the sync loop probes");
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        assert!(breaker.try_acquire(Caller::Client).is_err());
+        probe.success();
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        breaker
+            .try_acquire(Caller::Client)
+            .expect("closed: clients are admitted")
+            .success();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures() {
         let breaker = Breaker::new(config(), Clock::system());
         fail(&breaker, 4);
@@ -918,7 +968,7 @@ mod tests {
         assert_eq!(breaker.state(), BreakerState::Closed);
         fail(&breaker, 1);
         assert_eq!(breaker.state(), BreakerState::Open);
-        let rejected = breaker.try_acquire().expect_err("open rejects");
+        let rejected = breaker.try_acquire(Caller::Sync).expect_err("open rejects");
         assert_eq!(rejected.state, BreakerState::Open);
         assert_eq!(rejected.mode, BreakerMode::Auto);
         assert_eq!(rejected.retry_after, DEFAULT_OPEN_FOR);
@@ -1003,10 +1053,10 @@ mod tests {
         let breaker = Breaker::new(config(), Clock::system());
         fail(&breaker, 5);
         tokio::time::advance(DEFAULT_OPEN_FOR - Duration::from_millis(1)).await;
-        let rejected = breaker.try_acquire().expect_err("still open");
+        let rejected = breaker.try_acquire(Caller::Sync).expect_err("still open");
         assert_eq!(rejected.retry_after, Duration::from_millis(1));
         tokio::time::advance(Duration::from_millis(1)).await;
-        let probe = breaker.try_acquire().expect("probe admitted");
+        let probe = breaker.try_acquire(Caller::Sync).expect("probe admitted");
         assert_eq!(breaker.state(), BreakerState::HalfOpen);
         assert_eq!(breaker.status().probes_in_flight, 1);
         drop(probe);
@@ -1016,7 +1066,7 @@ mod tests {
     async fn probe_success_closes_and_resets_the_period() {
         let breaker = Breaker::new(config(), Clock::system());
         open_then_wait(&breaker).await;
-        breaker.try_acquire().expect("probe").success();
+        breaker.try_acquire(Caller::Sync).expect("probe").success();
         assert_eq!(breaker.state(), BreakerState::Closed);
         let status = breaker.status();
         assert_eq!(status.consecutive_failures, 0);
@@ -1025,7 +1075,7 @@ mod tests {
         // The next opening starts again at open_for, not doubled.
         fail(&breaker, 5);
         assert_eq!(
-            breaker.try_acquire().unwrap_err().retry_after,
+            breaker.try_acquire(Caller::Sync).unwrap_err().retry_after,
             DEFAULT_OPEN_FOR
         );
     }
@@ -1039,7 +1089,7 @@ mod tests {
             let until = breaker.next_probe_at().expect("open");
             assert_eq!(until - Instant::now(), expected);
             tokio::time::sleep_until(until).await;
-            breaker.try_acquire().expect("probe").failure();
+            breaker.try_acquire(Caller::Sync).expect("probe").failure();
             assert_eq!(breaker.state(), BreakerState::Open);
             assert_eq!(breaker.status().reason.as_deref(), Some("probe failed"));
             expected = (expected * 2).min(DEFAULT_MAX_OPEN);
@@ -1054,8 +1104,10 @@ mod tests {
     async fn half_open_limits_concurrent_probes() {
         let breaker = Breaker::new(config(), Clock::system());
         open_then_wait(&breaker).await;
-        let probe = breaker.try_acquire().expect("first probe");
-        let rejected = breaker.try_acquire().expect_err("second probe refused");
+        let probe = breaker.try_acquire(Caller::Sync).expect("first probe");
+        let rejected = breaker
+            .try_acquire(Caller::Sync)
+            .expect_err("second probe refused");
         assert_eq!(rejected.state, BreakerState::HalfOpen);
         assert_eq!(rejected.retry_after, HALF_OPEN_RETRY_AFTER);
         assert!(rejected.to_string().contains("half-open"), "{rejected}");
@@ -1074,12 +1126,18 @@ mod tests {
             Clock::system(),
         );
         open_then_wait(&breaker).await;
-        let first = breaker.try_acquire().expect("first probe");
-        let second = breaker.try_acquire().expect("second probe");
-        assert!(breaker.try_acquire().is_err(), "third probe refused");
+        let first = breaker.try_acquire(Caller::Sync).expect("first probe");
+        let second = breaker.try_acquire(Caller::Sync).expect("second probe");
+        assert!(
+            breaker.try_acquire(Caller::Sync).is_err(),
+            "third probe refused"
+        );
         first.success();
         assert_eq!(breaker.state(), BreakerState::HalfOpen);
-        assert!(breaker.try_acquire().is_err(), "a success holds its slot");
+        assert!(
+            breaker.try_acquire(Caller::Sync).is_err(),
+            "a success holds its slot"
+        );
         second.success();
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert_eq!(
@@ -1092,8 +1150,8 @@ mod tests {
     async fn cancelled_probe_frees_its_slot() {
         let breaker = Breaker::new(config(), Clock::system());
         open_then_wait(&breaker).await;
-        let probe = breaker.try_acquire().expect("probe");
-        assert!(breaker.try_acquire().is_err());
+        let probe = breaker.try_acquire(Caller::Sync).expect("probe");
+        assert!(breaker.try_acquire(Caller::Sync).is_err());
         drop(probe);
         assert_eq!(
             breaker.state(),
@@ -1101,7 +1159,7 @@ mod tests {
             "cancel is no outcome"
         );
         assert_eq!(breaker.next_probe_at(), Some(breaker.status().since));
-        let probe = breaker.try_acquire().expect("slot freed");
+        let probe = breaker.try_acquire(Caller::Sync).expect("slot freed");
         probe.failure();
         assert_eq!(breaker.state(), BreakerState::Open);
     }
@@ -1109,9 +1167,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn outcomes_from_an_earlier_state_do_not_move_the_machine() {
         let breaker = Breaker::new(config(), Clock::system());
-        let late = breaker.try_acquire().expect("admitted while closed");
+        let late = breaker
+            .try_acquire(Caller::Sync)
+            .expect("admitted while closed");
         open_then_wait(&breaker).await;
-        let probe = breaker.try_acquire().expect("probe");
+        let probe = breaker.try_acquire(Caller::Sync).expect("probe");
         late.success(); // must not count as the probe's success
         assert_eq!(breaker.state(), BreakerState::HalfOpen);
         probe.success();
@@ -1122,7 +1182,7 @@ mod tests {
     async fn forced_open_rejects_and_forced_closed_admits() {
         let breaker = Breaker::new(config(), Clock::system());
         breaker.set_mode(BreakerMode::Open);
-        let rejected = breaker.try_acquire().expect_err("forced open");
+        let rejected = breaker.try_acquire(Caller::Sync).expect_err("forced open");
         assert_eq!(rejected.mode, BreakerMode::Open);
         assert_eq!(rejected.state, BreakerState::Closed);
         assert_eq!(rejected.retry_after, FORCED_OPEN_RETRY_AFTER);
@@ -1163,13 +1223,13 @@ mod tests {
         fail(&breaker, 5);
         breaker.set_mode(BreakerMode::Open);
         tokio::time::advance(DEFAULT_OPEN_FOR).await;
-        assert!(breaker.try_acquire().is_err());
+        assert!(breaker.try_acquire(Caller::Sync).is_err());
         assert_eq!(breaker.state(), BreakerState::Open);
         breaker.set_mode(BreakerMode::Auto);
         assert_eq!(breaker.mode(), BreakerMode::Auto);
         assert_eq!(breaker.state(), BreakerState::Open);
         breaker
-            .try_acquire()
+            .try_acquire(Caller::Sync)
             .expect("probe after open_for")
             .success();
         assert_eq!(breaker.state(), BreakerState::Closed);
@@ -1187,9 +1247,9 @@ mod tests {
         let mut rx = breaker.subscribe();
         fail(&breaker, 5);
         tokio::time::advance(DEFAULT_OPEN_FOR).await;
-        breaker.try_acquire().expect("probe").failure();
+        breaker.try_acquire(Caller::Sync).expect("probe").failure();
         tokio::time::advance(DEFAULT_OPEN_FOR * 2).await;
-        breaker.try_acquire().expect("probe").success();
+        breaker.try_acquire(Caller::Sync).expect("probe").success();
 
         let seen: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok())
             .map(|t| (t.from, t.to, t.reason, t.open_for))
@@ -1246,7 +1306,7 @@ mod tests {
             let until = breaker.next_probe_at().expect("open");
             periods.push(until - Instant::now());
             tokio::time::sleep_until(until).await;
-            breaker.try_acquire().expect("probe").success();
+            breaker.try_acquire(Caller::Sync).expect("probe").success();
         }
         let (low, high) = (DEFAULT_OPEN_FOR.mul_f64(0.8), DEFAULT_OPEN_FOR.mul_f64(1.2));
         assert!(
@@ -1313,7 +1373,7 @@ mod tests {
         fail(&breaker, 1);
         assert_eq!(breaker.state(), BreakerState::Open);
         tokio::time::advance(Duration::from_millis(1)).await;
-        breaker.try_acquire().expect("probe").success();
+        breaker.try_acquire(Caller::Sync).expect("probe").success();
         assert_eq!(breaker.state(), BreakerState::Closed);
     }
 }

@@ -5,7 +5,9 @@
 //!
 //! It sits in front of the current mirror generation for entity reads; the
 //! sync loop invalidates the entries of entities a new generation changed or
-//! removed and keeps the rest.
+//! removed and keeps the rest. It is bounded in bytes (`hot_cache.max_bytes`):
+//! each entry weighs its body, its key and a fixed overhead, and moka evicts
+//! the least valuable when the total would exceed the bound.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -78,6 +80,38 @@ impl Expiry<HotKey, HotEntry> for NegativeExpiry {
     }
 }
 
+/// What an entry costs beyond its body and key: moka's own bookkeeping, the
+/// entry's `Arc`s and the map slot (measured order of magnitude).
+pub const ENTRY_OVERHEAD: u32 = 160;
+
+impl HotKey {
+    fn bytes(&self) -> usize {
+        match self {
+            HotKey::Uid(k) | HotKey::Ref(k) | HotKey::Path(k) => k.len(),
+        }
+    }
+}
+
+impl HotEntry {
+    fn bytes(&self) -> usize {
+        match self {
+            // Stored under two keys, the body is shared: each key weighs it,
+            // so the bound errs on the safe side.
+            HotEntry::Entity { entity, .. } => {
+                entity.body.len() + entity.uid.len() + entity.entity_ref.len() + entity.etag.len()
+            }
+            HotEntry::Missing { body, .. } => body.len(),
+            HotEntry::Answer(a) => a.body.len() + a.content_type.as_ref().map_or(0, String::len),
+        }
+    }
+}
+
+fn weigh(key: &HotKey, entry: &HotEntry) -> u32 {
+    u32::try_from(key.bytes() + entry.bytes())
+        .unwrap_or(u32::MAX)
+        .saturating_add(ENTRY_OVERHEAD)
+}
+
 /// The hot cache.
 #[derive(Clone)]
 pub struct HotCache {
@@ -90,13 +124,15 @@ pub struct HotCache {
 }
 
 impl HotCache {
-    /// A cache holding at most `max_entries`, forgetting 404s after `negative_ttl`.
-    pub fn new(max_entries: u64, negative_ttl: Duration) -> Self {
+    /// A cache holding at most `max_bytes` of answers, forgetting 404s
+    /// after `negative_ttl`.
+    pub fn new(max_bytes: u64, negative_ttl: Duration) -> Self {
         let live = Arc::new(AtomicI64::new(0));
         let removed = live.clone();
         Self {
             inner: Cache::builder()
-                .max_capacity(max_entries)
+                .max_capacity(max_bytes)
+                .weigher(weigh)
                 .expire_after(NegativeExpiry { negative_ttl })
                 .eviction_listener(move |_key, _value, _cause| {
                     removed.fetch_sub(1, Ordering::Relaxed);
@@ -155,5 +191,44 @@ impl HotCache {
     pub fn entry_count(&self) -> u64 {
         self.inner.run_pending_tasks();
         self.inner.entry_count()
+    }
+
+    /// Bytes currently held, as weighed (approximate, as moka counts).
+    pub fn weighted_bytes(&self) -> u64 {
+        self.inner.run_pending_tasks();
+        self.inner.weighted_size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entity(n: usize, body_bytes: usize) -> Arc<Entity> {
+        let body = format!(
+            r#"{{"kind":"Component","metadata":{{"name":"n{n}","uid":"u{n}","etag":"e","description":"{}"}}}}"#,
+            "x".repeat(body_bytes)
+        );
+        Arc::new(Entity::from_json(Bytes::from(body)).unwrap())
+    }
+
+    #[test]
+    fn the_cache_is_bounded_in_bytes_not_entries() {
+        let cache = HotCache::new(1 << 20, Duration::from_secs(10));
+        let now = SystemTime::now();
+        // 400 entities of ~10 KB under two keys each: ~8 MB offered to a 1 MiB cache.
+        for n in 0..400 {
+            cache.put_entity(entity(n, 10_000), now);
+        }
+        let held = cache.weighted_bytes();
+        assert!(held <= 1 << 20, "{held} bytes held, bound 1 MiB");
+        assert!(held > 0);
+        assert!(cache.entry_count() < 200, "{} entries", cache.entry_count());
+        // Small entries: many fit.
+        let small = HotCache::new(1 << 20, Duration::from_secs(10));
+        for n in 0..400 {
+            small.put_entity(entity(n, 10), now);
+        }
+        assert!(small.entry_count() > 700, "{} entries", small.entry_count());
     }
 }

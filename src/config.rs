@@ -55,12 +55,40 @@ pub const DEFAULT_REVALIDATE_BUDGET: Duration = Duration::from_millis(250);
 pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(10);
 /// Default age beyond which data is never served.
 pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(24 * 3600);
-/// Default hot-cache capacity.
-pub const DEFAULT_HOT_CACHE_MAX_ENTRIES: u64 = 20_000;
+/// Default hot-cache capacity, in bytes of the answers it holds.
+pub const DEFAULT_HOT_CACHE_MAX_BYTES: u64 = 64 << 20;
 /// Default admin token file.
 pub const DEFAULT_ADMIN_TOKEN_FILE: &str = "data/admin.token";
 /// Default largest request body the proxy accepts.
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 1024 * 1024;
+/// Default longest evaluation of one query.
+pub const DEFAULT_QUERY_BUDGET: Duration = Duration::from_secs(1);
+/// Default byte bound of the cached sort columns of one generation.
+pub const DEFAULT_SORT_COLUMNS_MAX_BYTES: u64 = 32 << 20;
+/// Default client-triggered upstream calls at once.
+pub const DEFAULT_UPSTREAM_MAX_IN_FLIGHT: usize = 32;
+/// Default time allowed for a request header (and to wait for one on an idle connection).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default longest pause between two chunks of a request body.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default longest time a connection may move no byte either way.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default longest time from a request's header to its answer's header.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default open connections on the proxy listener.
+pub const DEFAULT_PROXY_MAX_CONNECTIONS: usize = 1024;
+/// Default requests in flight on the proxy listener.
+pub const DEFAULT_PROXY_MAX_IN_FLIGHT: usize = 512;
+/// Default open connections on the admin listener.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Default requests in flight on the admin listener.
+pub const DEFAULT_ADMIN_MAX_IN_FLIGHT: usize = 32;
+/// Default age beyond which a stored read-through answer is dropped.
+pub const DEFAULT_READ_THROUGH_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Default number of stored read-through answers.
+pub const DEFAULT_READ_THROUGH_MAX_ENTRIES: u64 = 1000;
+/// Default bytes of stored read-through answers.
+pub const DEFAULT_READ_THROUGH_MAX_BYTES: u64 = 8 << 20;
 
 const SECTIONS: &[&str] = &[
     "upstream",
@@ -70,6 +98,7 @@ const SECTIONS: &[&str] = &[
     "stale",
     "breaker",
     "hot_cache",
+    "read_through",
     "admin",
     "proxy",
     "log",
@@ -94,6 +123,8 @@ pub struct Config {
     pub breaker: BreakerConfig,
     /// `[hot_cache]`: the in-memory cache of upstream answers.
     pub hot_cache: HotCacheConfig,
+    /// `[read_through]`: answers the mirror cannot compute, kept for outages.
+    pub read_through: ReadThroughConfig,
     /// `[admin]`: the operator API's credentials.
     pub admin: AdminConfig,
     /// `[proxy]`: the catalog API listener's limits and client auth.
@@ -116,7 +147,13 @@ pub struct UpstreamConfig {
     pub connect_timeout: Dur,
     /// PEM file of extra CA certificates trusted for an HTTPS upstream, in
     /// addition to the system (or bundled web PKI) roots; empty for none.
+    /// Also trusted for a peer's snapshot (`mirror.seed_from`).
     pub ca_file: PathBuf,
+    /// Upstream calls that reads may have in flight at once
+    /// (revalidations, read-through, forwarded queries, pass-through); a
+    /// read beyond it is answered from the mirror, or 503. The sync loop's
+    /// calls are not counted.
+    pub max_in_flight: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -127,6 +164,7 @@ impl Default for UpstreamConfig {
             timeout: Dur(DEFAULT_UPSTREAM_TIMEOUT),
             connect_timeout: Dur(DEFAULT_UPSTREAM_CONNECT_TIMEOUT),
             ca_file: PathBuf::new(),
+            max_in_flight: DEFAULT_UPSTREAM_MAX_IN_FLIGHT,
         }
     }
 }
@@ -139,6 +177,24 @@ pub struct ListenConfig {
     pub proxy: SocketAddr,
     /// Admin listener.
     pub admin: SocketAddr,
+    /// From a connection being ready for a request (new, or idle after an
+    /// answer) to that request's header being complete.
+    pub header_read_timeout: Dur,
+    /// Longest pause between two chunks of a request body.
+    pub body_read_timeout: Dur,
+    /// Longest time a connection may move no byte in either direction.
+    pub idle_timeout: Dur,
+    /// Longest time from a request's header to its answer's header.
+    pub request_timeout: Dur,
+    /// Open connections on the proxy listener; more wait to be accepted.
+    pub proxy_max_connections: usize,
+    /// Requests in flight on the proxy listener; more are answered 503.
+    pub proxy_max_in_flight: usize,
+    /// Open connections on the admin listener (its own, so that probes
+    /// answer while the proxy listener is flooded).
+    pub admin_max_connections: usize,
+    /// Requests in flight on the admin listener.
+    pub admin_max_in_flight: usize,
 }
 
 impl Default for ListenConfig {
@@ -146,6 +202,14 @@ impl Default for ListenConfig {
         Self {
             proxy: DEFAULT_LISTEN_PROXY.parse().expect("constant address"),
             admin: DEFAULT_LISTEN_ADMIN.parse().expect("constant address"),
+            header_read_timeout: Dur(DEFAULT_HEADER_READ_TIMEOUT),
+            body_read_timeout: Dur(DEFAULT_BODY_READ_TIMEOUT),
+            idle_timeout: Dur(DEFAULT_IDLE_TIMEOUT),
+            request_timeout: Dur(DEFAULT_REQUEST_TIMEOUT),
+            proxy_max_connections: DEFAULT_PROXY_MAX_CONNECTIONS,
+            proxy_max_in_flight: DEFAULT_PROXY_MAX_IN_FLIGHT,
+            admin_max_connections: DEFAULT_ADMIN_MAX_CONNECTIONS,
+            admin_max_in_flight: DEFAULT_ADMIN_MAX_IN_FLIGHT,
         }
     }
 }
@@ -166,6 +230,9 @@ pub struct MirrorConfig {
     pub max_delete_ratio: f64,
     /// A peer sidecar's admin URL to seed an empty mirror from; empty for none.
     pub seed_from: String,
+    /// File holding the peer's admin token for `seed_from`; empty: this
+    /// sidecar's own admin token (peers of one deployment share it).
+    pub seed_token_file: PathBuf,
 }
 
 impl Default for MirrorConfig {
@@ -177,6 +244,7 @@ impl Default for MirrorConfig {
             page_size: DEFAULT_PAGE_SIZE,
             max_delete_ratio: DEFAULT_MAX_DELETE_RATIO,
             seed_from: String::new(),
+            seed_token_file: PathBuf::new(),
         }
     }
 }
@@ -265,14 +333,37 @@ impl Default for StaleConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HotCacheConfig {
-    /// Most entries held.
-    pub max_entries: u64,
+    /// Bytes of answers held (bodies and keys), e.g. `64MiB`.
+    pub max_bytes: ByteSize,
 }
 
 impl Default for HotCacheConfig {
     fn default() -> Self {
         Self {
-            max_entries: DEFAULT_HOT_CACHE_MAX_ENTRIES,
+            max_bytes: ByteSize(DEFAULT_HOT_CACHE_MAX_BYTES),
+        }
+    }
+}
+
+/// `[read_through]`: stored answers for reads the mirror cannot compute
+/// (`/ancestry`, `/locations…`), kept to serve during outages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReadThroughConfig {
+    /// Stored answers older than this are dropped.
+    pub max_age: Dur,
+    /// Most stored answers; the oldest go first.
+    pub max_entries: u64,
+    /// Most bytes of stored answers; the oldest go first.
+    pub max_bytes: ByteSize,
+}
+
+impl Default for ReadThroughConfig {
+    fn default() -> Self {
+        Self {
+            max_age: Dur(DEFAULT_READ_THROUGH_MAX_AGE),
+            max_entries: DEFAULT_READ_THROUGH_MAX_ENTRIES,
+            max_bytes: ByteSize(DEFAULT_READ_THROUGH_MAX_BYTES),
         }
     }
 }
@@ -306,6 +397,16 @@ pub struct ProxyConfig {
     pub client_tokens_file: PathBuf,
     /// Largest request body accepted, e.g. `1MiB`.
     pub max_request_body: ByteSize,
+    /// Longest evaluation of one query (filter, predicate, order, facets,
+    /// `fields`); a query that runs longer is stopped and answered 400.
+    pub query_budget: Dur,
+    /// Queries evaluated at once, on their own threads (never on the
+    /// threads that answer entity reads and probes); 0: one less than the
+    /// CPUs, at least 1. A query waits for a thread within its budget.
+    pub query_concurrency: usize,
+    /// Bytes of sort columns kept per generation (built when a field is
+    /// first ordered by); the least recently used go first.
+    pub sort_columns_max_bytes: ByteSize,
 }
 
 impl Default for ProxyConfig {
@@ -313,6 +414,21 @@ impl Default for ProxyConfig {
         Self {
             client_tokens_file: PathBuf::new(),
             max_request_body: ByteSize(DEFAULT_MAX_REQUEST_BODY),
+            query_budget: Dur(DEFAULT_QUERY_BUDGET),
+            query_concurrency: 0,
+            sort_columns_max_bytes: ByteSize(DEFAULT_SORT_COLUMNS_MAX_BYTES),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Queries evaluated at once (`query_concurrency`, 0 resolved).
+    pub fn query_threads(&self) -> usize {
+        match self.query_concurrency {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get().saturating_sub(1))
+                .max(1),
+            n => n,
         }
     }
 }
@@ -492,6 +608,14 @@ impl Config {
                 self.freshness.revalidate_budget,
             ),
             ("stale.max_stale", self.stale.max_stale),
+            (
+                "listen.header_read_timeout",
+                self.listen.header_read_timeout,
+            ),
+            ("listen.body_read_timeout", self.listen.body_read_timeout),
+            ("listen.idle_timeout", self.listen.idle_timeout),
+            ("listen.request_timeout", self.listen.request_timeout),
+            ("read_through.max_age", self.read_through.max_age),
         ];
         for (key, value) in positive {
             if value.0.is_zero() {
@@ -542,11 +666,90 @@ impl Config {
             key: e.key().to_string(),
             reason: e.to_string(),
         })?;
-        if self.hot_cache.max_entries == 0 {
+        for (key, value, least) in [
+            ("hot_cache.max_bytes", self.hot_cache.max_bytes, 1 << 20),
+            (
+                "read_through.max_bytes",
+                self.read_through.max_bytes,
+                1 << 16,
+            ),
+            (
+                "proxy.sort_columns_max_bytes",
+                self.proxy.sort_columns_max_bytes,
+                1 << 20,
+            ),
+        ] {
+            if value.0 < least {
+                return Err(invalid(
+                    key,
+                    &value,
+                    &format!("a size of at least {}", ByteSize(least)),
+                ));
+            }
+        }
+        for (key, value, allowed) in [
+            (
+                "upstream.max_in_flight",
+                self.upstream.max_in_flight,
+                1..=4096,
+            ),
+            (
+                "listen.proxy_max_connections",
+                self.listen.proxy_max_connections,
+                1..=65_536,
+            ),
+            (
+                "listen.proxy_max_in_flight",
+                self.listen.proxy_max_in_flight,
+                1..=65_536,
+            ),
+            (
+                "listen.admin_max_connections",
+                self.listen.admin_max_connections,
+                1..=4096,
+            ),
+            (
+                "listen.admin_max_in_flight",
+                self.listen.admin_max_in_flight,
+                1..=4096,
+            ),
+            (
+                "proxy.query_concurrency",
+                self.proxy.query_concurrency,
+                0..=256,
+            ),
+            (
+                "read_through.max_entries",
+                self.read_through.max_entries as usize,
+                1..=1_000_000,
+            ),
+        ] {
+            if !allowed.contains(&value) {
+                return Err(invalid(
+                    key,
+                    &value,
+                    &format!(
+                        "a whole number from {} to {}",
+                        allowed.start(),
+                        allowed.end()
+                    ),
+                ));
+            }
+        }
+        if self.proxy.query_budget.0 < Duration::from_millis(10)
+            || self.proxy.query_budget.0 > Duration::from_secs(60)
+        {
             return Err(invalid(
-                "hot_cache.max_entries",
-                &self.hot_cache.max_entries,
-                "a whole number of at least 1",
+                "proxy.query_budget",
+                &self.proxy.query_budget,
+                "a duration from 10ms to 1m",
+            ));
+        }
+        if !self.mirror.seed_token_file.as_os_str().is_empty() && self.mirror.seed_from.is_empty() {
+            return Err(invalid(
+                "mirror.seed_token_file",
+                &self.mirror.seed_token_file.display(),
+                "empty unless mirror.seed_from names a peer",
             ));
         }
         if self.proxy.max_request_body.0 == 0 {
@@ -724,7 +927,7 @@ mod tests {
                     "https://backstage.example.com/api/catalog",
                 ),
                 ("CATALOG_CACHE_BREAKER_FAILURE_RATE", "0.25"),
-                ("CATALOG_CACHE_HOT_CACHE_MAX_ENTRIES", "7"),
+                ("CATALOG_CACHE_HOT_CACHE_MAX_BYTES", "8MiB"),
                 ("CATALOG_CACHE_FRESHNESS_FRESH_FOR", "30s"),
                 ("CATALOG_CACHE_STALE_POLICY", "refuse"),
                 ("CATALOG_CACHE_ADMIN_TOKEN", "s3cret"),
@@ -734,7 +937,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.breaker.consecutive_failures, 3);
         assert_eq!(config.breaker.failure_rate, 0.25);
-        assert_eq!(config.hot_cache.max_entries, 7);
+        assert_eq!(config.hot_cache.max_bytes, ByteSize(8 << 20));
         assert_eq!(config.freshness.fresh_for, Dur(Duration::from_secs(30)));
         assert_eq!(config.stale.policy, StalePolicy::Refuse);
         assert_eq!(config.admin.token.as_deref(), Some("s3cret"));

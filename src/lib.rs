@@ -32,8 +32,10 @@
 //! - [`read`]: the read path — `decide` is where fresh, ask, stale or refuse is decided;
 //!   [`cache`]: the hot cache of upstream answers.
 //! - [`flags`]: the operator's persisted, audited breaker mode and stale policy.
-//! - [`proxy`] and [`admin`]: the two listeners; [`api_error`]: the one place an error becomes
-//!   an HTTP response; [`health`]: readiness; [`metrics`]: metric names.
+//! - [`proxy`] and [`admin`]: the two listeners; [`route`]: Backstage's catalog routes, the only
+//!   paths served and sent upstream; [`server`]: connections, timeouts and in-flight limits;
+//!   [`api_error`]: the one place an error becomes an HTTP response; [`health`]: readiness;
+//!   [`metrics`]: metric names.
 //! - [`sidecar`]: the composition root (opens, wires, runs); [`cli`], [`demo`]: the commands.
 
 pub mod admin;
@@ -55,6 +57,8 @@ pub mod proxy;
 pub mod query;
 pub mod read;
 pub mod retry;
+pub mod route;
+pub mod server;
 pub mod sidecar;
 pub mod snapshot;
 pub mod sync;

@@ -35,6 +35,8 @@ pub const SYNC_DURATION_SECONDS: &str = "catalog_cache_sync_duration_seconds";
 pub const SYNC_HELD_DELETIONS: &str = "catalog_cache_sync_held_deletions";
 /// Entries in the hot cache.
 pub const HOT_CACHE_ENTRIES: &str = "catalog_cache_hot_cache_entries";
+/// Bytes held by the hot cache, as weighed against `hot_cache.max_bytes`.
+pub const HOT_CACHE_BYTES: &str = "catalog_cache_hot_cache_bytes";
 /// Always 1, labelled with the `version` of the running binary.
 pub const BUILD_INFO: &str = "catalog_cache_build_info";
 
@@ -131,6 +133,11 @@ pub fn describe() {
     describe_histogram!(SYNC_DURATION_SECONDS, Unit::Seconds, "Sync duration.");
     describe_gauge!(SYNC_HELD_DELETIONS, "Entities a held sync would delete.");
     describe_gauge!(HOT_CACHE_ENTRIES, "Entries in the hot cache.");
+    describe_gauge!(
+        HOT_CACHE_BYTES,
+        Unit::Bytes,
+        "Bytes held by the hot cache, bounded by hot_cache.max_bytes."
+    );
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
 }
 

@@ -2,11 +2,13 @@
 //! the read path, and the read path's answers turned into headers and bytes.
 //!
 //! Every response carries `Cache-Status`, `Age` and `X-Catalog-Stale`. The
-//! proxy only ever talks to the configured upstream: the request target's
-//! scheme and authority and the `Host` header are ignored, so it is never an
-//! open proxy. Layers: a request body limit (`proxy.max_request_body`), the
-//! optional client-token check, and a panic catcher that answers 500 in
-//! Backstage's shape instead of dropping the connection.
+//! proxy only ever talks to the configured upstream, and only for
+//! Backstage's catalog routes ([`crate::route`]): the request target's
+//! scheme and authority and the `Host` header are ignored, malformed or
+//! ambiguous paths are refused here, other paths are a 404 here. In order:
+//! the optional client-token check, the route, the request body limit
+//! (`proxy.max_request_body`); around it all, a panic catcher that answers
+//! 500 in Backstage's shape instead of dropping the connection.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use crate::entity::EntityRef;
 use crate::metrics as m;
 use crate::query::QueryKind;
 use crate::read::{Answer, CacheStatus, Incoming, Lookup, ReadError, ReadPath};
+use crate::route::{self, Class, Route, RouteError};
 
 /// Where the catalog API is mounted, as in Backstage.
 pub const MOUNT: &str = "/api/catalog";
@@ -52,80 +55,12 @@ pub fn router(state: ProxyState) -> Router {
         .with_state(Arc::new(state))
 }
 
-/// Which read-path operation a request is.
-enum Route {
-    Entity(Lookup),
-    ByRefs,
-    Query(QueryKind),
-    ReadThrough,
-    PassThrough,
-}
-
-impl Route {
-    fn label(&self) -> &'static str {
-        match self {
-            Self::Entity(Lookup::ByName(_)) => "by_name",
-            Self::Entity(Lookup::ByUid(_)) => "by_uid",
-            Self::ByRefs => "by_refs",
-            Self::Query(QueryKind::GetEntities) => "entities",
-            Self::Query(QueryKind::GetByQuery | QueryKind::PostByQuery) => "by_query",
-            Self::Query(QueryKind::GetFacets | QueryKind::PostFacets) => "facets",
-            Self::ReadThrough => "read_through",
-            Self::PassThrough => "pass_through",
-        }
-    }
-}
-
-fn route(method: &Method, path: &str) -> Result<Route, String> {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let decoded = |s: &str| percent_decode(s);
-    Ok(match (method, segments.as_slice()) {
-        (&Method::GET, ["entities"]) => Route::Query(QueryKind::GetEntities),
-        (&Method::GET, ["entities", "by-query"]) => Route::Query(QueryKind::GetByQuery),
-        (&Method::POST, ["entities", "by-query"]) => Route::Query(QueryKind::PostByQuery),
-        (&Method::GET, ["entity-facets"]) => Route::Query(QueryKind::GetFacets),
-        (&Method::POST, ["entity-facets"]) => Route::Query(QueryKind::PostFacets),
-        (&Method::POST, ["entities", "by-refs"]) => Route::ByRefs,
-        (&Method::GET, ["entities", "by-name", kind, namespace, name]) => {
-            Route::Entity(Lookup::ByName(EntityRef {
-                kind: decoded(kind)?,
-                namespace: decoded(namespace)?,
-                name: decoded(name)?,
-            }))
-        }
-        (&Method::GET, ["entities", "by-uid", uid]) => Route::Entity(Lookup::ByUid(decoded(uid)?)),
-        (&Method::GET, ["entities", "by-name", _, _, _, "ancestry"]) => Route::ReadThrough,
-        (&Method::GET, ["locations", ..]) => Route::ReadThrough,
-        _ => Route::PassThrough,
-    })
-}
-
-fn percent_decode(segment: &str) -> Result<String, String> {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = segment
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("Malformed percent-encoding in path segment '{segment}'"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("Path segment '{segment}' is not UTF-8"))
-}
-
 async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
-    let method = parts.method.clone();
-    let full_path = parts.uri.path().to_string();
-    let query = parts.uri.query().unwrap_or("").to_string();
+    let method = &parts.method;
+    let full_path = parts.uri.path();
+    let query = parts.uri.query().unwrap_or("");
     let Some(path) = full_path
         .strip_prefix(MOUNT)
         .filter(|p| p.is_empty() || p.starts_with('/'))
@@ -135,13 +70,13 @@ async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Respo
             format!(
                 "catalog-cache serves the catalog API under {MOUNT}; {full_path} is not part of it"
             ),
-            &method,
-            &path_and_query(&full_path, &query),
+            method,
+            &path_and_query(full_path, query),
         );
         return render_error(error, CacheStatus::Hit, "unknown", started);
     };
     let path = if path.is_empty() { "/" } else { path };
-    let url = || path_and_query(path, &query);
+    let url = || path_and_query(path, query);
     if let Some(tokens) = &state.client_tokens {
         let presented = parts
             .headers
@@ -154,49 +89,79 @@ async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Respo
             Some(_) => None,
         };
         if let Some(message) = refusal {
-            let error = ApiError::new(ErrorKind::Authentication, message, &method, &url());
+            let error = ApiError::new(ErrorKind::Authentication, message, method, &url());
             return render_error(error, CacheStatus::Hit, "unauthorized", started);
         }
     }
+    // Only Backstage's catalog routes are served (and ever sent upstream);
+    // anything else is answered here, before its body is read.
+    let route = match route::parse(method, path) {
+        Ok(r) => r,
+        Err(RouteError::BadPath(message)) => {
+            let error = ApiError::new(ErrorKind::Input, message, method, &url());
+            return render_error(error, CacheStatus::Hit, "invalid", started);
+        }
+        Err(e @ RouteError::NotFound { .. }) => {
+            let error = ApiError::new(ErrorKind::NotFound, e.to_string(), method, &url());
+            return render_error(error, CacheStatus::Hit, "unknown", started);
+        }
+    };
     let limit = state.max_request_body;
     let body = match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
-        Err(_) => {
-            let error = ApiError::new(
-                ErrorKind::TooLarge,
-                format!("Request body is larger than proxy.max_request_body ({limit} bytes)"),
-                &method,
-                &url(),
-            );
+        Err(e) => {
+            let error = if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::new(
+                    ErrorKind::TooLarge,
+                    format!("Request body is larger than proxy.max_request_body ({limit} bytes)"),
+                    method,
+                    &url(),
+                )
+            } else {
+                ApiError::new(
+                    ErrorKind::RequestTimeout,
+                    format!("The request body did not arrive: {e} (listen.body_read_timeout)"),
+                    method,
+                    &url(),
+                )
+            };
             return render_error(error, CacheStatus::Hit, "too_large", started);
         }
     };
     let incoming = Incoming {
-        method: &method,
+        method,
+        route: &route,
         path,
-        query: &query,
+        query,
         headers: &parts.headers,
         body,
     };
-    let route = match route(&method, path) {
-        Ok(r) => r,
-        Err(message) => {
-            let error = ApiError::new(ErrorKind::Input, message, &method, &url());
-            return render_error(error, CacheStatus::Hit, "invalid", started);
-        }
-    };
     let label = route.label();
     let read = &state.read;
-    let answered = match route {
-        Route::Entity(lookup) => read.read_entity(lookup).await,
+    let answered = match &route {
+        Route::ByName(n) => {
+            read.read_entity(Lookup::ByName(EntityRef {
+                kind: n.kind.clone(),
+                namespace: n.namespace.clone(),
+                name: n.name.clone(),
+            }))
+            .await
+        }
+        Route::ByUid(uid) => read.read_entity(Lookup::ByUid(uid.clone())).await,
         Route::ByRefs => read.read_by_refs(&incoming).await,
-        Route::Query(kind) => read.read_query(kind, &incoming).await,
-        Route::ReadThrough => read.read_through(&incoming).await,
-        Route::PassThrough => read.pass_through(&incoming).await,
+        Route::GetEntities => read.read_query(QueryKind::GetEntities, &incoming).await,
+        Route::GetByQuery => read.read_query(QueryKind::GetByQuery, &incoming).await,
+        Route::PostByQuery => read.read_query(QueryKind::PostByQuery, &incoming).await,
+        Route::GetFacets => read.read_query(QueryKind::GetFacets, &incoming).await,
+        Route::PostFacets => read.read_query(QueryKind::PostFacets, &incoming).await,
+        r => match r.class() {
+            Class::ReadThrough => read.read_through(&incoming).await,
+            _ => read.pass_through(&incoming).await,
+        },
     };
     match answered {
         Ok(answer) => render(answer, label, started),
-        Err(e) => render_read_error(e, &method, &url(), label, started),
+        Err(e) => render_read_error(e, method, &url(), label, started),
     }
 }
 
@@ -274,34 +239,4 @@ fn staleness_headers(response: &mut Response, cache: CacheStatus, age: u64, stal
         STALE_HEADER,
         HeaderValue::from_static(if stale { "true" } else { "false" }),
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_follow_backstage_paths() {
-        let r = |m: Method, p: &str| route(&m, p).unwrap().label();
-        assert_eq!(r(Method::GET, "/entities"), "entities");
-        assert_eq!(r(Method::POST, "/entities/by-query"), "by_query");
-        assert_eq!(r(Method::GET, "/entity-facets"), "facets");
-        assert_eq!(r(Method::POST, "/entities/by-refs"), "by_refs");
-        assert!(matches!(
-            route(&Method::GET, "/entities/by-name/Component/default/Checkout%2DService").unwrap(),
-            Route::Entity(Lookup::ByName(ref r)) if r.name == "Checkout-Service"
-        ));
-        assert_eq!(
-            r(
-                Method::GET,
-                "/entities/by-name/component/default/x/ancestry"
-            ),
-            "read_through"
-        );
-        assert_eq!(r(Method::GET, "/locations/abc"), "read_through");
-        assert_eq!(r(Method::GET, "/locations"), "read_through");
-        assert_eq!(r(Method::DELETE, "/entities/by-uid/u"), "pass_through");
-        assert_eq!(r(Method::POST, "/refresh"), "pass_through");
-        assert!(route(&Method::GET, "/entities/by-uid/%zz").is_err());
-    }
 }

@@ -29,10 +29,10 @@ use crate::flags::Flags;
 use crate::generation::Generations;
 use crate::mirror::{Mirror, StoredAnswer};
 use crate::query::{self, QueryKind, QueryRequest};
+use crate::route::{by_name_path, Route};
 use crate::sync::SyncStatus;
 use crate::upstream::{
-    by_name_path, encode_component, Expect, Operation, Upstream, UpstreamError, UpstreamRequest,
-    UpstreamResponse,
+    Expect, Operation, Upstream, UpstreamError, UpstreamRequest, UpstreamResponse,
 };
 
 /// How an answer was obtained, as `Cache-Status` (RFC 9211) reports it.
@@ -432,7 +432,10 @@ impl InFlight {
 pub struct Incoming<'a> {
     /// Method.
     pub method: &'a Method,
-    /// Path below the catalog mount, e.g. `/entities/by-query`.
+    /// The catalog route it asks for: the only thing the upstream is ever
+    /// asked (its path is rebuilt from the parsed parameters).
+    pub route: &'a Route,
+    /// Path below the catalog mount as sent, e.g. `/entities/by-query`.
     pub path: &'a str,
     /// Raw query string (without `?`), empty when none.
     pub query: &'a str,
@@ -482,6 +485,10 @@ pub struct ReadSettings {
     /// `breaker.open_for`: the `Retry-After` of a 503 when the upstream
     /// named none.
     pub retry_after: Duration,
+    /// `proxy.query_budget`: the longest one query is evaluated.
+    pub query_budget: Duration,
+    /// Queries evaluated at once (`proxy.query_concurrency`, resolved).
+    pub query_threads: usize,
 }
 
 impl ReadSettings {
@@ -491,6 +498,8 @@ impl ReadSettings {
             fresh_for: config.freshness.fresh_for.get(),
             revalidate_budget: config.freshness.revalidate_budget.get(),
             retry_after: config.breaker.open_for,
+            query_budget: config.proxy.query_budget.get(),
+            query_threads: config.proxy.query_threads(),
         }
     }
 }
@@ -508,6 +517,9 @@ pub struct ReadPath {
     keeper: Keeper,
     clock: Clock,
     inflight: Arc<InFlight>,
+    /// Query evaluation slots: queries run on blocking threads, at most
+    /// this many at once, never on the async workers.
+    queries: Arc<tokio::sync::Semaphore>,
 }
 
 fn json_headers() -> HeaderMap {
@@ -546,6 +558,7 @@ impl ReadPath {
             sync,
             clock,
             inflight: Arc::default(),
+            queries: Arc::new(tokio::sync::Semaphore::new(settings.query_threads.max(1))),
         }
     }
 
@@ -589,7 +602,7 @@ impl ReadPath {
         }
         let upstream_path = match &lookup {
             Lookup::ByName(r) => by_name_path(&r.kind, &r.namespace, &r.name),
-            Lookup::ByUid(uid) => format!("/entities/by-uid/{}", encode_component(uid)),
+            Lookup::ByUid(uid) => Route::ByUid(uid.clone()).upstream_path(),
         };
         let negative_key = upstream_path.to_lowercase();
         // A remembered 404 stands in for the entity unless the mirror
@@ -810,37 +823,9 @@ impl ReadPath {
         let Some(generation) = self.generations.current() else {
             return self.forward_without_mirror(req, Operation::Query).await;
         };
-        let request = QueryRequest {
-            kind,
-            query_string: req.query,
-            body: &req.body,
-        };
-        // Right after a restart or sync the query index may still be
-        // building; waiting for it must not stall an async worker.
-        let answered = if generation.index.is_query_ready() {
-            query::answer(&generation.index, &request)
-        } else {
-            let index = generation.index.clone();
-            let (query_string, body) = (req.query.to_string(), req.body.clone());
-            let waited = tokio::task::spawn_blocking(move || {
-                query::answer(
-                    &index,
-                    &QueryRequest {
-                        kind,
-                        query_string: &query_string,
-                        body: &body,
-                    },
-                )
-            })
-            .await;
-            match waited {
-                Ok(answered) => answered,
-                Err(e) => {
-                    tracing::error!(error = %e, "query failed while the index was building");
-                    return Err(ReadError::Internal("the query index is unavailable".into()));
-                }
-            }
-        };
+        let answered = self
+            .evaluate(&generation.index, kind, req.query, &req.body)
+            .await?;
         let answer = answered.map_err(|e| ReadError::Input(e.to_string()))?;
         let mut headers = json_headers();
         if let Some(link) = answer.link.and_then(|l| HeaderValue::from_str(&l).ok()) {
@@ -873,6 +858,54 @@ impl ReadPath {
             fetch,
         )
         .await
+    }
+
+    /// Evaluates a query on a blocking thread of its own, within the query
+    /// budget: waiting for a thread counts against the budget, and a query
+    /// still running when it runs out stops itself.
+    async fn evaluate(
+        &self,
+        index: &Arc<crate::index::Index>,
+        kind: QueryKind,
+        query_string: &str,
+        body: &Bytes,
+    ) -> Result<Result<query::Answer, query::QueryError>, ReadError> {
+        let budget = self.settings.query_budget;
+        let started = std::time::Instant::now();
+        let slot = match tokio::time::timeout(budget, self.queries.clone().acquire_owned()).await
+        {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                return Err(ReadError::Unavailable {
+                    message: format!(
+                        "Every query thread stayed busy for proxy.query_budget ({}) (proxy.query_concurrency: {}); retry shortly",
+                        humantime::format_duration(budget),
+                        self.settings.query_threads
+                    ),
+                    retry_after: Duration::from_secs(1),
+                })
+            }
+        };
+        let index = index.clone();
+        let (query_string, body) = (query_string.to_string(), body.clone());
+        let remaining = budget.saturating_sub(started.elapsed());
+        let evaluated = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            let _ = remaining;
+            query::answer(
+                &index,
+                &QueryRequest {
+                    kind,
+                    query_string: &query_string,
+                    body: &body,
+                },
+            )
+        })
+        .await;
+        evaluated.map_err(|e| {
+            tracing::error!(error = %e, "query evaluation failed");
+            ReadError::Internal("the query could not be evaluated".into())
+        })
     }
 
     /// Before any generation is loaded there is nothing local: ask the upstream.
@@ -986,18 +1019,14 @@ impl ReadPath {
 
     /// After a successful write, the entities it affected are re-read.
     fn after_write(&self, req: &Incoming<'_>) {
-        if req.method == Method::DELETE {
-            if let Some(uid) = req.path.strip_prefix("/entities/by-uid/") {
-                if let Some(generation) = self.generations.current() {
-                    if let Some(e) = generation.index.by_uid(uid) {
-                        self.hot.invalidate_entity(&e.uid, &e.entity_ref);
-                    }
+        if let Route::DeleteByUid(uid) = req.route {
+            if let Some(generation) = self.generations.current() {
+                if let Some(e) = generation.index.by_uid(uid) {
+                    self.hot.invalidate_entity(&e.uid, &e.entity_ref);
                 }
             }
         }
-        if req.method != Method::GET {
-            self.sync.sync_soon();
-        }
+        self.sync.sync_soon();
     }
 
     /// Asks the upstream (sharing the call with concurrent reads of the
@@ -1155,7 +1184,8 @@ impl ReadPath {
 }
 
 /// The request passed on to the upstream for a client's request: its
-/// method, path, query and body, and the headers the upstream needs.
+/// route (the path rebuilt from the parsed parameters), query and body, and
+/// the headers the upstream needs.
 fn forward_request(req: &Incoming<'_>) -> UpstreamRequest {
     let mut headers = HeaderMap::new();
     for name in [
@@ -1167,9 +1197,14 @@ fn forward_request(req: &Incoming<'_>) -> UpstreamRequest {
             headers.insert(name, v.clone());
         }
     }
+    let path = req.route.upstream_path();
     UpstreamRequest {
-        method: req.method.clone(),
-        path_and_query: req.path_and_query(),
+        method: req.route.method(),
+        path_and_query: if req.query.is_empty() {
+            path
+        } else {
+            format!("{path}?{}", req.query)
+        },
         headers,
         body: req.body.clone(),
         own_identity: true,
@@ -1361,7 +1396,7 @@ mod tests {
             clock.clone(),
         )
         .unwrap();
-        let upstream_state = |b: &Breaker| match b.would_reject() {
+        let upstream_state = |b: &Breaker| match b.would_reject(crate::breaker::Caller::Client) {
             Some(_) => UpstreamState::Unavailable,
             None => UpstreamState::Admits,
         };

@@ -332,7 +332,11 @@ mod tests {
             (Method::GET, "/entity-facets", Class::Query),
             (Method::POST, "/entity-facets", Class::Query),
             (Method::POST, "/entities/by-refs", Class::ByRefs),
-            (Method::GET, "/entities/by-name/component/default/x", Class::Entity),
+            (
+                Method::GET,
+                "/entities/by-name/component/default/x",
+                Class::Entity,
+            ),
             (Method::GET, "/entities/by-uid/u-1", Class::Entity),
             (
                 Method::GET,
@@ -363,7 +367,10 @@ mod tests {
 
     #[test]
     fn parameters_are_decoded_and_re_encoded() {
-        let route = ok(Method::GET, "/entities/by-name/Component/default/Checkout%2DService");
+        let route = ok(
+            Method::GET,
+            "/entities/by-name/Component/default/Checkout%2DService",
+        );
         assert_eq!(
             route,
             Route::ByName(EntityName {

@@ -26,6 +26,7 @@ use crate::index::Index;
 use crate::mirror::{AuditRecord, Mirror, MirrorError, OpenOutcome};
 use crate::proxy::ProxyState;
 use crate::read::{ReadPath, ReadSettings};
+use crate::server::ListenerLimits;
 use crate::sync::{SyncSettings, SyncStatus, Syncer};
 use crate::upstream::Upstream;
 
@@ -121,7 +122,7 @@ impl Sidecar {
             clock.clone(),
         ));
         let hot = HotCache::new(
-            config.hot_cache.max_entries,
+            config.hot_cache.max_bytes.0,
             config.freshness.negative_ttl.get(),
         );
         let sync_status = Arc::new(SyncStatus::restore(&mirror));
@@ -214,32 +215,60 @@ impl Sidecar {
             entities = generation.as_ref().map(|g| g.index.len()),
             "catalog-cache serving"
         );
-        let proxy_app = crate::proxy::router(self.proxy.clone());
-        let admin_app = crate::admin::router(self.admin.clone());
-        let mut proxy_stop = stop_rx.clone();
-        let mut admin_stop = stop_rx.clone();
-        let proxy_server = axum::serve(proxy, proxy_app).with_graceful_shutdown(async move {
-            let _ = proxy_stop.wait_for(|s| *s).await;
-        });
-        let admin_server = axum::serve(admin, admin_app).with_graceful_shutdown(async move {
-            let _ = admin_stop.wait_for(|s| *s).await;
-        });
-        let proxy_task = tokio::spawn(async move { proxy_server.await });
-        let admin_task = tokio::spawn(async move { admin_server.await });
+        let listen = &self.config.listen;
+        let limits =
+            |name, max_connections, max_connections_key, max_in_flight, max_in_flight_key| {
+                ListenerLimits {
+                    name,
+                    max_connections,
+                    max_connections_key,
+                    max_in_flight,
+                    max_in_flight_key,
+                    header_read_timeout: listen.header_read_timeout.get(),
+                    body_read_timeout: listen.body_read_timeout.get(),
+                    idle_timeout: listen.idle_timeout.get(),
+                    request_timeout: listen.request_timeout.get(),
+                }
+            };
+        let proxy_task = tokio::spawn(crate::server::serve(
+            proxy,
+            crate::proxy::router(self.proxy.clone()),
+            limits(
+                "proxy",
+                listen.proxy_max_connections,
+                "listen.proxy_max_connections",
+                listen.proxy_max_in_flight,
+                "listen.proxy_max_in_flight",
+            ),
+            stop_rx.clone(),
+            SHUTDOWN_GRACE,
+        ));
+        let admin_task = tokio::spawn(crate::server::serve(
+            admin,
+            crate::admin::router(self.admin.clone()),
+            limits(
+                "admin",
+                listen.admin_max_connections,
+                "listen.admin_max_connections",
+                listen.admin_max_in_flight,
+                "listen.admin_max_in_flight",
+            ),
+            stop_rx.clone(),
+            SHUTDOWN_GRACE,
+        ));
         shutdown.await;
         tracing::info!(
             grace_seconds = SHUTDOWN_GRACE.as_secs(),
             "shutting down: draining in-flight requests"
         );
         let _ = stop_tx.send(true);
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        // Each server drains within the grace period itself; this is a
+        // backstop in case one does not.
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), async {
             let _ = proxy_task.await;
             let _ = admin_task.await;
         })
         .await;
-        if drained.is_err() {
-            tracing::warn!("grace period over with requests still in flight; closing them");
-        }
         sync_task.abort();
         housekeeping.abort();
         Ok(())

@@ -31,9 +31,8 @@ use crate::index::Index;
 use crate::metrics as m;
 use crate::mirror::{rfc3339, ApplyStats, AuditRecord, Diff, Mirror, MirrorError};
 use crate::retry::{self, RetryPolicy};
-use crate::upstream::{
-    encode_component, Expect, Operation, Upstream, UpstreamError, UpstreamRequest,
-};
+use crate::route::encode_component;
+use crate::upstream::{Expect, Operation, Upstream, UpstreamError, UpstreamRequest};
 
 /// Most pages one sync reads before it gives up (a cursor loop guard).
 const MAX_PAGES: usize = 100_000;

@@ -5,7 +5,14 @@
 //! permit, bounds the whole exchange (connect, headers, body) by
 //! `upstream.timeout`, classifies the outcome for the breaker exactly once
 //! (retries, when asked for, live inside that one permit) and records metrics
-//! and the last error seen. HTTP and HTTPS (rustls, ring provider) upstreams
+//! and the last error seen.
+//!
+//! Only what the upstream causes on requests the sidecar built counts for
+//! the breaker: connect errors, timeouts, 5xx, 429 and malformed answers are
+//! failures; 2xx and 404 are successes; any other 4xx (the client's doing)
+//! counts as nothing, and neither does anything a pass-through write gets
+//! back. Only the sync loop probes a recovering upstream. Calls made for
+//! clients are bounded in number (`upstream.max_in_flight`). HTTP and HTTPS (rustls, ring provider) upstreams
 //! both work; an HTTPS upstream is trusted through the system roots (or the
 //! bundled web PKI roots when the system has none) plus `upstream.ca_file`.
 
@@ -21,7 +28,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::breaker::{Breaker, Rejected};
+use crate::breaker::{Breaker, Caller, Rejected};
 use crate::clock::Clock;
 use crate::config::UpstreamConfig;
 use crate::metrics as m;
@@ -43,6 +50,14 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// Who makes a call of this kind: the sync loop or a client.
+    pub fn caller(self) -> Caller {
+        match self {
+            Self::SyncPage => Caller::Sync,
+            _ => Caller::Client,
+        }
+    }
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -109,6 +124,10 @@ pub enum UpstreamError {
     /// The breaker did not let the call through: nothing was sent.
     #[error("{0}")]
     Rejected(Rejected),
+    /// The sidecar already has `upstream.max_in_flight` calls out for
+    /// clients: nothing was sent.
+    #[error("the sidecar already has {0} calls in flight to the upstream catalog (upstream.max_in_flight)")]
+    Saturated(usize),
     /// TCP/TLS connection failed (upstream down or unreachable).
     #[error("cannot connect to the upstream catalog: {0}")]
     Connect(String),
@@ -135,7 +154,7 @@ impl UpstreamError {
     /// A metrics label for the failure.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Rejected(_) => "rejected",
+            Self::Rejected(_) | Self::Saturated(_) => "rejected",
             Self::Timeout(_) => "timeout",
             _ => "error",
         }
@@ -144,7 +163,7 @@ impl UpstreamError {
     /// Whether trying again soon could help (a retry inside the same permit).
     pub fn retryable(&self) -> bool {
         match self {
-            Self::Rejected(_) => false,
+            Self::Rejected(_) | Self::Saturated(_) => false,
             Self::Status { status, .. } => *status != StatusCode::NOT_IMPLEMENTED,
             _ => true,
         }
@@ -154,6 +173,7 @@ impl UpstreamError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Rejected(r) => Some(r.retry_after),
+            Self::Saturated(_) => Some(Duration::from_secs(1)),
             Self::Status { retry_after, .. } => *retry_after,
             _ => None,
         }
@@ -178,6 +198,9 @@ pub struct Upstream {
     timeout: Duration,
     last_error: Mutex<Option<LastError>>,
     clock: Clock,
+    /// Slots for calls made for clients (`upstream.max_in_flight`).
+    client_calls: Arc<tokio::sync::Semaphore>,
+    max_in_flight: usize,
 }
 
 impl Upstream {
@@ -204,6 +227,8 @@ impl Upstream {
             timeout: config.timeout.get(),
             last_error: Mutex::new(None),
             clock,
+            client_calls: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
+            max_in_flight: config.max_in_flight,
         }
     }
 
@@ -223,7 +248,7 @@ impl Upstream {
     /// `Some` when a call for `op` would be refused by the breaker right now
     /// (counted as a rejected call, exactly as `call` would count it).
     pub fn refused_now(&self, op: Operation) -> Option<UpstreamError> {
-        let rejected = self.breaker.would_reject()?;
+        let rejected = self.breaker.would_reject(op.caller())?;
         // Every read takes this path while the breaker is open: the handle
         // is looked up once per thread and operation.
         thread_local! {
@@ -255,7 +280,19 @@ impl Upstream {
         expect: Expect,
         retries: Option<&RetryPolicy>,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let permit = match self.breaker.try_acquire() {
+        let caller = op.caller();
+        let _slot = match caller {
+            Caller::Sync => None,
+            Caller::Client => match self.client_calls.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    metrics::counter!(m::UPSTREAM_REQUESTS_TOTAL, "operation" => op.as_str(), "result" => "rejected")
+                        .increment(1);
+                    return Err(UpstreamError::Saturated(self.max_in_flight));
+                }
+            },
+        };
+        let permit = match self.breaker.try_acquire(caller) {
             Ok(p) => p,
             Err(rejected) => {
                 metrics::counter!(m::UPSTREAM_REQUESTS_TOTAL, "operation" => op.as_str(), "result" => "rejected")
@@ -288,16 +325,21 @@ impl Upstream {
             .increment(1);
         metrics::histogram!(m::UPSTREAM_REQUEST_DURATION_SECONDS, "operation" => op.as_str())
             .record(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            tracing::debug!(operation = op.as_str(), error = %e, "upstream call failed");
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastError {
+                message: e.to_string(),
+                at: self.clock.now(),
+            });
+        }
         match &result {
-            Ok(_) => permit.success(),
-            Err(e) => {
-                permit.failure();
-                tracing::debug!(operation = op.as_str(), error = %e, "upstream call failed");
-                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastError {
-                    message: e.to_string(),
-                    at: self.clock.now(),
-                });
-            }
+            // What answers a client's pass-through write says nothing the
+            // breaker should act on, either way.
+            _ if op == Operation::PassThrough => drop(permit),
+            Ok(r) if r.status.is_success() || r.status == StatusCode::NOT_FOUND => permit.success(),
+            // Another 4xx: the client's request was wrong, not the upstream.
+            Ok(_) => drop(permit),
+            Err(_) => permit.failure(),
         }
         result
     }
@@ -437,29 +479,4 @@ impl TokenFile {
             }
         }
     }
-}
-
-/// Percent-encodes one path segment or query value for an upstream URL
-/// (everything but RFC 3986's unreserved characters).
-pub fn encode_component(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
-/// The upstream path of one entity by name.
-pub fn by_name_path(kind: &str, namespace: &str, name: &str) -> String {
-    format!(
-        "/entities/by-name/{}/{}/{}",
-        encode_component(kind),
-        encode_component(namespace),
-        encode_component(name)
-    )
 }
