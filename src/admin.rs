@@ -7,8 +7,9 @@
 //! - `GET /metrics` — Prometheus text format.
 //! - `GET/PUT /admin/breaker`, `GET/PUT /admin/stale`, `POST /admin/sync`, `GET /admin/snapshot`.
 //!
-//! Mutations need `Authorization: Bearer <admin token>`; without it they
-//! answer 401 and change nothing.
+//! Mutations and the snapshot need `Authorization: Bearer <admin token>`;
+//! without it they answer 401 and change (and give) nothing. Operator input
+//! is range-checked (a 400 names the limit); bodies are at most 64 KiB.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +28,7 @@ use crate::breaker::{Breaker, BreakerMode};
 use crate::cache::HotCache;
 use crate::clock::Clock;
 use crate::config::StalePolicy;
-use crate::flags::Flags;
+use crate::flags::{FlagError, Flags};
 use crate::generation::Generations;
 use crate::health::{readiness, Readiness};
 use crate::metrics as m;
@@ -40,6 +41,9 @@ use crate::upstream::Upstream;
 pub const ACTOR_HEADER: &str = "x-catalog-cache-actor";
 
 const STATUS_PAGE: &str = include_str!("status_page.html");
+
+/// The largest admin request body accepted.
+pub const ADMIN_MAX_BODY: usize = 64 * 1024;
 
 /// What the admin listener reads and changes.
 #[derive(Clone)]
@@ -66,6 +70,8 @@ pub struct AdminState {
     pub prometheus: PrometheusHandle,
     /// The sidecar's clock.
     pub clock: Clock,
+    /// Snapshot exports at once (one).
+    pub exports: Arc<tokio::sync::Semaphore>,
 }
 
 impl AdminState {
@@ -114,6 +120,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/stale", get(get_stale).put(put_stale))
         .route("/admin/sync", post(post_sync))
         .route("/admin/snapshot", get(get_snapshot))
+        // Operator requests are small JSON documents.
+        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_MAX_BODY))
         .layer(crate::api_error::CatchPanicLayer::new(""))
         .with_state(state)
 }
@@ -349,7 +357,7 @@ async fn put_breaker(
     tokio::task::spawn_blocking(move || flags.set_mode(mode, reason.as_deref(), for_, &actor))
         .await
         .map_err(|e| internal(Method::PUT, url, e.to_string()))?
-        .map_err(|e| internal(Method::PUT, url, e.to_string()))?;
+        .map_err(|e| flag_error(Method::PUT, url, e))?;
     state.publish_gauges();
     Ok(Json(breaker_view(&state)))
 }
@@ -376,6 +384,13 @@ fn positive_duration(
 
 fn internal(method: Method, url: &'static str, message: String) -> ApiError {
     admin_error(ErrorKind::Internal, message, method, url)
+}
+
+fn flag_error(method: Method, url: &'static str, error: FlagError) -> ApiError {
+    match error {
+        FlagError::OutOfRange(message) => bad_request(method, url, message),
+        FlagError::Mirror(e) => internal(method, url, e.to_string()),
+    }
 }
 
 async fn get_stale(State(state): State<AdminState>) -> Json<StaleView> {
@@ -414,7 +429,7 @@ async fn put_stale(
     })
     .await
     .map_err(|e| internal(Method::PUT, url, e.to_string()))?
-    .map_err(|e| internal(Method::PUT, url, e.to_string()))?;
+    .map_err(|e| flag_error(Method::PUT, url, e))?;
     state.publish_gauges();
     Ok(Json(stale_view(&state)))
 }
@@ -443,29 +458,74 @@ async fn post_sync(
     Ok(Json(report).into_response())
 }
 
-async fn get_snapshot(State(state): State<AdminState>) -> Result<Response, ApiError> {
+async fn get_snapshot(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let url = "/admin/snapshot";
+    authorize(&state, &headers, Method::GET, url)?;
+    // One export at a time: each is a full copy of the mirror on disk.
+    let Ok(_one) = state.exports.clone().try_acquire_owned() else {
+        return Err(admin_error(
+            ErrorKind::Unavailable,
+            "a snapshot is being exported already; retry when it is done",
+            Method::GET,
+            url,
+        )
+        .retry_after(Duration::from_secs(5)));
+    };
     let mirror = state.mirror.clone();
-    let bytes = tokio::task::spawn_blocking(move || {
+    let (dir, file) = tokio::task::spawn_blocking(move || {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("snapshot.db");
         mirror
             .export(&file)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        std::fs::read(&file)
+        Ok::<_, std::io::Error>((dir, file))
     })
     .await
     .map_err(|e| internal(Method::GET, url, e.to_string()))?
     .map_err(|e| internal(Method::GET, url, e.to_string()))?;
+    let opened = tokio::fs::File::open(&file)
+        .await
+        .map_err(|e| internal(Method::GET, url, e.to_string()))?;
+    let length = opened
+        .metadata()
+        .await
+        .map_err(|e| internal(Method::GET, url, e.to_string()))?
+        .len();
+    // Streamed from the file in chunks: an export never sits in memory.
+    // The temporary directory lives as long as the stream, then goes.
+    let chunks = futures::stream::unfold(
+        (opened, dir, _one, vec![0u8; EXPORT_CHUNK]),
+        |(mut file, dir, one, mut buf)| async move {
+            use tokio::io::AsyncReadExt;
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => Some((
+                    Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(&buf[..n])),
+                    (file, dir, one, buf),
+                )),
+                Err(e) => Some((Err(e), (file, dir, one, buf))),
+            }
+        },
+    );
     Ok((
         [
-            (http::header::CONTENT_TYPE, "application/vnd.sqlite3"),
+            (
+                http::header::CONTENT_TYPE,
+                "application/vnd.sqlite3".to_string(),
+            ),
             (
                 http::header::CONTENT_DISPOSITION,
-                "attachment; filename=\"catalog-cache-snapshot.db\"",
+                "attachment; filename=\"catalog-cache-snapshot.db\"".to_string(),
             ),
+            (http::header::CONTENT_LENGTH, length.to_string()),
         ],
-        Body::from(bytes),
+        Body::from_stream(chunks),
     )
         .into_response())
 }
+
+/// Bytes read from an export file per chunk of the answer.
+const EXPORT_CHUNK: usize = 64 * 1024;

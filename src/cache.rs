@@ -52,11 +52,12 @@ pub enum HotEntry {
     Answer(Arc<StoredAnswer>),
 }
 
-struct NegativeExpiry {
+struct Lifetimes {
     negative_ttl: Duration,
+    answer_ttl: Duration,
 }
 
-impl Expiry<HotKey, HotEntry> for NegativeExpiry {
+impl Expiry<HotKey, HotEntry> for Lifetimes {
     fn expire_after_create(
         &self,
         _key: &HotKey,
@@ -65,7 +66,8 @@ impl Expiry<HotKey, HotEntry> for NegativeExpiry {
     ) -> Option<Duration> {
         match value {
             HotEntry::Missing { .. } => Some(self.negative_ttl),
-            _ => None,
+            HotEntry::Answer(_) => Some(self.answer_ttl),
+            HotEntry::Entity { .. } => None,
         }
     }
 
@@ -125,15 +127,18 @@ pub struct HotCache {
 
 impl HotCache {
     /// A cache holding at most `max_bytes` of answers, forgetting 404s
-    /// after `negative_ttl`.
-    pub fn new(max_bytes: u64, negative_ttl: Duration) -> Self {
+    /// after `negative_ttl` and read-through answers after `answer_ttl`.
+    pub fn new(max_bytes: u64, negative_ttl: Duration, answer_ttl: Duration) -> Self {
         let live = Arc::new(AtomicI64::new(0));
         let removed = live.clone();
         Self {
             inner: Cache::builder()
                 .max_capacity(max_bytes)
                 .weigher(weigh)
-                .expire_after(NegativeExpiry { negative_ttl })
+                .expire_after(Lifetimes {
+                    negative_ttl,
+                    answer_ttl,
+                })
                 .eviction_listener(move |_key, _value, _cause| {
                     removed.fetch_sub(1, Ordering::Relaxed);
                 })
@@ -214,7 +219,7 @@ mod tests {
 
     #[test]
     fn the_cache_is_bounded_in_bytes_not_entries() {
-        let cache = HotCache::new(1 << 20, Duration::from_secs(10));
+        let cache = HotCache::new(1 << 20, Duration::from_secs(10), Duration::from_secs(60));
         let now = SystemTime::now();
         // 400 entities of ~10 KB under two keys each: ~8 MB offered to a 1 MiB cache.
         for n in 0..400 {
@@ -225,7 +230,7 @@ mod tests {
         assert!(held > 0);
         assert!(cache.entry_count() < 200, "{} entries", cache.entry_count());
         // Small entries: many fit.
-        let small = HotCache::new(1 << 20, Duration::from_secs(10));
+        let small = HotCache::new(1 << 20, Duration::from_secs(10), Duration::from_secs(60));
         for n in 0..400 {
             small.put_entity(entity(n, 10), now);
         }

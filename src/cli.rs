@@ -372,7 +372,7 @@ async fn snapshot(action: SnapshotAction) -> Result<(), Failure> {
             let config = load_config(config.as_deref())?;
             tokio::task::spawn_blocking(move || {
                 let (mirror, _) =
-                    crate::mirror::Mirror::open(&config.mirror.path, &Clock::system())
+                    crate::mirror::Mirror::open_existing(&config.mirror.path, &Clock::system())
                         .map_err(Failure::failed)?;
                 let meta = mirror.meta().map_err(Failure::failed)?;
                 mirror.export(&file).map_err(Failure::failed)?;

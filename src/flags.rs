@@ -21,6 +21,35 @@ const BREAKER_FLAG: &str = "breaker_mode";
 const STALE_FLAG: &str = "stale_policy";
 const MAX_STALE_FLAG: &str = "max_stale";
 
+/// The longest a breaker override may be set for: longer is a config
+/// change, not an incident decision.
+pub const MAX_OVERRIDE_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The largest `max_stale` an operator may set.
+pub const MAX_MAX_STALE: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest reason kept in the audit trail, in characters.
+pub const MAX_REASON_CHARS: usize = 500;
+
+/// Why an operator's change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagError {
+    /// A value outside what may be set; the message names the limit.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The mirror could not persist it.
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
+}
+
+fn check_reason(reason: Option<&str>) -> Result<(), FlagError> {
+    match reason {
+        Some(r) if r.chars().count() > MAX_REASON_CHARS => Err(FlagError::OutOfRange(format!(
+            "'reason' is {} characters long; at most {MAX_REASON_CHARS} are kept",
+            r.chars().count()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The breaker mode in force and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ModeSetting {
@@ -84,14 +113,62 @@ impl Flags {
             actor: "config".into(),
             expires_at: None,
         };
+        let now = clock.now();
         if let Some(flag) = mirror.flag(BREAKER_FLAG)? {
-            if let Ok(m) = flag.value.parse::<BreakerMode>() {
-                mode = ModeSetting {
-                    mode: m,
-                    reason: flag.reason,
-                    actor: flag.actor,
-                    expires_at: flag.expires_at,
-                };
+            match flag.value.parse::<BreakerMode>() {
+                Ok(m) => {
+                    // An expiry further off than any operator may set (a
+                    // file written by hand, or by a version without the
+                    // limit) is pulled in, and said so, rather than trusted.
+                    let latest = now + MAX_OVERRIDE_FOR;
+                    let expires_at = match flag.expires_at {
+                        Some(t) if t > latest => {
+                            tracing::warn!(
+                                "the stored breaker override expired too far in the future; it now expires in {}",
+                                humantime::format_duration(MAX_OVERRIDE_FOR)
+                            );
+                            let repaired = StoredFlag {
+                                expires_at: Some(latest),
+                                ..flag.clone()
+                            };
+                            mirror.set_flag(
+                                BREAKER_FLAG,
+                                Some(&repaired),
+                                &AuditRecord {
+                                    at: now,
+                                    actor: "repair",
+                                    subject: "breaker_mode",
+                                    from: Some(&flag.value),
+                                    to: &flag.value,
+                                    reason: Some("stored expiry beyond the longest override allowed; shortened"),
+                                },
+                            )?;
+                            Some(latest)
+                        }
+                        other => other,
+                    };
+                    mode = ModeSetting {
+                        mode: m,
+                        reason: flag.reason,
+                        actor: flag.actor,
+                        expires_at,
+                    };
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the stored breaker override is unreadable; dropping it");
+                    mirror.set_flag(
+                        BREAKER_FLAG,
+                        None,
+                        &AuditRecord {
+                            at: now,
+                            actor: "repair",
+                            subject: "breaker_mode",
+                            from: Some(&flag.value),
+                            to: configured_mode.as_str(),
+                            reason: Some("stored value unreadable; back to the configured mode"),
+                        },
+                    )?;
+                }
             }
         }
         let mut stale = StaleSetting {
@@ -108,8 +185,24 @@ impl Flags {
             }
         }
         if let Some(flag) = mirror.flag(MAX_STALE_FLAG)? {
-            if let Ok(d) = humantime::parse_duration(&flag.value) {
-                stale.max_stale = d;
+            match humantime::parse_duration(&flag.value) {
+                Ok(d) if !d.is_zero() && d <= MAX_MAX_STALE => stale.max_stale = d,
+                _ => {
+                    tracing::warn!(value = %flag.value, "the stored max_stale is unreadable or out of range; using the configured one");
+                    let configured = humantime::format_duration(configured_max_stale).to_string();
+                    mirror.set_flag(
+                        MAX_STALE_FLAG,
+                        None,
+                        &AuditRecord {
+                            at: now,
+                            actor: "repair",
+                            subject: "max_stale",
+                            from: Some(&flag.value),
+                            to: &configured,
+                            reason: Some("stored value unreadable or out of range; back to the configured one"),
+                        },
+                    )?;
+                }
             }
         }
         breaker.set_mode(mode.mode);
@@ -155,7 +248,17 @@ impl Flags {
         reason: Option<&str>,
         for_: Option<Duration>,
         actor: &str,
-    ) -> Result<ModeSetting, MirrorError> {
+    ) -> Result<ModeSetting, FlagError> {
+        check_reason(reason)?;
+        if let Some(d) = for_ {
+            if d.is_zero() || d > MAX_OVERRIDE_FOR {
+                return Err(FlagError::OutOfRange(format!(
+                    "'for' must be longer than 0s and at most {} (got {})",
+                    humantime::format_duration(MAX_OVERRIDE_FOR),
+                    humantime::format_duration(d)
+                )));
+            }
+        }
         let mut current = self.lock();
         let now = self.clock.now();
         let setting = ModeSetting {
@@ -256,7 +359,17 @@ impl Flags {
         max_stale: Option<Duration>,
         reason: Option<&str>,
         actor: &str,
-    ) -> Result<StaleSetting, MirrorError> {
+    ) -> Result<StaleSetting, FlagError> {
+        check_reason(reason)?;
+        if let Some(d) = max_stale {
+            if d < Duration::from_secs(1) || d > MAX_MAX_STALE {
+                return Err(FlagError::OutOfRange(format!(
+                    "'max_stale' must be from 1s to {} (got {})",
+                    humantime::format_duration(MAX_MAX_STALE),
+                    humantime::format_duration(d)
+                )));
+            }
+        }
         let mut current = self.lock();
         let now = self.clock.now();
         let from = current.stale.clone();

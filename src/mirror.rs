@@ -95,6 +95,12 @@ pub enum MirrorError {
         /// Why it does not parse.
         reason: String,
     },
+    /// There is no mirror at the path (and the command would not make one).
+    #[error("no mirror at {path}: run this where the sidecar runs, or point at its mirror with --config FILE (mirror.path) or CATALOG_CACHE_MIRROR_PATH")]
+    Missing {
+        /// The path looked at.
+        path: PathBuf,
+    },
     /// The file is a SQLite database of some other program or version.
     #[error("{path} is not a catalog-cache mirror (schema {found:?})")]
     Foreign {
@@ -232,6 +238,17 @@ pub struct AuditEntry {
     pub reason: Option<String>,
 }
 
+/// What the read-through store may hold (`[read_through]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Answers older than this are dropped.
+    pub max_age: Duration,
+    /// Most answers.
+    pub max_entries: u64,
+    /// Most body bytes.
+    pub max_bytes: u64,
+}
+
 /// A stored read-through answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredAnswer {
@@ -269,18 +286,38 @@ impl Mirror {
     /// mirror is created in its place.
     pub fn open(path: &Path, clock: &Clock) -> Result<(Self, OpenOutcome), MirrorError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
+            if !dir.exists() {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)?;
+                set_mode(dir, 0o700)?;
+            }
         }
+        private_files(path)?;
         match Self::open_checked(path) {
             Ok(mirror) => Ok((mirror, OpenOutcome::Healthy)),
             Err(err @ MirrorError::Foreign { .. }) => Err(err),
             Err(MirrorError::Sqlite(_)) | Err(MirrorError::BadRow { .. }) => {
                 let aside = move_aside(path, clock.now())?;
+                private_files(path)?;
                 let mirror = Self::open_checked(path)?;
                 Ok((mirror, OpenOutcome::MovedAside(aside)))
             }
             Err(err) => Err(err),
         }
+    }
+
+    /// Opens an existing mirror, for commands that read one: a missing file
+    /// is an error, never a new, empty mirror.
+    pub fn open_existing(path: &Path, clock: &Clock) -> Result<(Self, OpenOutcome), MirrorError> {
+        if !path.is_file() {
+            return Err(MirrorError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        Self::open(path, clock)
     }
 
     fn open_checked(path: &Path) -> Result<Self, MirrorError> {
@@ -506,9 +543,22 @@ impl Mirror {
         Ok(())
     }
 
-    /// Stores a read-through answer under `key`.
-    pub fn store_answer(&self, key: &str, answer: &StoredAnswer) -> Result<(), MirrorError> {
-        self.writer().execute(
+    /// Stores a read-through answer under `key`, then drops what `limits`
+    /// no longer allow: answers older than `max_age`, then the oldest beyond
+    /// `max_entries` or `max_bytes`. An answer larger than `max_bytes` on its
+    /// own is not stored.
+    pub fn store_answer(
+        &self,
+        key: &str,
+        answer: &StoredAnswer,
+        limits: &StoreLimits,
+    ) -> Result<(), MirrorError> {
+        if answer.body.len() as u64 > limits.max_bytes {
+            return Ok(());
+        }
+        let mut conn = self.writer();
+        let tx = conn.transaction()?;
+        tx.execute(
             "INSERT INTO read_through (key, status, content_type, body, stored_ms) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (key) DO UPDATE SET status = excluded.status, content_type = excluded.content_type,
              body = excluded.body, stored_ms = excluded.stored_ms",
@@ -520,7 +570,53 @@ impl Mirror {
                 to_ms(answer.stored_at)
             ],
         )?;
+        let oldest = answer
+            .stored_at
+            .checked_sub(limits.max_age)
+            .unwrap_or(UNIX_EPOCH);
+        tx.execute(
+            "DELETE FROM read_through WHERE stored_ms < ?1",
+            [to_ms(oldest)],
+        )?;
+        tx.execute(
+            "DELETE FROM read_through WHERE key IN
+             (SELECT key FROM read_through ORDER BY stored_ms DESC, key LIMIT -1 OFFSET ?1)",
+            [i64::try_from(limits.max_entries).unwrap_or(i64::MAX)],
+        )?;
+        let total: i64 = tx.query_row(
+            "SELECT COALESCE(SUM(LENGTH(body)), 0) FROM read_through",
+            [],
+            |r| r.get(0),
+        )?;
+        let mut excess = total.saturating_sub(i64::try_from(limits.max_bytes).unwrap_or(i64::MAX));
+        if excess > 0 {
+            let oldest_first: Vec<(String, i64)> = {
+                let mut stmt = tx.prepare(
+                    "SELECT key, LENGTH(body) FROM read_through ORDER BY stored_ms ASC, key",
+                )?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut delete = tx.prepare("DELETE FROM read_through WHERE key = ?1")?;
+            for (old, bytes) in oldest_first {
+                if excess <= 0 {
+                    break;
+                }
+                delete.execute([&old])?;
+                excess -= bytes;
+            }
+        }
+        tx.commit()?;
         Ok(())
+    }
+
+    /// Stored read-through answers: how many, and their body bytes.
+    pub fn answers_stored(&self) -> Result<(u64, u64), MirrorError> {
+        Ok(self.reader().query_row(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM read_through",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
     }
 
     /// A stored read-through answer.
@@ -644,6 +740,7 @@ impl Mirror {
     }
 
     /// Writes a consistent copy of the whole mirror to `dest` (a new file).
+    /// The copy is created with mode 0600, whatever the umask.
     pub fn export(&self, dest: &Path) -> Result<(), MirrorError> {
         if dest.exists() {
             return Err(MirrorError::Io(std::io::Error::new(
@@ -651,6 +748,8 @@ impl Mirror {
                 format!("{} already exists; not overwriting it", dest.display()),
             )));
         }
+        // VACUUM INTO writes into an empty file: create it private first.
+        create_private(dest)?;
         self.reader()
             .execute("VACUUM INTO ?1", [dest.to_string_lossy().as_ref()])?;
         Ok(())
@@ -723,6 +822,48 @@ pub fn read_snapshot(path: &Path) -> Result<Loaded, MirrorError> {
         reader: Mutex::new(conn),
     };
     snapshot.load()
+}
+
+/// Creates `path` empty with mode 0600 (whatever the umask), failing if it
+/// exists.
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// The mirror file and its WAL and shared-memory files are readable by the
+/// sidecar's user only: created 0600 whatever the umask (SQLite gives the
+/// WAL and shared-memory files the database file's mode), and tightened to
+/// 0600 if an earlier version left them looser. They hold the catalog as
+/// the sidecar's upstream identity sees it.
+fn private_files(path: &Path) -> Result<(), MirrorError> {
+    use std::os::unix::fs::PermissionsExt;
+    if !path.exists() {
+        match create_private(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        if let Ok(meta) = std::fs::metadata(&file) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::info!(path = %file.display(), "making the mirror file readable by the sidecar's user only (0600)");
+                set_mode(&file, 0o600)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn connect(path: &Path) -> Result<Connection, MirrorError> {
@@ -806,8 +947,12 @@ pub fn from_ms(ms: i64) -> SystemTime {
 }
 
 /// RFC 3339 UTC rendering of a wall-clock time, e.g. `2026-12-01T06:00:00Z`.
+/// Times outside what RFC 3339 can write (before 1970, after 9999) are
+/// written as the nearest that it can, never a panic.
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    // The last second of year 9999.
+    let latest = UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    humantime::format_rfc3339_seconds(t.clamp(UNIX_EPOCH, latest)).to_string()
 }
 
 #[cfg(test)]
@@ -826,6 +971,16 @@ mod tests {
             .iter()
             .map(|e| (e.uid.clone(), e.etag.clone()))
             .collect()
+    }
+
+    #[test]
+    fn times_beyond_what_rfc3339_can_write_are_clamped_not_a_panic() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let far = UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        assert_eq!(rfc3339(far), "9999-12-31T23:59:59Z");
+        let before = UNIX_EPOCH - Duration::from_secs(10);
+        assert_eq!(rfc3339(before), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(from_ms(i64::MAX)), "9999-12-31T23:59:59Z");
     }
 
     #[test]

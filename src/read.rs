@@ -27,7 +27,7 @@ use crate::config::{Config, StalePolicy};
 use crate::entity::{Entity, EntityRef};
 use crate::flags::Flags;
 use crate::generation::Generations;
-use crate::mirror::{Mirror, StoredAnswer};
+use crate::mirror::{Mirror, StoreLimits, StoredAnswer};
 use crate::query::{self, QueryKind, QueryRequest};
 use crate::route::{by_name_path, Route};
 use crate::sync::SyncStatus;
@@ -346,6 +346,7 @@ struct Keeper {
     hot: HotCache,
     mirror: Arc<Mirror>,
     clock: Clock,
+    limits: StoreLimits,
 }
 
 impl Keeper {
@@ -381,8 +382,9 @@ impl Keeper {
         self.hot.put_answer(key, answer.clone());
         let mirror = self.mirror.clone();
         let key = key.to_string();
+        let limits = self.limits;
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = mirror.store_answer(&key, &answer) {
+            if let Err(e) = mirror.store_answer(&key, &answer, &limits) {
                 tracing::warn!(error = %e, key = %key, "cannot store a read-through answer");
             }
         });
@@ -489,6 +491,8 @@ pub struct ReadSettings {
     pub query_budget: Duration,
     /// Queries evaluated at once (`proxy.query_concurrency`, resolved).
     pub query_threads: usize,
+    /// What the read-through store may hold (`[read_through]`).
+    pub read_through: StoreLimits,
 }
 
 impl ReadSettings {
@@ -500,6 +504,11 @@ impl ReadSettings {
             retry_after: config.breaker.open_for,
             query_budget: config.proxy.query_budget.get(),
             query_threads: config.proxy.query_threads(),
+            read_through: StoreLimits {
+                max_age: config.read_through.max_age.get(),
+                max_entries: config.read_through.max_entries,
+                max_bytes: config.read_through.max_bytes.0,
+            },
         }
     }
 }
@@ -551,6 +560,7 @@ impl ReadPath {
                 hot: hot.clone(),
                 mirror,
                 clock: clock.clone(),
+                limits: settings.read_through,
             },
             hot,
             upstream,
@@ -941,6 +951,9 @@ impl ReadPath {
                     .map(Arc::new)
             }
         };
+        // An answer older than read_through.max_age is gone, as in the store.
+        let stored =
+            stored.filter(|a| self.age_of(a.stored_at) <= self.settings.read_through.max_age);
         let held = match stored {
             Some(answer) => {
                 let mut headers = HeaderMap::new();

@@ -27,6 +27,7 @@ use crate::mirror::{AuditRecord, Mirror, MirrorError, OpenOutcome};
 use crate::proxy::ProxyState;
 use crate::read::{ReadPath, ReadSettings};
 use crate::server::ListenerLimits;
+use crate::snapshot::SeedSource;
 use crate::sync::{SyncSettings, SyncStatus, Syncer};
 use crate::upstream::Upstream;
 
@@ -55,6 +56,8 @@ pub struct Sidecar {
     pub admin: AdminState,
     /// What the proxy listener serves.
     pub proxy: ProxyState,
+    /// Where an empty mirror is seeded from.
+    pub seed: SeedSource,
 }
 
 /// Why the sidecar could not start.
@@ -124,6 +127,7 @@ impl Sidecar {
         let hot = HotCache::new(
             config.hot_cache.max_bytes.0,
             config.freshness.negative_ttl.get(),
+            config.read_through.max_age.get(),
         );
         let sync_status = Arc::new(SyncStatus::restore(&mirror));
         let syncer = Arc::new(Syncer::new(
@@ -146,6 +150,12 @@ impl Sidecar {
             mirror.clone(),
             clock.clone(),
         ));
+        let token = admin_token(&config)?;
+        let seed = SeedSource {
+            peer: config.mirror.seed_from.clone(),
+            token: seed_token(&config)?.or_else(|| Some(token.clone())),
+            ca_file: config.upstream.ca_file.clone(),
+        };
         let admin = AdminState {
             generations: generations.clone(),
             flags: flags.clone(),
@@ -154,10 +164,11 @@ impl Sidecar {
             mirror: mirror.clone(),
             upstream,
             hot,
-            token: admin_token(&config)?.into(),
+            token: token.into(),
             fresh_for: config.freshness.fresh_for.get(),
             prometheus,
             clock: clock.clone(),
+            exports: Arc::new(tokio::sync::Semaphore::new(1)),
         };
         let proxy = ProxyState {
             read: read.clone(),
@@ -177,6 +188,7 @@ impl Sidecar {
             read,
             admin,
             proxy,
+            seed,
         })
     }
 
@@ -190,7 +202,7 @@ impl Sidecar {
     ) -> Result<(), StartError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         if let Err(e) = crate::snapshot::seed_from_peer(
-            &self.config.mirror.seed_from,
+            &self.seed,
             &self.mirror,
             &self.generations,
             &self.clock,
@@ -409,6 +421,28 @@ fn admin_token(config: &Config) -> Result<String, StartError> {
         .map_err(|e| StartError::Token(format!("cannot write {}: {e}", path.display())))?;
     tracing::info!(path = %path.display(), "generated an admin token");
     Ok(token)
+}
+
+/// The peer's admin token for seeding, from `mirror.seed_token_file`.
+fn seed_token(config: &Config) -> Result<Option<String>, StartError> {
+    let path = &config.mirror.seed_token_file;
+    if path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        StartError::Token(format!(
+            "cannot read mirror.seed_token_file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(StartError::Token(format!(
+            "mirror.seed_token_file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(Some(token.to_string()))
 }
 
 fn client_tokens(config: &Config) -> Result<Option<HashSet<String>>, StartError> {

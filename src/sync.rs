@@ -21,7 +21,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::breaker::Breaker;
+use crate::breaker::{Breaker, BreakerState};
 use crate::cache::HotCache;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -648,6 +648,7 @@ impl Syncer {
             })
         };
         let mut failures = backoff();
+        let mut transitions = self.breaker.subscribe();
         loop {
             let report = self.sync_once(false).await;
             let wait = match report.result {
@@ -666,13 +667,32 @@ impl Syncer {
                     self.jittered_interval()
                 }
             };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = self.status.trigger.notified() => {
-                    // Debounce bursts of triggers (many stale reads at once).
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut wake = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => break,
+                    _ = self.status.trigger.notified() => {
+                        // Debounce bursts of triggers (many stale reads at once).
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        break;
+                    }
+                    // Reads can open the breaker between syncs; only this
+                    // loop probes, so it wakes when the open period ends
+                    // rather than at its next interval.
+                    transition = transitions.recv() => {
+                        if let Ok(t) = transition {
+                            if t.to == BreakerState::Open {
+                                if let Some(at) = self.breaker.next_probe_at() {
+                                    wake = wake.min(at);
+                                }
+                            }
+                        }
+                    }
+                    _ = shutdown.changed() => return,
                 }
-                _ = shutdown.changed() => return,
+                if *shutdown.borrow() {
+                    return;
+                }
             }
             if *shutdown.borrow() {
                 return;

@@ -578,7 +578,14 @@ async fn a_snapshot_seeds_a_new_sidecar_with_the_snapshots_age() {
     let ts = TestSidecar::builder().start().await;
     let e = ts.upstream_entities()[17].clone();
     let before = ts.get(&by_name_path(&e)).await;
-    let snapshot = ts.admin_get("/admin/snapshot").await;
+    assert_eq!(
+        ts.admin_get("/admin/snapshot").await.status,
+        401,
+        "the snapshot is the whole mirror: it needs the admin token"
+    );
+    let snapshot = ts
+        .admin_send(reqwest::Method::GET, "/admin/snapshot", Some(ADMIN_TOKEN), None)
+        .await;
     assert_eq!(snapshot.status, 200);
     let synced_at = ts
         .sidecar
