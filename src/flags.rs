@@ -40,6 +40,11 @@ pub enum FlagError {
     Mirror(#[from] MirrorError),
 }
 
+/// A limit of whole days as people write it (`7 days`).
+fn days(d: Duration) -> String {
+    format!("{} days", d.as_secs() / 86_400)
+}
+
 fn check_reason(reason: Option<&str>) -> Result<(), FlagError> {
     match reason {
         Some(r) if r.chars().count() > MAX_REASON_CHARS => Err(FlagError::OutOfRange(format!(
@@ -125,7 +130,7 @@ impl Flags {
                         Some(t) if t > latest => {
                             tracing::warn!(
                                 "the stored breaker override expired too far in the future; it now expires in {}",
-                                humantime::format_duration(MAX_OVERRIDE_FOR)
+                                days(MAX_OVERRIDE_FOR)
                             );
                             let repaired = StoredFlag {
                                 expires_at: Some(latest),
@@ -254,7 +259,7 @@ impl Flags {
             if d.is_zero() || d > MAX_OVERRIDE_FOR {
                 return Err(FlagError::OutOfRange(format!(
                     "'for' must be longer than 0s and at most {} (got {})",
-                    humantime::format_duration(MAX_OVERRIDE_FOR),
+                    days(MAX_OVERRIDE_FOR),
                     humantime::format_duration(d)
                 )));
             }
@@ -365,7 +370,7 @@ impl Flags {
             if d < Duration::from_secs(1) || d > MAX_MAX_STALE {
                 return Err(FlagError::OutOfRange(format!(
                     "'max_stale' must be from 1s to {} (got {})",
-                    humantime::format_duration(MAX_MAX_STALE),
+                    days(MAX_MAX_STALE),
                     humantime::format_duration(d)
                 )));
             }

@@ -75,7 +75,8 @@ impl Operation {
 pub enum Expect {
     /// A 2xx answer must carry a JSON body (reads the sidecar interprets).
     Json,
-    /// Anything the upstream says is passed on (pass-through).
+    /// Anything the upstream answers is passed on as it is, 5xx included
+    /// (pass-through writes).
     Any,
 }
 
@@ -397,7 +398,11 @@ impl Upstream {
         let response = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))??;
-        if response.status.is_server_error() || response.status == StatusCode::TOO_MANY_REQUESTS {
+        // A write's answer, whatever it is, is the caller's to see.
+        if expect == Expect::Json
+            && (response.status.is_server_error()
+                || response.status == StatusCode::TOO_MANY_REQUESTS)
+        {
             let retry_after = response
                 .headers
                 .get(http::header::RETRY_AFTER)

@@ -320,3 +320,72 @@ async fn json_logs_have_one_line_per_event_and_no_per_request_noise() {
         "20 reads must not log 20 lines at the default level: {text}"
     );
 }
+
+#[test]
+fn snapshot_export_refuses_a_missing_mirror_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["snapshot", "export", "out.db"])
+        .env_clear()
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no mirror at data/catalog-cache.db"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--config"),
+        "says how to point at one: {stderr}"
+    );
+    assert!(!dir.path().join("data").exists(), "no mirror was invented");
+    assert!(!dir.path().join("out.db").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_and_its_wal_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let fake = fake(50).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("state");
+    let proxy = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    // umask 022 would make files 0644 and directories 0755.
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("umask 022; exec {BIN} serve"))
+        .env_clear()
+        .env("CATALOG_CACHE_UPSTREAM_URL", fake.base_url())
+        .env("CATALOG_CACHE_LISTEN_PROXY", &proxy)
+        .env("CATALOG_CACHE_LISTEN_ADMIN", &admin)
+        .env("CATALOG_CACHE_MIRROR_PATH", data.join("catalog-cache.db"))
+        .env(
+            "CATALOG_CACHE_ADMIN_TOKEN_FILE",
+            dir.path().join("admin.token"),
+        )
+        .env("CATALOG_CACHE_LOG_LEVEL", "warn")
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _process = Process {
+        child,
+        proxy: proxy.clone(),
+        admin: admin.clone(),
+    };
+    wait_ready(&admin, Duration::from_secs(30)).await;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "the data directory");
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!(
+            "{}{suffix}",
+            data.join("catalog-cache.db").display()
+        ));
+        assert!(file.exists(), "{} exists", file.display());
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+    assert_eq!(mode(&dir.path().join("admin.token")), 0o600);
+}

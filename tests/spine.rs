@@ -584,7 +584,12 @@ async fn a_snapshot_seeds_a_new_sidecar_with_the_snapshots_age() {
         "the snapshot is the whole mirror: it needs the admin token"
     );
     let snapshot = ts
-        .admin_send(reqwest::Method::GET, "/admin/snapshot", Some(ADMIN_TOKEN), None)
+        .admin_send(
+            reqwest::Method::GET,
+            "/admin/snapshot",
+            Some(ADMIN_TOKEN),
+            None,
+        )
         .await;
     assert_eq!(snapshot.status, 200);
     let synced_at = ts

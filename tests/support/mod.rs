@@ -73,6 +73,8 @@ pub struct Builder {
     pub faults_at_start: Option<Faults>,
     /// A bearer token the demo catalog requires (written to `upstream.token_file`).
     pub upstream_token: Option<String>,
+    /// Any other setting, applied last.
+    pub configure: Option<Arc<dyn Fn(&mut Config) + Send + Sync>>,
 }
 
 impl Default for Builder {
@@ -99,6 +101,7 @@ impl Default for Builder {
             wait_for_sync: true,
             faults_at_start: None,
             upstream_token: None,
+            configure: None,
         }
     }
 }
@@ -183,7 +186,16 @@ impl Builder {
             std::fs::write(&file, tokens.join("\n")).expect("write the client tokens file");
             c.proxy.client_tokens_file = file;
         }
+        if let Some(configure) = &self.configure {
+            configure(&mut c);
+        }
         c
+    }
+
+    /// Changes any setting of the sidecar's config (applied last).
+    pub fn configure(mut self, f: impl Fn(&mut Config) + Send + Sync + 'static) -> Self {
+        self.configure = Some(Arc::new(f));
+        self
     }
 }
 
