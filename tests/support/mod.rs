@@ -32,6 +32,9 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 /// Longest any `eventually` waits by default.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// A change to the sidecar's config a test makes.
+pub type Configure = Arc<dyn Fn(&mut Config) + Send + Sync>;
+
 /// How a test sidecar is set up.
 #[derive(Clone)]
 pub struct Builder {
@@ -74,7 +77,7 @@ pub struct Builder {
     /// A bearer token the demo catalog requires (written to `upstream.token_file`).
     pub upstream_token: Option<String>,
     /// Any other setting, applied last.
-    pub configure: Option<Arc<dyn Fn(&mut Config) + Send + Sync>>,
+    pub configure: Option<Configure>,
 }
 
 impl Default for Builder {
