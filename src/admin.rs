@@ -3,6 +3,8 @@
 //! - `GET /livez` — 200 while the process serves.
 //! - `GET /readyz` — 200 when reads can be served (independent of the upstream), else 503 with the reason.
 //! - `GET /status` — JSON: breaker, stale policy, mirror, last sync, held deletions, upstream error, audit.
+//! - `GET /history` — JSON: the last hour, second by second (reads by outcome, data age, breaker
+//!   state) and its syncs; what the status page charts.
 //! - `GET /` — the status page (self-contained HTML).
 //! - `GET /metrics` — Prometheus text format.
 //! - `GET/PUT /admin/breaker`, `GET/PUT /admin/stale`, `POST /admin/sync`, `GET /admin/snapshot`.
@@ -31,6 +33,7 @@ use crate::config::StalePolicy;
 use crate::flags::{FlagError, Flags};
 use crate::generation::Generations;
 use crate::health::{readiness, Readiness};
+use crate::history::History;
 use crate::metrics as m;
 use crate::mirror::{rfc3339, Mirror};
 use crate::sync::Syncer;
@@ -72,6 +75,8 @@ pub struct AdminState {
     pub clock: Clock,
     /// Snapshot exports at once (one).
     pub exports: Arc<tokio::sync::Semaphore>,
+    /// The last hour, for the status page.
+    pub history: Arc<History>,
 }
 
 impl AdminState {
@@ -114,6 +119,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
+        .route("/history", get(history))
         .route("/", get(|| async { Html(STATUS_PAGE) }))
         .route("/metrics", get(metrics_text))
         .route("/admin/breaker", get(get_breaker).put(put_breaker))
@@ -303,6 +309,10 @@ async fn status(State(state): State<AdminState>) -> Response {
         audit,
     })
     .into_response()
+}
+
+async fn history(State(state): State<AdminState>) -> Response {
+    Json(state.history.snapshot()).into_response()
 }
 
 async fn get_breaker(State(state): State<AdminState>) -> Json<BreakerView> {

@@ -35,7 +35,7 @@
 //! - [`proxy`] and [`admin`]: the two listeners; [`route`]: Backstage's catalog routes, the only
 //!   paths served and sent upstream; [`server`]: connections, timeouts and in-flight limits;
 //!   [`api_error`]: the one place an error becomes an HTTP response; [`health`]: readiness;
-//!   [`metrics`]: metric names.
+//!   [`history`]: the last hour, second by second, for the status page; [`metrics`]: metric names.
 //! - [`sidecar`]: the composition root (opens, wires, runs); [`cli`], [`demo`]: the commands.
 
 pub mod admin;
@@ -50,6 +50,7 @@ pub mod entity;
 pub mod flags;
 pub mod generation;
 pub mod health;
+pub mod history;
 pub mod index;
 pub mod metrics;
 pub mod mirror;

@@ -4,7 +4,7 @@
 //! dashboards and alert rules in `config/` have one list to follow. Names are
 //! in base units with `_total` on counters, as Prometheus expects.
 
-/// Proxy requests by `route` and `outcome` (`hit`, `stale`, `miss`, `bypass`, `error`).
+/// Proxy requests by `route` and `outcome` (`hit`, `stale`, `miss`, `bypass`, `refused` (the sidecar's own 503), `error` (its own 4xx and 5xx)).
 pub const REQUESTS_TOTAL: &str = "catalog_cache_requests_total";
 /// Proxy request latency by `route`, seconds.
 pub const REQUEST_DURATION_SECONDS: &str = "catalog_cache_request_duration_seconds";
@@ -96,7 +96,7 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
         REQUESTS_TOTAL,
-        "Proxy requests by route and outcome (hit, stale, miss, bypass, error)."
+        "Proxy requests by route and outcome (hit, stale, miss, bypass, refused, error)."
     );
     describe_histogram!(
         REQUEST_DURATION_SECONDS,

@@ -23,6 +23,7 @@ use http_body_util::BodyExt;
 
 use crate::api_error::{ApiError, ErrorKind};
 use crate::entity::EntityRef;
+use crate::history::History;
 use crate::metrics as m;
 use crate::query::QueryKind;
 use crate::read::{Answer, CacheStatus, Incoming, Lookup, ReadError, ReadPath};
@@ -45,6 +46,8 @@ pub struct ProxyState {
     pub client_tokens: Option<Arc<HashSet<String>>>,
     /// Largest request body accepted (`proxy.max_request_body`).
     pub max_request_body: usize,
+    /// The last hour, counted where the request metrics are.
+    pub history: Arc<History>,
 }
 
 /// The proxy's router.
@@ -73,7 +76,7 @@ async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Respo
             method,
             &path_and_query(full_path, query),
         );
-        return render_error(error, CacheStatus::Hit, "unknown", started);
+        return render_error(&state, error, "unknown", started);
     };
     let path = if path.is_empty() { "/" } else { path };
     let url = || path_and_query(path, query);
@@ -90,7 +93,7 @@ async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Respo
         };
         if let Some(message) = refusal {
             let error = ApiError::new(ErrorKind::Authentication, message, method, &url());
-            return render_error(error, CacheStatus::Hit, "unauthorized", started);
+            return render_error(&state, error, "unauthorized", started);
         }
     }
     // Only Backstage's catalog routes are served (and ever sent upstream);
@@ -99,11 +102,11 @@ async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Respo
         Ok(r) => r,
         Err(RouteError::BadPath(message)) => {
             let error = ApiError::new(ErrorKind::Input, message, method, &url());
-            return render_error(error, CacheStatus::Hit, "invalid", started);
+            return render_error(&state, error, "invalid", started);
         }
         Err(e @ RouteError::NotFound { .. }) => {
             let error = ApiError::new(ErrorKind::NotFound, e.to_string(), method, &url());
-            return render_error(error, CacheStatus::Hit, "unknown", started);
+            return render_error(&state, error, "unknown", started);
         }
     };
     let limit = state.max_request_body;
@@ -125,7 +128,7 @@ async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Respo
                     &url(),
                 )
             };
-            return render_error(error, CacheStatus::Hit, "too_large", started);
+            return render_error(&state, error, "too_large", started);
         }
     };
     let incoming = Incoming {
@@ -160,8 +163,8 @@ async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Respo
         },
     };
     match answered {
-        Ok(answer) => render(answer, label, started),
-        Err(e) => render_read_error(e, method, &url(), label, started),
+        Ok(answer) => render(&state, answer, label, started),
+        Err(e) => render_read_error(&state, e, method, &url(), label, started),
     }
 }
 
@@ -174,12 +177,10 @@ fn path_and_query(path: &str, query: &str) -> String {
 }
 
 /// Turns a read-path answer into an HTTP response with the staleness headers.
-fn render(answer: Answer, route: &'static str, started: Instant) -> Response {
-    m::record_request(
-        route,
-        answer.cache.outcome(),
-        started.elapsed().as_secs_f64(),
-    );
+fn render(state: &ProxyState, answer: Answer, route: &'static str, started: Instant) -> Response {
+    let outcome = answer.cache.outcome();
+    m::record_request(route, outcome, started.elapsed().as_secs_f64());
+    state.history.record(outcome);
     let mut response = Response::new(Body::from(answer.body));
     *response.status_mut() = answer.status;
     *response.headers_mut() = answer.headers;
@@ -198,6 +199,7 @@ fn render(answer: Answer, route: &'static str, started: Instant) -> Response {
 /// Turns a read-path error into Backstage's error answer with the
 /// staleness headers.
 fn render_read_error(
+    state: &ProxyState,
     error: ReadError,
     method: &Method,
     url: &str,
@@ -207,7 +209,15 @@ fn render_read_error(
     let (cache, age, stale) = error.served();
     let mut api = ApiError::new(error.kind(), error.message(), method, url);
     api.retry_after = error.retry_after();
-    m::record_request(route, cache.outcome(), started.elapsed().as_secs_f64());
+    // A stale "not found" is an answer from the mirror; the sidecar's own
+    // 503 is a refusal; anything else its own error.
+    let outcome = match &error {
+        ReadError::NotFound { .. } => cache.outcome(),
+        ReadError::Unavailable { .. } => "refused",
+        _ => "error",
+    };
+    m::record_request(route, outcome, started.elapsed().as_secs_f64());
+    state.history.record(outcome);
     let mut response = api.into_response();
     staleness_headers(&mut response, cache, age.as_secs(), stale);
     response
@@ -215,14 +225,15 @@ fn render_read_error(
 
 /// An error the proxy answers before the read path is involved.
 fn render_error(
+    state: &ProxyState,
     error: ApiError,
-    cache: CacheStatus,
     route: &'static str,
     started: Instant,
 ) -> Response {
-    m::record_request(route, cache.outcome(), started.elapsed().as_secs_f64());
+    m::record_request(route, "error", started.elapsed().as_secs_f64());
+    state.history.record("error");
     let mut response = error.into_response();
-    staleness_headers(&mut response, cache, 0, false);
+    staleness_headers(&mut response, CacheStatus::Hit, 0, false);
     response
 }
 

@@ -87,7 +87,7 @@ impl CacheStatus {
             Self::StaleHit { .. } => "stale",
             Self::Stored | Self::Miss { .. } | Self::Revalidated { .. } => "miss",
             Self::Bypass => "bypass",
-            Self::Unavailable => "error",
+            Self::Unavailable => "refused",
         }
     }
 }

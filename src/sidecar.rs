@@ -22,6 +22,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::flags::Flags;
 use crate::generation::{Generation, Generations};
+use crate::history::History;
 use crate::index::Index;
 use crate::mirror::{AuditRecord, Mirror, MirrorError, OpenOutcome};
 use crate::proxy::ProxyState;
@@ -130,6 +131,7 @@ impl Sidecar {
             config.read_through.max_age.get(),
         );
         let sync_status = Arc::new(SyncStatus::restore(&mirror));
+        let history = Arc::new(History::default());
         let syncer = Arc::new(Syncer::new(
             SyncSettings::from_config(&config),
             upstream.clone(),
@@ -139,6 +141,7 @@ impl Sidecar {
             hot.clone(),
             clock.clone(),
             sync_status.clone(),
+            history.clone(),
         ));
         let read = Arc::new(ReadPath::new(
             ReadSettings::from_config(&config),
@@ -169,12 +172,14 @@ impl Sidecar {
             prometheus,
             clock: clock.clone(),
             exports: Arc::new(tokio::sync::Semaphore::new(1)),
+            history: history.clone(),
         };
         let proxy = ProxyState {
             read: read.clone(),
             client_tokens: client_tokens(&config)?.map(Arc::new),
             max_request_body: usize::try_from(config.proxy.max_request_body.0)
                 .unwrap_or(usize::MAX),
+            history,
         };
         admin.publish_gauges();
         Ok(Self {
@@ -307,6 +312,7 @@ async fn housekeeping(
                     Ok(Ok(_)) => {}
                 }
                 admin.publish_gauges();
+                admin.history.tick(clock.now(), admin.generations.age(), admin.breaker.state());
             }
             t = transitions.recv() => match t {
                 Ok(t) => {

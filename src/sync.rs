@@ -27,6 +27,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::entity::{Entity, EntityError};
 use crate::generation::{Generation, Generations};
+use crate::history::History;
 use crate::index::Index;
 use crate::metrics as m;
 use crate::mirror::{rfc3339, ApplyStats, AuditRecord, Diff, Mirror, MirrorError};
@@ -283,6 +284,8 @@ pub struct Syncer {
     hot: HotCache,
     clock: Clock,
     status: Arc<SyncStatus>,
+    /// Where each sync's result goes for the status page.
+    history: Arc<History>,
     /// One sync at a time.
     one_at_a_time: tokio::sync::Mutex<()>,
 }
@@ -299,6 +302,7 @@ impl Syncer {
         hot: HotCache,
         clock: Clock,
         status: Arc<SyncStatus>,
+        history: Arc<History>,
     ) -> Self {
         Self {
             settings,
@@ -309,6 +313,7 @@ impl Syncer {
             hot,
             clock,
             status,
+            history,
             one_at_a_time: tokio::sync::Mutex::new(()),
         }
     }
@@ -413,6 +418,11 @@ impl Syncer {
         };
         metrics::counter!(m::SYNCS_TOTAL, "result" => report.result.as_str()).increment(1);
         metrics::histogram!(m::SYNC_DURATION_SECONDS).record(report.duration_seconds);
+        self.history.sync_done(
+            self.clock.now(),
+            report.result.as_str(),
+            Duration::from_secs_f64(report.duration_seconds),
+        );
         match report.result {
             SyncResult::Failed => tracing::warn!(
                 error = report.error.as_deref().unwrap_or(""),
