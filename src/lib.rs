@@ -54,6 +54,7 @@ pub mod history;
 pub mod index;
 pub mod metrics;
 pub mod mirror;
+pub mod provenance;
 pub mod proxy;
 pub mod query;
 pub mod read;

@@ -32,10 +32,7 @@ use crate::route::{self, Class, Route, RouteError};
 /// Where the catalog API is mounted, as in Backstage.
 pub const MOUNT: &str = "/api/catalog";
 
-/// The header a client checks to know whether it got stale data.
-pub const STALE_HEADER: http::HeaderName = http::HeaderName::from_static("x-catalog-stale");
-/// RFC 9211's header.
-pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
+pub use crate::provenance::{CACHE_STATUS, STALE_HEADER};
 
 /// What the proxy listener needs: the read path and its own limits.
 #[derive(Clone)]

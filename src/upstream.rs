@@ -32,6 +32,7 @@ use crate::breaker::{Breaker, Caller, Rejected};
 use crate::clock::Clock;
 use crate::config::UpstreamConfig;
 use crate::metrics as m;
+use crate::provenance::Provenance;
 use crate::retry::{self, Attempt, RetryPolicy};
 
 /// Why an upstream call was made (a metrics label and a log field).
@@ -115,9 +116,17 @@ pub struct UpstreamResponse {
     pub status: StatusCode,
     /// Headers.
     pub headers: HeaderMap,
-    /// The whole body.
+    /// The whole body (decompressed).
     pub body: Bytes,
+    /// What the answer says of its own freshness (a tiered upstream).
+    pub provenance: Provenance,
+    /// Bytes the body took on the wire (compressed, if it was).
+    pub wire_bytes: u64,
 }
+
+/// The largest upstream answer taken, compressed or not (a sync page, a
+/// by-refs chunk, a page of changes: a few MB at most).
+pub const MAX_ANSWER_BYTES: usize = 64 << 20;
 
 /// Why the upstream gave no usable answer. Each says whose fault it is.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -369,6 +378,15 @@ impl Upstream {
             headers
                 .entry(http::header::ACCEPT)
                 .or_insert(HeaderValue::from_static("application/json"));
+            // The sidecar's own reads are asked compressed (tier traffic
+            // crosses real networks); a write's answer goes back to its
+            // caller as it came, so it is asked as the caller asked.
+            if request.own_identity {
+                headers.insert(
+                    http::header::ACCEPT_ENCODING,
+                    HeaderValue::from_static("gzip"),
+                );
+            }
         }
         let req = builder
             .body(Full::new(request.body.clone()))
@@ -382,17 +400,32 @@ impl Upstream {
                 }
             })?;
             let (parts, body) = response.into_parts();
-            let body = body
+            let body = http_body_util::Limited::new(body, MAX_ANSWER_BYTES)
                 .collect()
                 .await
                 .map_err(|e| {
-                    UpstreamError::Malformed(format!("body cut short: {}", error_chain(&e)))
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        UpstreamError::Malformed(format!(
+                            "the answer is larger than {MAX_ANSWER_BYTES} bytes"
+                        ))
+                    } else {
+                        UpstreamError::Malformed(format!("body cut short: {e}"))
+                    }
                 })?
                 .to_bytes();
+            let wire_bytes = body.len() as u64;
+            let gzipped = parts
+                .headers
+                .get(http::header::CONTENT_ENCODING)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
+            let body = if gzipped { gunzip(&body)? } else { body };
             Ok::<_, UpstreamError>(UpstreamResponse {
                 status: parts.status,
+                provenance: Provenance::from_headers(&parts.headers),
                 headers: parts.headers,
                 body,
+                wire_bytes,
             })
         };
         let response = tokio::time::timeout(self.timeout, exchange)
@@ -431,6 +464,24 @@ impl Upstream {
         }
         Ok(response)
     }
+}
+
+/// Decompresses a gzip answer, at most [`MAX_ANSWER_BYTES`] of it.
+fn gunzip(body: &[u8]) -> Result<Bytes, UpstreamError> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(body.len() * 4);
+    flate2::read::GzDecoder::new(body)
+        .take(MAX_ANSWER_BYTES as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            UpstreamError::Malformed(format!("a gzip answer that does not decompress: {e}"))
+        })?;
+    if out.len() > MAX_ANSWER_BYTES {
+        return Err(UpstreamError::Malformed(format!(
+            "the answer decompresses to more than {MAX_ANSWER_BYTES} bytes"
+        )));
+    }
+    Ok(Bytes::from(out))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
