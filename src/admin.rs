@@ -233,13 +233,24 @@ struct StaleView {
 struct MirrorView {
     generation: u64,
     entities: usize,
+    /// When the origin catalog last confirmed the generation.
     synced_at: String,
+    /// When this sidecar last heard from its upstream about it.
+    checked_at: String,
+    /// Since the origin's confirmation, whatever tiers sit in between.
     data_age_seconds: f64,
 }
 
 #[derive(Serialize)]
 struct UpstreamView {
     url: String,
+    /// `catalog-cache` when the upstream is another tier (it sends
+    /// `Cache-Status`), else `backstage`.
+    kind: &'static str,
+    /// The upstream said its data was stale when last asked.
+    stale: bool,
+    /// The upstream's `Cache-Status` members, as last received.
+    cache_status: Option<String>,
     last_error: Option<LastErrorView>,
 }
 
@@ -275,12 +286,17 @@ fn stale_view(state: &AdminState) -> StaleView {
 
 async fn status(State(state): State<AdminState>) -> Response {
     let readiness = state.readiness();
-    let mirror = state.generations.current().map(|g| MirrorView {
+    let current = state.generations.current();
+    let mirror = current.as_ref().map(|g| MirrorView {
         generation: g.meta.id,
         entities: g.index.len(),
         synced_at: rfc3339(g.meta.synced_at),
+        checked_at: rfc3339(g.meta.checked_at),
         data_age_seconds: state.clock.since(g.meta.synced_at).as_secs_f64(),
     });
+    let via = current
+        .as_ref()
+        .and_then(|g| g.meta.via.as_deref().map(str::to_string));
     let audit = {
         let m = state.mirror.clone();
         tokio::task::spawn_blocking(move || m.recent_audit(20))
@@ -301,6 +317,13 @@ async fn status(State(state): State<AdminState>) -> Response {
         held_deletions: sync.held_deletions(),
         upstream: UpstreamView {
             url: state.upstream.base_url().to_string(),
+            kind: if via.is_some() {
+                "catalog-cache"
+            } else {
+                "backstage"
+            },
+            stale: current.as_ref().is_some_and(|g| g.meta.upstream_stale),
+            cache_status: via,
             last_error: state.upstream.last_error().map(|e| LastErrorView {
                 message: e.message,
                 at: rfc3339(e.at),

@@ -19,6 +19,7 @@ use moka::Expiry;
 
 use crate::entity::Entity;
 use crate::mirror::StoredAnswer;
+use crate::provenance::Confirmation;
 
 /// What a hot-cache entry is keyed by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -34,12 +35,12 @@ pub enum HotKey {
 /// A hot-cache entry.
 #[derive(Debug, Clone)]
 pub enum HotEntry {
-    /// An entity the upstream returned, and when.
+    /// An entity the upstream returned, and how it was confirmed.
     Entity {
         /// The entity.
         entity: Arc<Entity>,
-        /// When the upstream confirmed it.
-        confirmed_at: SystemTime,
+        /// When the origin confirmed it, and what the upstream said of it.
+        confirmed: Confirmation,
     },
     /// The upstream said 404 (kept for `negative_ttl`).
     Missing {
@@ -166,10 +167,10 @@ impl HotCache {
     }
 
     /// Stores an entity under both its uid and its reference.
-    pub fn put_entity(&self, entity: Arc<Entity>, confirmed_at: SystemTime) {
+    pub fn put_entity(&self, entity: Arc<Entity>, confirmed: impl Into<Confirmation>) {
         let entry = HotEntry::Entity {
             entity: entity.clone(),
-            confirmed_at,
+            confirmed: confirmed.into(),
         };
         self.insert(HotKey::Uid(entity.uid.clone()), entry.clone());
         self.insert(HotKey::Ref(entity.entity_ref.clone()), entry);

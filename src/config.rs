@@ -33,6 +33,8 @@ pub const DEFAULT_UPSTREAM_URL: &str = "http://127.0.0.1:7007/api/catalog";
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default TCP connect limit for the upstream.
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default cache name in `Cache-Status` (`listen.name`).
+pub const DEFAULT_CACHE_NAME: &str = "catalog-cache";
 /// Default catalog API listener.
 pub const DEFAULT_LISTEN_PROXY: &str = "127.0.0.1:7070";
 /// Default admin listener (health, metrics, status, operator API).
@@ -173,6 +175,10 @@ impl Default for UpstreamConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenConfig {
+    /// This sidecar's name in `Cache-Status` (RFC 9211), so that tiers of
+    /// catalog-cache can be told apart: a token such as `catalog-cache` or
+    /// `region-eu`.
+    pub name: String,
     /// Catalog API listener.
     pub proxy: SocketAddr,
     /// Admin listener.
@@ -200,6 +206,7 @@ pub struct ListenConfig {
 impl Default for ListenConfig {
     fn default() -> Self {
         Self {
+            name: DEFAULT_CACHE_NAME.into(),
             proxy: DEFAULT_LISTEN_PROXY.parse().expect("constant address"),
             admin: DEFAULT_LISTEN_ADMIN.parse().expect("constant address"),
             header_read_timeout: Dur(DEFAULT_HEADER_READ_TIMEOUT),
@@ -212,6 +219,18 @@ impl Default for ListenConfig {
             admin_max_in_flight: DEFAULT_ADMIN_MAX_IN_FLIGHT,
         }
     }
+}
+
+/// Whether `name` is an RFC 8941 token short enough for a `Cache-Status`
+/// member name.
+fn is_cache_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '*');
+    first_ok
+        && name.len() <= 64
+        && chars.all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~:/".contains(c))
 }
 
 /// `[mirror]`
@@ -598,6 +617,13 @@ impl Config {
                     &format!("a readable PEM file of CA certificates ({e})"),
                 ));
             }
+        }
+        if !is_cache_name(&self.listen.name) {
+            return Err(invalid(
+                "listen.name",
+                &self.listen.name,
+                "a token of at most 64 characters: a letter or '*', then letters, digits and !#$%&'*+-.^_`|~:/ (e.g. catalog-cache, region-eu)",
+            ));
         }
         let positive = [
             ("upstream.timeout", self.upstream.timeout),

@@ -19,6 +19,7 @@ use crate::entity::Entity;
 use crate::index::Index;
 use crate::metrics as m;
 use crate::mirror::GenerationMeta;
+use crate::provenance::Confirmation;
 
 /// One loaded generation.
 pub struct Generation {
@@ -40,26 +41,34 @@ impl Generation {
         }
     }
 
-    /// The entity with this lower-cased `kind:namespace/name`, and when the
-    /// upstream last confirmed it.
-    pub fn by_ref(&self, canonical_ref: &str) -> Option<(&Arc<Entity>, SystemTime)> {
+    /// The entity with this lower-cased `kind:namespace/name`, and how it
+    /// was last confirmed.
+    pub fn by_ref(&self, canonical_ref: &str) -> Option<(&Arc<Entity>, Confirmation)> {
         self.index
             .by_ref(canonical_ref)
-            .map(|e| (e, self.confirmed_at(e)))
+            .map(|e| (e, self.confirmation_of(e)))
     }
 
-    /// The entity with this `metadata.uid` (any case), and when the
-    /// upstream last confirmed it.
-    pub fn by_uid(&self, uid: &str) -> Option<(&Arc<Entity>, SystemTime)> {
-        self.index.by_uid(uid).map(|e| (e, self.confirmed_at(e)))
+    /// The entity with this `metadata.uid` (any case), and how it was last
+    /// confirmed.
+    pub fn by_uid(&self, uid: &str) -> Option<(&Arc<Entity>, Confirmation)> {
+        self.index.by_uid(uid).map(|e| (e, self.confirmation_of(e)))
     }
 
-    /// When the upstream last confirmed `entity`: the generation's sync, or a
-    /// later revalidation.
-    fn confirmed_at(&self, entity: &Entity) -> SystemTime {
-        self.confirmed
-            .get(&entity.uid)
-            .map_or(self.meta.synced_at, |c| (*c).max(self.meta.synced_at))
+    /// How `entity` was last confirmed: by the generation's sync, or by a
+    /// later revalidation (stored with its origin-confirmed time).
+    fn confirmation_of(&self, entity: &Entity) -> Confirmation {
+        let generation = self.meta.confirmation();
+        match self.confirmed.get(&entity.uid) {
+            Some(at) if *at > generation.origin_at => Confirmation {
+                origin_at: *at,
+                checked_at: generation.checked_at.max(*at),
+                upstream_stale: false,
+                via: generation.via,
+                written_since: false,
+            },
+            _ => generation,
+        }
     }
 
     /// uid → etag of every entity: what the next generation is compared with.
@@ -96,7 +105,7 @@ impl Generations {
         self.publish_gauges();
     }
 
-    /// How long ago the upstream last confirmed the current generation.
+    /// How long ago the origin catalog last confirmed the current generation.
     pub fn age(&self) -> Option<Duration> {
         self.current().map(|g| self.clock.since(g.meta.synced_at))
     }

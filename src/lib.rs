@@ -67,3 +67,4 @@ pub mod sync;
 pub mod tls;
 pub mod units;
 pub mod upstream;
+pub mod writes;

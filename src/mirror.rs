@@ -27,6 +27,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::clock::Clock;
 use crate::entity::Entity;
+use crate::provenance::Confirmation;
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -112,14 +113,46 @@ pub enum MirrorError {
 }
 
 /// Metadata of the generation currently stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GenerationMeta {
     /// Increases by one with every applied sync (or import).
     pub id: u64,
-    /// When the upstream confirmed this generation (wall clock, persisted).
+    /// When the origin catalog last confirmed this generation (wall clock,
+    /// persisted): the sync's time for a Backstage upstream, earlier by the
+    /// upstream's `Age` behind a tier.
     pub synced_at: SystemTime,
+    /// When this sidecar last heard from its upstream about it.
+    pub checked_at: SystemTime,
+    /// The upstream said its data was stale when it was last asked.
+    pub upstream_stale: bool,
+    /// The upstream's `Cache-Status` members, when it is a cache.
+    pub via: Option<Arc<str>>,
     /// Entities in it.
     pub entities: usize,
+}
+
+impl GenerationMeta {
+    /// How the generation was last confirmed.
+    pub fn confirmation(&self) -> Confirmation {
+        Confirmation {
+            origin_at: self.synced_at,
+            checked_at: self.checked_at,
+            upstream_stale: self.upstream_stale,
+            via: self.via.clone(),
+            written_since: false,
+        }
+    }
+
+    fn with(self, confirmed: Confirmation) -> Self {
+        Self {
+            // As stored: a restart must see the same age.
+            synced_at: from_ms(to_ms(confirmed.origin_at)),
+            checked_at: from_ms(to_ms(confirmed.checked_at)),
+            upstream_stale: confirmed.upstream_stale,
+            via: confirmed.via,
+            ..self
+        }
+    }
 }
 
 /// What applying a generation changed.
@@ -410,9 +443,10 @@ impl Mirror {
     pub fn apply(
         &self,
         diff: &Diff,
-        synced_at: SystemTime,
+        confirmed: impl Into<Confirmation>,
         source: &str,
     ) -> Result<(GenerationMeta, ApplyStats), MirrorError> {
+        let confirmed = confirmed.into();
         let mut conn = self.writer();
         let tx = conn.transaction()?;
         let mut stats = diff.stats;
@@ -451,13 +485,13 @@ impl Mirror {
         }
         let next = read_meta(&tx)?.map_or(1, |m| m.id + 1);
         let count = diff.entities();
-        write_meta(&tx, next, synced_at, count)?;
+        write_meta(&tx, next, &confirmed, count)?;
         tx.execute(
             "INSERT INTO generations (id, synced_ms, entities, added, changed, removed, source)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 next as i64,
-                to_ms(synced_at),
+                to_ms(confirmed.origin_at),
                 count as i64,
                 stats.added as i64,
                 stats.changed as i64,
@@ -470,15 +504,15 @@ impl Mirror {
             [next as i64 - 100],
         )?;
         tx.commit()?;
-        Ok((
-            GenerationMeta {
-                id: next,
-                // As stored: a restart must see the same age.
-                synced_at: from_ms(to_ms(synced_at)),
-                entities: count,
-            },
-            stats,
-        ))
+        let meta = GenerationMeta {
+            id: next,
+            synced_at: UNIX_EPOCH,
+            checked_at: UNIX_EPOCH,
+            upstream_stale: false,
+            via: None,
+            entities: count,
+        };
+        Ok((meta.with(confirmed), stats))
     }
 
     /// Marks the current generation as confirmed again by the upstream at
@@ -488,9 +522,10 @@ impl Mirror {
     /// upstream deleted cannot come back at the next start.
     pub fn confirm(
         &self,
-        at: SystemTime,
+        confirmed: impl Into<Confirmation>,
         keep: &HashSet<Arc<str>>,
     ) -> Result<Option<GenerationMeta>, MirrorError> {
+        let confirmed = confirmed.into();
         let mut conn = self.writer();
         let tx = conn.transaction()?;
         let Some(meta) = read_meta(&tx)? else {
@@ -509,16 +544,9 @@ impl Mirror {
                 delete.execute([uid])?;
             }
         }
-        tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('synced_ms', ?1)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [to_ms(at).to_string()],
-        )?;
+        write_meta(&tx, meta.id, &confirmed, meta.entities)?;
         tx.commit()?;
-        Ok(Some(GenerationMeta {
-            synced_at: from_ms(to_ms(at)),
-            ..meta
-        }))
+        Ok(Some(meta.with(confirmed)))
     }
 
     /// Stores one entity the upstream just returned outside a sync (a
@@ -889,9 +917,21 @@ fn read_meta(conn: &Connection) -> Result<Option<GenerationMeta>, MirrorError> {
     else {
         return Ok(None);
     };
+    // Mirrors written before tiers were known hold only `synced_ms`.
+    let checked = get("checked_ms")?.unwrap_or(synced);
+    let via: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'upstream_cache_status'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
     Ok(Some(GenerationMeta {
         id: id as u64,
         synced_at: from_ms(synced),
+        checked_at: from_ms(checked),
+        upstream_stale: get("upstream_stale")? == Some(1),
+        via: via.filter(|v| !v.is_empty()).map(Arc::from),
         entities: count as usize,
     }))
 }
@@ -899,14 +939,26 @@ fn read_meta(conn: &Connection) -> Result<Option<GenerationMeta>, MirrorError> {
 fn write_meta(
     conn: &Connection,
     id: u64,
-    synced_at: SystemTime,
+    confirmed: &Confirmation,
     count: usize,
 ) -> Result<(), MirrorError> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     )?;
     stmt.execute(params!["generation", id.to_string()])?;
-    stmt.execute(params!["synced_ms", to_ms(synced_at).to_string()])?;
+    stmt.execute(params!["synced_ms", to_ms(confirmed.origin_at).to_string()])?;
+    stmt.execute(params![
+        "checked_ms",
+        to_ms(confirmed.checked_at).to_string()
+    ])?;
+    stmt.execute(params![
+        "upstream_stale",
+        if confirmed.upstream_stale { "1" } else { "0" }
+    ])?;
+    stmt.execute(params![
+        "upstream_cache_status",
+        confirmed.via.as_deref().unwrap_or("")
+    ])?;
     stmt.execute(params!["entities", count.to_string()])?;
     Ok(())
 }

@@ -80,6 +80,72 @@ impl Provenance {
     }
 }
 
+/// When and how the data was last confirmed, as far as this sidecar knows:
+/// the origin-confirmed time, when this sidecar last heard from its
+/// upstream, whether the upstream said the data was stale, and the
+/// upstream's `Cache-Status` members. For a Backstage upstream the first two
+/// are the same moment, the third is false and the fourth absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmation {
+    /// When the origin catalog last confirmed the data (received minus the
+    /// upstream's `Age`).
+    pub origin_at: SystemTime,
+    /// When this sidecar last heard from its upstream about it.
+    pub checked_at: SystemTime,
+    /// The upstream said the data was stale.
+    pub upstream_stale: bool,
+    /// The upstream's `Cache-Status` members, as last received.
+    pub via: Option<Arc<str>>,
+    /// A write passed through this sidecar since, naming this data (see
+    /// `writes`): it is not fresh whatever its age. Held in memory only.
+    pub written_since: bool,
+}
+
+impl Confirmation {
+    /// An answer with this provenance, received at `received`.
+    pub fn received(provenance: &Provenance, received: SystemTime) -> Self {
+        Self {
+            origin_at: provenance.origin_confirmed(received),
+            checked_at: received,
+            upstream_stale: provenance.stale,
+            via: provenance.cache_status.clone(),
+            written_since: false,
+        }
+    }
+
+    /// Whether the data may be served as fresh (by its age alone it may
+    /// still be too old: see the read path's decision).
+    pub fn trusted(&self) -> bool {
+        !self.upstream_stale && !self.written_since
+    }
+
+    /// Folds in another answer of the same walk: the data is as old as its
+    /// oldest part and stale if any part was.
+    pub fn merge(&mut self, other: Confirmation) {
+        self.origin_at = self.origin_at.min(other.origin_at);
+        self.checked_at = self.checked_at.max(other.checked_at);
+        self.upstream_stale |= other.upstream_stale;
+        self.written_since |= other.written_since;
+        if other.via.is_some() {
+            self.via = other.via;
+        }
+    }
+}
+
+/// A direct confirmation by the origin at that moment (a Backstage
+/// upstream, a snapshot's recorded time).
+impl From<SystemTime> for Confirmation {
+    fn from(at: SystemTime) -> Self {
+        Self {
+            origin_at: at,
+            checked_at: at,
+            upstream_stale: false,
+            via: None,
+            written_since: false,
+        }
+    }
+}
+
 /// `Cache-Status` for an answer: the upstream's members first, then ours
 /// (RFC 9211 lists caches from the origin outward).
 pub fn cache_status(upstream: Option<&str>, ours: &str) -> String {

@@ -45,6 +45,39 @@ pub struct ProxyState {
     pub max_request_body: usize,
     /// The last hour, counted where the request metrics are.
     pub history: Arc<History>,
+    /// This cache's name in `Cache-Status` (`listen.name`).
+    pub names: CacheNames,
+}
+
+/// This cache's name in `Cache-Status`, and its most common member made
+/// once (a fresh hit's header costs no formatting).
+#[derive(Clone)]
+pub struct CacheNames {
+    name: Arc<str>,
+    hit: HeaderValue,
+}
+
+impl CacheNames {
+    /// Names this cache `name` (checked by config validation to be a token).
+    pub fn new(name: &str) -> Self {
+        let hit = HeaderValue::from_str(&CacheStatus::Hit.member(name))
+            .unwrap_or(HeaderValue::from_static("catalog-cache; hit"));
+        Self {
+            name: name.into(),
+            hit,
+        }
+    }
+
+    /// The `Cache-Status` value: the upstream's members, then ours.
+    fn header(&self, cache: CacheStatus, via: Option<&str>) -> HeaderValue {
+        match (cache, via) {
+            (CacheStatus::Hit, None) => self.hit.clone(),
+            (cache, via) => {
+                let value = crate::provenance::cache_status(via, &cache.member(&self.name));
+                HeaderValue::from_str(&value).unwrap_or_else(|_| self.hit.clone())
+            }
+        }
+    }
 }
 
 /// The proxy's router.
@@ -175,15 +208,21 @@ fn path_and_query(path: &str, query: &str) -> String {
 
 /// Turns a read-path answer into an HTTP response with the staleness headers.
 fn render(state: &ProxyState, answer: Answer, route: &'static str, started: Instant) -> Response {
-    let outcome = answer.cache.outcome();
+    // Data an upstream tier called stale is a stale answer here too.
+    let outcome = if answer.stale {
+        "stale"
+    } else {
+        answer.cache.outcome()
+    };
     m::record_request(route, outcome, started.elapsed().as_secs_f64());
     state.history.record(outcome);
     let mut response = Response::new(Body::from(answer.body));
     *response.status_mut() = answer.status;
     *response.headers_mut() = answer.headers;
+    let cache_status = state.names.header(answer.cache, answer.via.as_deref());
     staleness_headers(
         &mut response,
-        answer.cache,
+        cache_status,
         answer.age.as_secs(),
         answer.stale,
     );
@@ -216,7 +255,8 @@ fn render_read_error(
     m::record_request(route, outcome, started.elapsed().as_secs_f64());
     state.history.record(outcome);
     let mut response = api.into_response();
-    staleness_headers(&mut response, cache, age.as_secs(), stale);
+    let cache_status = state.names.header(cache, None);
+    staleness_headers(&mut response, cache_status, age.as_secs(), stale);
     response
 }
 
@@ -230,17 +270,13 @@ fn render_error(
     m::record_request(route, "error", started.elapsed().as_secs_f64());
     state.history.record("error");
     let mut response = error.into_response();
-    staleness_headers(&mut response, CacheStatus::Hit, 0, false);
+    let cache_status = state.names.header(CacheStatus::Hit, None);
+    staleness_headers(&mut response, cache_status, 0, false);
     response
 }
 
-fn staleness_headers(response: &mut Response, cache: CacheStatus, age: u64, stale: bool) {
+fn staleness_headers(response: &mut Response, cache_status: HeaderValue, age: u64, stale: bool) {
     let headers = response.headers_mut();
-    let cache_status = match cache {
-        CacheStatus::Hit => HeaderValue::from_static("catalog-cache; hit"),
-        other => HeaderValue::from_str(&other.header())
-            .unwrap_or(HeaderValue::from_static("catalog-cache")),
-    };
     headers.insert(CACHE_STATUS, cache_status);
     headers.insert(http::header::AGE, HeaderValue::from(age));
     headers.insert(

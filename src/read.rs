@@ -28,12 +28,14 @@ use crate::entity::{Entity, EntityRef};
 use crate::flags::Flags;
 use crate::generation::Generations;
 use crate::mirror::{Mirror, StoreLimits, StoredAnswer};
+use crate::provenance::Confirmation;
 use crate::query::{self, QueryKind, QueryRequest};
 use crate::route::{by_name_path, Route};
 use crate::sync::SyncStatus;
 use crate::upstream::{
     Expect, Operation, Upstream, UpstreamError, UpstreamRequest, UpstreamResponse,
 };
+use crate::writes::WriteMarks;
 
 /// How an answer was obtained, as `Cache-Status` (RFC 9211) reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,18 +67,16 @@ pub enum CacheStatus {
 }
 
 impl CacheStatus {
-    /// The `Cache-Status` header value.
-    pub fn header(self) -> String {
+    /// This cache's `Cache-Status` member, under its name (`listen.name`).
+    pub fn member(self, name: &str) -> String {
         match self {
-            Self::Hit => "catalog-cache; hit".into(),
-            Self::StaleHit { ttl } => format!("catalog-cache; hit; ttl={ttl}"),
-            Self::Stored => "catalog-cache; fwd=miss; stored".into(),
-            Self::Miss { status } => format!("catalog-cache; fwd=miss; fwd-status={status}"),
-            Self::Revalidated { status } => {
-                format!("catalog-cache; fwd=stale; fwd-status={status}")
-            }
-            Self::Bypass => "catalog-cache; fwd=bypass".into(),
-            Self::Unavailable => "catalog-cache; fwd=uri-miss; detail=upstream-unavailable".into(),
+            Self::Hit => format!("{name}; hit"),
+            Self::StaleHit { ttl } => format!("{name}; hit; ttl={ttl}"),
+            Self::Stored => format!("{name}; fwd=miss; stored"),
+            Self::Miss { status } => format!("{name}; fwd=miss; fwd-status={status}"),
+            Self::Revalidated { status } => format!("{name}; fwd=stale; fwd-status={status}"),
+            Self::Bypass => format!("{name}; fwd=bypass"),
+            Self::Unavailable => format!("{name}; fwd=uri-miss; detail=upstream-unavailable"),
         }
     }
 
@@ -104,10 +104,12 @@ pub struct Answer {
     pub body: Bytes,
     /// How it was obtained.
     pub cache: CacheStatus,
-    /// How long ago the upstream last confirmed the data.
+    /// How long ago the origin catalog last confirmed the data.
     pub age: Duration,
     /// Whether the data is stale (the `X-Catalog-Stale` header).
     pub stale: bool,
+    /// The upstream's `Cache-Status` members, when the upstream is a cache.
+    pub via: Option<Arc<str>>,
 }
 
 /// A read the sidecar answers with an error of its own.
@@ -180,21 +182,38 @@ impl ReadError {
 // ------------------------------------------------------------- the decision
 
 /// What the read path knows locally, as the decision sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Local {
-    /// A copy the upstream last confirmed at this time.
+    /// A copy, and how it was last confirmed.
     Found {
-        /// When the upstream last confirmed it.
-        confirmed_at: SystemTime,
+        /// When the origin confirmed it, when the upstream was last asked,
+        /// and whether the upstream said it was stale.
+        confirmed: Confirmation,
     },
-    /// A complete mirror generation, confirmed at this time, that does not
-    /// hold the entity asked for.
+    /// A complete mirror generation, confirmed so, that does not hold the
+    /// entity asked for.
     AbsentFromMirror {
-        /// When the upstream last confirmed the generation.
-        confirmed_at: SystemTime,
+        /// How the generation was last confirmed.
+        confirmed: Confirmation,
     },
     /// Nothing: no generation yet, or data the mirror cannot compute.
     Unknown,
+}
+
+impl Local {
+    /// A copy the origin confirmed directly at `at` (a Backstage upstream).
+    pub fn found(at: SystemTime) -> Self {
+        Self::Found {
+            confirmed: at.into(),
+        }
+    }
+
+    /// A generation without the entity, confirmed directly at `at`.
+    pub fn absent(at: SystemTime) -> Self {
+        Self::AbsentFromMirror {
+            confirmed: at.into(),
+        }
+    }
 }
 
 /// Whether the upstream can be asked now.
@@ -274,21 +293,34 @@ impl Refusal {
     }
 }
 
-/// Where a read's answer comes from: fresh local data is served; older or
-/// absent data is asked of the upstream while the breaker admits calls;
+/// Where a read's answer comes from: local data the origin confirmed less
+/// than `fresh_for` ago, and that the upstream did not call stale, is
+/// served; older or absent data is asked of the upstream while the breaker
+/// admits calls — unless the upstream is a tier that called this very copy
+/// stale less than `fresh_for` ago (asking again would hear the same);
 /// otherwise the local copy (or the mirror's "not found") is served stale
 /// when the policy allows and it is younger than `max_stale`, else refused.
-pub fn decide(local: Local, upstream: UpstreamState, rules: &Rules, now: SystemTime) -> Decision {
+/// Ages are always the origin's: a tier's `Age` is part of them.
+pub fn decide(local: &Local, upstream: UpstreamState, rules: &Rules, now: SystemTime) -> Decision {
     let age_of = |at: SystemTime| now.duration_since(at).unwrap_or_default();
-    let confirmed_at = match local {
-        Local::Found { confirmed_at } if age_of(confirmed_at) < rules.fresh_for => {
+    let confirmed = match local {
+        Local::Found { confirmed }
+            if confirmed.trusted() && age_of(confirmed.origin_at) < rules.fresh_for =>
+        {
             return Decision::Fresh
         }
+        Local::Found { confirmed }
+            if confirmed.upstream_stale
+                && !confirmed.written_since
+                && age_of(confirmed.checked_at) < rules.fresh_for =>
+        {
+            confirmed
+        }
         _ if upstream == UpstreamState::Admits => return Decision::Ask,
-        Local::Found { confirmed_at } | Local::AbsentFromMirror { confirmed_at } => confirmed_at,
+        Local::Found { confirmed } | Local::AbsentFromMirror { confirmed } => confirmed,
         Local::Unknown => return Decision::Refuse(Refusal::NoCopy),
     };
-    let age = age_of(confirmed_at);
+    let age = age_of(confirmed.origin_at);
     if rules.policy == StalePolicy::Refuse {
         return Decision::Refuse(Refusal::Policy);
     }
@@ -310,15 +342,15 @@ pub fn decide(local: Local, upstream: UpstreamState, rules: &Rules, now: SystemT
 /// What a read holds locally before asking the upstream: the local answer
 /// (or the mirror's "not found") to fall back on.
 enum Held {
-    /// A local answer and when the upstream last confirmed it.
+    /// A local answer and how it was last confirmed.
     Copy {
         answer: Answer,
-        confirmed_at: SystemTime,
+        confirmed: Confirmation,
     },
-    /// The mirror's complete generation (confirmed at the time given) does
-    /// not hold the entity; Backstage's wording for its 404.
+    /// The mirror's complete generation (confirmed so) does not hold the
+    /// entity; Backstage's wording for its 404.
     Absent {
-        confirmed_at: SystemTime,
+        confirmed: Confirmation,
         message: String,
     },
     /// Nothing.
@@ -328,11 +360,11 @@ enum Held {
 impl Held {
     fn local(&self) -> Local {
         match self {
-            Held::Copy { confirmed_at, .. } => Local::Found {
-                confirmed_at: *confirmed_at,
+            Held::Copy { confirmed, .. } => Local::Found {
+                confirmed: confirmed.clone(),
             },
-            Held::Absent { confirmed_at, .. } => Local::AbsentFromMirror {
-                confirmed_at: *confirmed_at,
+            Held::Absent { confirmed, .. } => Local::AbsentFromMirror {
+                confirmed: confirmed.clone(),
             },
             Held::Nothing => Local::Unknown,
         }
@@ -350,10 +382,15 @@ struct Keeper {
 }
 
 impl Keeper {
-    /// An entity the upstream just returned.
-    fn entity(&self, entity: Arc<Entity>) {
-        let at = self.clock.now();
-        self.hot.put_entity(entity.clone(), at);
+    /// How an answer received now was confirmed.
+    fn confirmation(&self, response: &UpstreamResponse) -> Confirmation {
+        Confirmation::received(&response.provenance, self.clock.now())
+    }
+
+    /// An entity the upstream just returned, confirmed so.
+    fn entity(&self, entity: Arc<Entity>, confirmed: Confirmation) {
+        let at = confirmed.origin_at;
+        self.hot.put_entity(entity.clone(), confirmed);
         let mirror = self.mirror.clone();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = mirror.store_entity(&entity, at) {
@@ -377,7 +414,8 @@ impl Keeper {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
             body: response.body.clone(),
-            stored_at: self.clock.now(),
+            // The origin's time, so that a tier's age counts here too.
+            stored_at: self.confirmation(response).origin_at,
         });
         self.hot.put_answer(key, answer.clone());
         let mirror = self.mirror.clone();
@@ -529,6 +567,8 @@ pub struct ReadPath {
     /// Query evaluation slots: queries run on blocking threads, at most
     /// this many at once, never on the async workers.
     queries: Arc<tokio::sync::Semaphore>,
+    /// What writes passed through since the data was confirmed.
+    writes: WriteMarks,
 }
 
 fn json_headers() -> HeaderMap {
@@ -569,15 +609,36 @@ impl ReadPath {
             clock,
             inflight: Arc::default(),
             queries: Arc::new(tokio::sync::Semaphore::new(settings.query_threads.max(1))),
+            writes: WriteMarks::default(),
         }
+    }
+
+    /// How a generation was confirmed, with the writes since counted.
+    fn generation_confirmation(&self, meta: &crate::mirror::GenerationMeta) -> Confirmation {
+        let mut confirmed = meta.confirmation();
+        if self.writes.any() {
+            self.writes.forget_before(meta.synced_at);
+            confirmed.written_since = self.writes.any_since(meta.synced_at);
+        }
+        confirmed
     }
 
     fn age_of(&self, confirmed_at: SystemTime) -> Duration {
         self.clock.since(confirmed_at)
     }
 
-    fn is_fresh(&self, confirmed_at: SystemTime) -> bool {
-        self.age_of(confirmed_at) < self.settings.fresh_for
+    /// Fresh: the origin confirmed it less than `fresh_for` ago and the
+    /// upstream did not call it stale.
+    fn is_fresh(&self, confirmed: &Confirmation) -> bool {
+        confirmed.trusted() && self.age_of(confirmed.origin_at) < self.settings.fresh_for
+    }
+
+    /// Whether the upstream is a tier that called this data stale less than
+    /// `fresh_for` ago: asking it again (or syncing) would hear the same.
+    fn tier_said_stale(&self, confirmed: &Confirmation) -> bool {
+        confirmed.upstream_stale
+            && !confirmed.written_since
+            && self.age_of(confirmed.checked_at) < self.settings.fresh_for
     }
 
     fn rules(&self) -> Rules {
@@ -595,16 +656,16 @@ impl ReadPath {
         // The common case first, with no allocation beyond the answer: a
         // fresh local copy and no remembered 404 to weigh against it.
         if self.hot.is_empty() {
-            if let Some((entity, confirmed_at)) = &found {
-                if self.is_fresh(*confirmed_at) {
-                    return Ok(self.entity_answer(&entity.body, *confirmed_at));
+            if let Some((entity, confirmed)) = &found {
+                if self.is_fresh(confirmed) {
+                    return Ok(self.entity_answer(&entity.body, confirmed));
                 }
                 // The outage case, just as lean: the breaker refuses, so the
                 // local copy is all there is to decide on.
                 if let Some(refused) = self.upstream.refused_now(Operation::Revalidate) {
                     let held = Held::Copy {
-                        answer: self.entity_answer(&entity.body, *confirmed_at),
-                        confirmed_at: *confirmed_at,
+                        answer: self.entity_answer(&entity.body, confirmed),
+                        confirmed: confirmed.clone(),
                     };
                     return self.without_upstream(held, &refused);
                 }
@@ -623,7 +684,7 @@ impl ReadPath {
             let suspect = self.sync.upstream_suspect();
             if found
                 .as_ref()
-                .is_none_or(|(_, confirmed_at)| *confirmed_at <= at && !suspect)
+                .is_none_or(|(_, confirmed)| confirmed.origin_at <= at && !suspect)
             {
                 return Ok(Answer {
                     status: StatusCode::NOT_FOUND,
@@ -632,22 +693,23 @@ impl ReadPath {
                     cache: CacheStatus::Hit,
                     age: self.age_of(at),
                     stale: false,
+                    via: None,
                 });
             }
         }
-        if let Some((entity, confirmed_at)) = &found {
-            if self.is_fresh(*confirmed_at) {
-                return Ok(self.entity_answer(&entity.body, *confirmed_at));
+        if let Some((entity, confirmed)) = &found {
+            if self.is_fresh(confirmed) {
+                return Ok(self.entity_answer(&entity.body, confirmed));
             }
         }
         let held = match found {
-            Some((entity, confirmed_at)) => Held::Copy {
-                answer: self.entity_answer(&entity.body, confirmed_at),
-                confirmed_at,
+            Some((entity, confirmed)) => Held::Copy {
+                answer: self.entity_answer(&entity.body, &confirmed),
+                confirmed,
             },
             None => match self.generations.current() {
                 Some(generation) => Held::Absent {
-                    confirmed_at: generation.meta.synced_at,
+                    confirmed: self.generation_confirmation(&generation.meta),
                     message: match &lookup {
                         Lookup::ByName(r) => format!(
                             "No entity named '{}' found, with kind '{}' in namespace '{}'",
@@ -665,7 +727,9 @@ impl ReadPath {
             move |keeper: &Keeper, response: &UpstreamResponse| {
                 if response.status == StatusCode::OK {
                     match Entity::from_json(response.body.clone()) {
-                        Ok(entity) => keeper.entity(Arc::new(entity)),
+                        Ok(entity) => {
+                            keeper.entity(Arc::new(entity), keeper.confirmation(response))
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "upstream returned an entity the mirror cannot hold")
                         }
@@ -684,10 +748,10 @@ impl ReadPath {
         self.resolve(held, fetch).await
     }
 
-    /// The newest local copy of an entity and when it was confirmed: a
-    /// revalidated copy in the hot cache when it is newer than the
-    /// generation, else the generation's.
-    fn find_entity(&self, lookup: &Lookup) -> Option<(Arc<Entity>, SystemTime)> {
+    /// The newest local copy of an entity and how it was confirmed: a
+    /// revalidated copy in the hot cache when the origin confirmed it later
+    /// than the generation, else the generation's.
+    fn find_entity(&self, lookup: &Lookup) -> Option<(Arc<Entity>, Confirmation)> {
         let generation = self.generations.current();
         let hot = !self.hot.is_empty();
         let (hot_key, from_generation) = match lookup {
@@ -706,26 +770,41 @@ impl ReadPath {
             }
         };
         let from_hot = match hot_key.and_then(|k| self.hot.get(&k)) {
-            Some(HotEntry::Entity {
-                entity,
-                confirmed_at,
-            }) => Some((entity, confirmed_at)),
+            Some(HotEntry::Entity { entity, confirmed }) => Some((entity, confirmed)),
             _ => None,
         };
-        match (from_hot, from_generation) {
-            (Some(h), Some(g)) => Some(if h.1 > g.1 { h } else { g }),
+        let mut found = match (from_hot, from_generation) {
+            (Some(h), Some(g)) => Some(if h.1.checked_at > g.1.checked_at {
+                h
+            } else {
+                g
+            }),
             (h, g) => h.or(g),
+        };
+        if self.writes.any() {
+            if let Some(g) = &generation {
+                self.writes.forget_before(g.meta.synced_at);
+            }
+            if let Some((entity, confirmed)) = &mut found {
+                confirmed.written_since = self.writes.entity_written_since(
+                    &entity.uid,
+                    &entity.entity_ref,
+                    confirmed.origin_at,
+                );
+            }
         }
+        found
     }
 
-    fn entity_answer(&self, body: &Bytes, confirmed_at: SystemTime) -> Answer {
+    fn entity_answer(&self, body: &Bytes, confirmed: &Confirmation) -> Answer {
         Answer {
             status: StatusCode::OK,
             headers: json_headers(),
             body: body.clone(),
             cache: CacheStatus::Hit,
-            age: self.age_of(confirmed_at),
+            age: self.age_of(confirmed.origin_at),
             stale: false,
+            via: confirmed.via.clone(),
         }
     }
 
@@ -735,7 +814,7 @@ impl ReadPath {
             .map_err(|e| ReadError::Input(e.to_string()))?;
         let generation = self.generations.current();
         let mut found = Vec::with_capacity(parsed.entity_refs.len());
-        let mut oldest: Option<SystemTime> = None;
+        let mut oldest: Option<Confirmation> = None;
         let mut unknown = false;
         for text in &parsed.entity_refs {
             // Backstage compares the ref as written with the lower-cased
@@ -752,7 +831,10 @@ impl ReadPath {
             };
             match entity {
                 Some((e, confirmed)) => {
-                    oldest = Some(oldest.map_or(confirmed, |o| o.min(confirmed)));
+                    match &mut oldest {
+                        Some(o) => o.merge(confirmed),
+                        None => oldest = Some(confirmed),
+                    }
                     found.push(Some(e));
                 }
                 None => {
@@ -780,16 +862,17 @@ impl ReadPath {
                 .forward_without_mirror(req, Operation::Revalidate)
                 .await;
         };
-        let confirmed_at = oldest.unwrap_or(generation.meta.synced_at);
+        let confirmed = oldest.unwrap_or_else(|| self.generation_confirmation(&generation.meta));
         let local = Answer {
             status: StatusCode::OK,
             headers: json_headers(),
             body,
             cache: CacheStatus::Hit,
-            age: self.age_of(confirmed_at),
+            age: self.age_of(confirmed.origin_at),
             stale: false,
+            via: confirmed.via.clone(),
         };
-        if self.is_fresh(confirmed_at) && !unknown {
+        if self.is_fresh(&confirmed) && !unknown {
             return Ok(local);
         }
         let on_fetched: OnFetched = Box::new(|keeper: &Keeper, response: &UpstreamResponse| {
@@ -802,18 +885,19 @@ impl ReadPath {
                 items: Vec<Option<&'a serde_json::value::RawValue>>,
             }
             if let Ok(items) = serde_json::from_slice::<Items<'_>>(&response.body) {
+                let confirmed = keeper.confirmation(response);
                 for raw in items.items.into_iter().flatten() {
                     if let Ok(entity) =
                         Entity::from_json(Bytes::copy_from_slice(raw.get().as_bytes()))
                     {
-                        keeper.entity(Arc::new(entity));
+                        keeper.entity(Arc::new(entity), confirmed.clone());
                     }
                 }
             }
         });
         let held = Held::Copy {
             answer: local,
-            confirmed_at,
+            confirmed,
         };
         let fetch = Fetch {
             key: req.key(),
@@ -841,19 +925,23 @@ impl ReadPath {
         if let Some(link) = answer.link.and_then(|l| HeaderValue::from_str(&l).ok()) {
             headers.insert(http::header::LINK, link);
         }
-        let confirmed_at = generation.meta.synced_at;
+        let confirmed = self.generation_confirmation(&generation.meta);
         let local = Answer {
             status: StatusCode::OK,
             headers,
             body: answer.body,
             cache: CacheStatus::Hit,
-            age: self.age_of(confirmed_at),
+            age: self.age_of(confirmed.origin_at),
             stale: false,
+            via: confirmed.via.clone(),
         };
-        if self.is_fresh(confirmed_at) {
+        if self.is_fresh(&confirmed) {
             return Ok(local);
         }
-        self.sync.sync_soon();
+        // A tier that just said its data is stale would say so again.
+        if !self.tier_said_stale(&confirmed) {
+            self.sync.sync_soon();
+        }
         let fetch = Fetch {
             key: req.key(),
             request: forward_request(req),
@@ -863,7 +951,7 @@ impl ReadPath {
         self.resolve(
             Held::Copy {
                 answer: local,
-                confirmed_at,
+                confirmed,
             },
             fetch,
         )
@@ -972,18 +1060,15 @@ impl ReadPath {
                         cache: CacheStatus::Hit,
                         age: self.age_of(answer.stored_at),
                         stale: false,
+                        via: None,
                     },
-                    confirmed_at: answer.stored_at,
+                    confirmed: answer.stored_at.into(),
                 }
             }
             None => Held::Nothing,
         };
-        if let Held::Copy {
-            answer,
-            confirmed_at,
-        } = &held
-        {
-            if self.is_fresh(*confirmed_at) {
+        if let Held::Copy { answer, confirmed } = &held {
+            if self.is_fresh(confirmed) {
                 return Ok(answer.clone());
             }
         }
@@ -1024,20 +1109,47 @@ impl ReadPath {
                     cache: CacheStatus::Bypass,
                     age: Duration::ZERO,
                     stale: false,
+                    via: response.provenance.cache_status,
                 })
             }
             Err(e) => Err(self.unavailable(&e, "the write was not sent")),
         }
     }
 
-    /// After a successful write, the entities it affected are re-read.
+    /// After a successful write, what it names is no longer fresh here
+    /// (the next read of it asks the upstream), and the next sync comes
+    /// soon (debounced) so that the mirror and the query index catch up.
+    /// A location added or deleted may touch any entity: the whole catalog
+    /// is marked. Dry runs (`analyze-location`, `validate-entity`) change
+    /// nothing.
     fn after_write(&self, req: &Incoming<'_>) {
-        if let Route::DeleteByUid(uid) = req.route {
-            if let Some(generation) = self.generations.current() {
-                if let Some(e) = generation.index.by_uid(uid) {
-                    self.hot.invalidate_entity(&e.uid, &e.entity_ref);
+        let now = self.clock.now();
+        match req.route {
+            Route::DeleteByUid(uid) => {
+                self.writes.entity(uid, now);
+                if let Some(generation) = self.generations.current() {
+                    if let Some(e) = generation.index.by_uid(uid) {
+                        self.writes.entity(&e.entity_ref, now);
+                        self.hot.invalidate_entity(&e.uid, &e.entity_ref);
+                    }
                 }
             }
+            Route::Refresh => {
+                #[derive(serde::Deserialize)]
+                struct Refresh {
+                    #[serde(rename = "entityRef")]
+                    entity_ref: String,
+                }
+                match serde_json::from_slice::<Refresh>(&req.body)
+                    .ok()
+                    .and_then(|r| EntityRef::parse(&r.entity_ref).ok())
+                {
+                    Some(r) => self.writes.entity(&r.canonical(), now),
+                    None => self.writes.all(now),
+                }
+            }
+            Route::CreateLocation | Route::DeleteLocation(_) => self.writes.all(now),
+            _ => return,
         }
         self.sync.sync_soon();
     }
@@ -1047,6 +1159,12 @@ impl ReadPath {
     async fn resolve(&self, held: Held, fetch: Fetch) -> Result<Answer, ReadError> {
         if let Some(refused) = self.upstream.refused_now(fetch.op) {
             return self.without_upstream(held, &refused);
+        }
+        if let Held::Copy { confirmed, .. } = &held {
+            if self.tier_said_stale(confirmed) {
+                let error = UpstreamError::TierStale(self.age_of(confirmed.origin_at));
+                return self.without_upstream(held, &error);
+            }
         }
         let budget = self.settings.revalidate_budget;
         let outcome = match tokio::time::timeout(budget, self.fetch_shared(fetch)).await {
@@ -1075,13 +1193,33 @@ impl ReadPath {
                     (false, StatusCode::OK) => CacheStatus::Stored,
                     (false, _) => CacheStatus::Miss { status },
                 };
+                // An upstream tier's answer is judged like a local copy the
+                // origin confirmed as long ago as the tier says.
+                let now = self.clock.now();
+                let confirmed = Confirmation::received(&response.provenance, now);
+                let (age, stale) = match decide(
+                    &Local::Found {
+                        confirmed: confirmed.clone(),
+                    },
+                    UpstreamState::Unavailable,
+                    &self.rules(),
+                    now,
+                ) {
+                    Decision::Refuse(refusal) => {
+                        let error = UpstreamError::TierStale(self.age_of(confirmed.origin_at));
+                        return Err(self.unavailable(&error, &refusal.detail()));
+                    }
+                    Decision::Stale { age, .. } => (age, true),
+                    _ => (self.age_of(confirmed.origin_at), false),
+                };
                 Ok(Answer {
                     status: response.status,
                     headers: passed_headers(&response.headers),
                     body: response.body.clone(),
                     cache,
-                    age: Duration::ZERO,
-                    stale: false,
+                    age,
+                    stale,
+                    via: confirmed.via,
                 })
             }
             Err(error) => self.without_upstream(held, &error),
@@ -1117,7 +1255,7 @@ impl ReadPath {
     /// The upstream could not answer: the decision on what is held.
     fn without_upstream(&self, held: Held, error: &UpstreamError) -> Result<Answer, ReadError> {
         match decide(
-            held.local(),
+            &held.local(),
             UpstreamState::Unavailable,
             &self.rules(),
             self.clock.now(),
@@ -1262,13 +1400,11 @@ mod tests {
     #[test]
     fn fresh_data_is_served_whatever_the_upstream_and_the_policy() {
         let now = SystemTime::now();
-        let local = Local::Found {
-            confirmed_at: at(now, 89),
-        };
+        let local = Local::found(at(now, 89));
         for upstream in [UpstreamState::Admits, UpstreamState::Unavailable] {
             for policy in [StalePolicy::Serve, StalePolicy::Refuse] {
                 assert_eq!(
-                    decide(local, upstream, &rules(policy), now),
+                    decide(&local, upstream, &rules(policy), now),
                     Decision::Fresh
                 );
             }
@@ -1279,17 +1415,13 @@ mod tests {
     fn old_or_absent_data_asks_an_upstream_the_breaker_admits() {
         let now = SystemTime::now();
         for local in [
-            Local::Found {
-                confirmed_at: at(now, 90),
-            },
-            Local::AbsentFromMirror {
-                confirmed_at: at(now, 5),
-            },
+            Local::found(at(now, 90)),
+            Local::absent(at(now, 5)),
             Local::Unknown,
         ] {
             assert_eq!(
                 decide(
-                    local,
+                    &local,
                     UpstreamState::Admits,
                     &rules(StalePolicy::Refuse),
                     now
@@ -1303,12 +1435,10 @@ mod tests {
     #[test]
     fn without_the_upstream_old_data_is_served_stale_with_its_age_and_negative_ttl() {
         let now = SystemTime::now();
-        let local = Local::Found {
-            confirmed_at: at(now, 300),
-        };
+        let local = Local::found(at(now, 300));
         assert_eq!(
             decide(
-                local,
+                &local,
                 UpstreamState::Unavailable,
                 &rules(StalePolicy::Serve),
                 now
@@ -1319,12 +1449,10 @@ mod tests {
             }
         );
         // Just past fresh_for the ttl is still negative.
-        let local = Local::Found {
-            confirmed_at: at(now, 90),
-        };
+        let local = Local::found(at(now, 90));
         assert_eq!(
             decide(
-                local,
+                &local,
                 UpstreamState::Unavailable,
                 &rules(StalePolicy::Serve),
                 now
@@ -1335,12 +1463,10 @@ mod tests {
             }
         );
         // The mirror's "not found" stands in for the upstream the same way.
-        let absent = Local::AbsentFromMirror {
-            confirmed_at: at(now, 120),
-        };
+        let absent = Local::absent(at(now, 120));
         assert_eq!(
             decide(
-                absent,
+                &absent,
                 UpstreamState::Unavailable,
                 &rules(StalePolicy::Serve),
                 now
@@ -1355,24 +1481,20 @@ mod tests {
     #[test]
     fn the_refuse_policy_max_stale_and_an_empty_mirror_refuse() {
         let now = SystemTime::now();
-        let old = Local::Found {
-            confirmed_at: at(now, 300),
-        };
+        let old = Local::found(at(now, 300));
         assert_eq!(
             decide(
-                old,
+                &old,
                 UpstreamState::Unavailable,
                 &rules(StalePolicy::Refuse),
                 now
             ),
             Decision::Refuse(Refusal::Policy)
         );
-        let ancient = Local::Found {
-            confirmed_at: at(now, 25 * 3600),
-        };
+        let ancient = Local::found(at(now, 25 * 3600));
         assert_eq!(
             decide(
-                ancient,
+                &ancient,
                 UpstreamState::Unavailable,
                 &rules(StalePolicy::Serve),
                 now
@@ -1384,12 +1506,81 @@ mod tests {
         );
         assert_eq!(
             decide(
-                Local::Unknown,
+                &Local::Unknown,
                 UpstreamState::Unavailable,
                 &rules(StalePolicy::Serve),
                 now
             ),
             Decision::Refuse(Refusal::NoCopy)
+        );
+    }
+
+    fn tiered(now: SystemTime, origin_ago: u64, checked_ago: u64, stale: bool) -> Local {
+        Local::Found {
+            confirmed: Confirmation {
+                origin_at: at(now, origin_ago),
+                checked_at: at(now, checked_ago),
+                upstream_stale: stale,
+                via: Some("tier-a; hit; ttl=-7".into()),
+                written_since: false,
+            },
+        }
+    }
+
+    #[test]
+    fn a_tier_s_staleness_and_age_are_the_origin_s() {
+        let now = SystemTime::now();
+        let serve = rules(StalePolicy::Serve);
+        // The tier said stale moments ago: stale here too, however young,
+        // and the tier is not asked again (it would say the same).
+        assert_eq!(
+            decide(&tiered(now, 9, 1, true), UpstreamState::Admits, &serve, now),
+            Decision::Stale {
+                age: Duration::from_secs(9),
+                ttl: -1
+            }
+        );
+        assert_eq!(
+            decide(
+                &tiered(now, 9, 1, true),
+                UpstreamState::Admits,
+                &rules(StalePolicy::Refuse),
+                now
+            ),
+            Decision::Refuse(Refusal::Policy)
+        );
+        // It said so long ago: ask again.
+        assert_eq!(
+            decide(
+                &tiered(now, 200, 95, true),
+                UpstreamState::Admits,
+                &serve,
+                now
+            ),
+            Decision::Ask
+        );
+        // A fresh tier's data is as old as the tier says: 80 s behind a
+        // tier is fresh, 95 s is not, even though it was heard from now.
+        assert_eq!(
+            decide(
+                &tiered(now, 80, 0, false),
+                UpstreamState::Admits,
+                &serve,
+                now
+            ),
+            Decision::Fresh
+        );
+        assert_eq!(
+            decide(
+                &tiered(now, 95, 0, false),
+                UpstreamState::Unavailable,
+                &serve,
+                now
+            ),
+            Decision::Stale {
+                age: Duration::from_secs(95),
+                ttl: -5
+            }
         );
     }
 
@@ -1420,7 +1611,7 @@ mod tests {
             max_stale,
         };
         let confirmed_at = clock.now();
-        let local = Local::Found { confirmed_at };
+        let local = Local::found(confirmed_at);
 
         flags
             .set_mode(
@@ -1432,7 +1623,7 @@ mod tests {
             .unwrap();
         clock.advance(Duration::from_secs(300));
         assert_eq!(flags.expire().unwrap(), None, "not yet expired");
-        let decision = decide(local, upstream_state(&breaker), &rules, clock.now());
+        let decision = decide(&local, upstream_state(&breaker), &rules, clock.now());
         assert!(
             matches!(decision, Decision::Stale { ttl: -210, age } if age >= Duration::from_secs(300)),
             "forced open: old data is served stale, the upstream is not asked ({decision:?})"
@@ -1443,7 +1634,7 @@ mod tests {
         assert_eq!(breaker.mode(), BreakerMode::Auto);
         assert_eq!(flags.mode().mode, BreakerMode::Auto);
         assert_eq!(
-            decide(local, upstream_state(&breaker), &rules, clock.now()),
+            decide(&local, upstream_state(&breaker), &rules, clock.now()),
             Decision::Ask,
             "back to auto: the upstream is asked again"
         );

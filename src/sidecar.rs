@@ -180,6 +180,7 @@ impl Sidecar {
             max_request_body: usize::try_from(config.proxy.max_request_body.0)
                 .unwrap_or(usize::MAX),
             history,
+            names: crate::proxy::CacheNames::new(&config.listen.name),
         };
         admin.publish_gauges();
         Ok(Self {

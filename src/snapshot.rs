@@ -127,11 +127,12 @@ pub async fn import(
     let (meta, index) = tokio::task::spawn_blocking(move || {
         let (meta, _) = import_into(&mirror, &file, &previous, source, now)?;
         let loaded = mirror.load()?;
-        Ok::<_, MirrorError>((meta, Index::build(meta.id, loaded.entities)))
+        let index = Index::build(meta.id, loaded.entities);
+        Ok::<_, MirrorError>((meta, index))
     })
     .await
     .map_err(|e| MirrorError::Io(std::io::Error::other(e.to_string())))??;
-    generations.install(Generation::new(index, meta));
+    generations.install(Generation::new(index, meta.clone()));
     Ok(meta)
 }
 

@@ -31,6 +31,7 @@ use crate::history::History;
 use crate::index::Index;
 use crate::metrics as m;
 use crate::mirror::{rfc3339, ApplyStats, AuditRecord, Diff, Mirror, MirrorError};
+use crate::provenance::Confirmation;
 use crate::retry::{self, RetryPolicy};
 use crate::route::encode_component;
 use crate::upstream::{Expect, Operation, Upstream, UpstreamError, UpstreamRequest};
@@ -323,8 +324,9 @@ impl Syncer {
         &self.status
     }
 
-    /// Reads the whole catalog from the upstream, page by page.
-    async fn fetch_catalog(&self) -> Result<Vec<Entity>, SyncError> {
+    /// Reads the whole catalog from the upstream, page by page, and how the
+    /// origin confirmed it (as old as the oldest page says).
+    async fn fetch_catalog(&self) -> Result<(Vec<Entity>, Confirmation), SyncError> {
         let policy = RetryPolicy {
             initial: Duration::from_millis(100),
             max_interval: Duration::from_secs(1),
@@ -335,6 +337,7 @@ impl Syncer {
         let mut entities: Vec<Entity> = Vec::new();
         let mut cursor: Option<String> = None;
         let mut expected: Option<usize> = None;
+        let mut confirmed: Option<Confirmation> = None;
         for page in 1..=MAX_PAGES {
             let path = match &cursor {
                 None => format!("/entities/by-query?limit={page_size}"),
@@ -358,6 +361,11 @@ impl Syncer {
                     page,
                     status: response.status,
                 });
+            }
+            let this = Confirmation::received(&response.provenance, self.clock.now());
+            match &mut confirmed {
+                Some(c) => c.merge(this),
+                None => confirmed = Some(this),
             }
             let parsed: Page<'_> =
                 serde_json::from_slice(&response.body).map_err(|e| SyncError::NotAPage {
@@ -391,7 +399,10 @@ impl Syncer {
                             got: entities.len(),
                             total,
                         }),
-                        _ => Ok(entities),
+                        _ => Ok((
+                            entities,
+                            confirmed.unwrap_or_else(|| self.clock.now().into()),
+                        )),
                     }
                 }
             }
@@ -405,8 +416,8 @@ impl Syncer {
         let started = Instant::now();
         let fetched = self.fetch_catalog().await;
         let report = match fetched {
-            Ok(entities) => {
-                self.apply_catalog(entities, accept_deletions, started)
+            Ok((entities, confirmed)) => {
+                self.apply_catalog(entities, confirmed, accept_deletions, started)
                     .await
             }
             Err(error) => self.report(
@@ -477,6 +488,7 @@ impl Syncer {
     async fn apply_catalog(
         &self,
         entities: Vec<Entity>,
+        confirmed: Confirmation,
         accept_deletions: bool,
         started: Instant,
     ) -> SyncReport {
@@ -516,8 +528,9 @@ impl Syncer {
             if let Some(current) = &current {
                 let mirror = self.mirror.clone();
                 let keep = diff.members.clone();
+                let confirmation = confirmed.clone();
                 let confirmed =
-                    tokio::task::spawn_blocking(move || mirror.confirm(now, &keep)).await;
+                    tokio::task::spawn_blocking(move || mirror.confirm(confirmation, &keep)).await;
                 match confirmed {
                     Ok(Ok(Some(meta))) => {
                         self.generations.install(Generation {
@@ -539,7 +552,7 @@ impl Syncer {
         let fetched_in = started.elapsed();
         let applied = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
-            let result = mirror.apply(&diff, now, "sync")?;
+            let result = mirror.apply(&diff, confirmed, "sync")?;
             let applied_in = t.elapsed();
             let index = Index::build(result.0.id, next);
             // Install the new generation only once it can answer queries:

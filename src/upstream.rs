@@ -155,6 +155,12 @@ pub enum UpstreamError {
     /// The answer contradicts what the sidecar has reason to trust more.
     #[error("the upstream catalog's answer is not trusted: {0}")]
     Untrusted(String),
+    /// The upstream is a cache (another catalog-cache tier) that answered
+    /// with data it calls stale, or older than this sidecar serves as fresh;
+    /// the origin confirmed it this long ago. Nothing failed: it is what a
+    /// 503 then says.
+    #[error("the upstream tier serves stale data (the origin catalog confirmed it {} ago)", humantime::format_duration(Duration::from_secs(.0.as_secs())))]
+    TierStale(Duration),
     /// The upstream's answer was not what a catalog sends (bad JSON, wrong type, cut short).
     #[error("the upstream catalog sent a malformed answer: {0}")]
     Malformed(String),
@@ -166,6 +172,7 @@ impl UpstreamError {
         match self {
             Self::Rejected(_) | Self::Saturated(_) => "rejected",
             Self::Timeout(_) => "timeout",
+            Self::TierStale(_) => "stale",
             _ => "error",
         }
     }
@@ -173,7 +180,7 @@ impl UpstreamError {
     /// Whether trying again soon could help (a retry inside the same permit).
     pub fn retryable(&self) -> bool {
         match self {
-            Self::Rejected(_) | Self::Saturated(_) => false,
+            Self::Rejected(_) | Self::Saturated(_) | Self::TierStale(_) => false,
             Self::Status { status, .. } => *status != StatusCode::NOT_IMPLEMENTED,
             _ => true,
         }
