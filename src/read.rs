@@ -28,7 +28,7 @@ use crate::entity::{Entity, EntityRef};
 use crate::flags::Flags;
 use crate::generation::Generations;
 use crate::mirror::{Mirror, StoredAnswer};
-use crate::query::{self, QueryKind, QueryRequest};
+use crate::query::{self, Budget, QueryKind, QueryRequest};
 use crate::sync::SyncStatus;
 use crate::upstream::{
     by_name_path, encode_component, Expect, Operation, Upstream, UpstreamError, UpstreamRequest,
@@ -708,7 +708,9 @@ impl ReadPath {
 
     /// `POST /entities/by-refs`.
     pub async fn read_by_refs(&self, req: &Incoming<'_>) -> Result<Answer, ReadError> {
-        let parsed = query::parse_by_refs(req.query, &req.body)
+        // No query budget yet: the caller's setting is wired separately.
+        let budget = Budget::unlimited();
+        let parsed = query::parse_by_refs(req.query, &req.body, &budget)
             .map_err(|e| ReadError::Input(e.to_string()))?;
         let generation = self.generations.current();
         let mut found = Vec::with_capacity(parsed.entity_refs.len());
@@ -750,8 +752,10 @@ impl ReadPath {
                 }
             }
         }
-        let body =
-            query::render_by_refs(&parsed, &found).map_err(|e| ReadError::Input(e.to_string()))?;
+        let index = generation.as_ref().map(|g| &*g.index);
+        let body = query::render_by_refs(&parsed, index, found, &budget)
+            .and_then(query::Rendering::into_bytes)
+            .map_err(|e| ReadError::Input(e.to_string()))?;
         let Some(generation) = generation else {
             return self
                 .forward_without_mirror(req, Operation::Revalidate)
@@ -817,8 +821,10 @@ impl ReadPath {
         };
         // Right after a restart or sync the query index may still be
         // building; waiting for it must not stall an async worker.
+        // No query budget yet: the caller's setting is wired separately.
+        let budget = Budget::unlimited();
         let answered = if generation.index.is_query_ready() {
-            query::answer(&generation.index, &request)
+            query::answer(&generation.index, &request, &budget)
         } else {
             let index = generation.index.clone();
             let (query_string, body) = (req.query.to_string(), req.body.clone());
@@ -830,6 +836,7 @@ impl ReadPath {
                         query_string: &query_string,
                         body: &body,
                     },
+                    &budget,
                 )
             })
             .await;
@@ -842,6 +849,10 @@ impl ReadPath {
             }
         };
         let answer = answered.map_err(|e| ReadError::Input(e.to_string()))?;
+        let body = answer
+            .body
+            .into_bytes()
+            .map_err(|e| ReadError::Input(e.to_string()))?;
         let mut headers = json_headers();
         if let Some(link) = answer.link.and_then(|l| HeaderValue::from_str(&l).ok()) {
             headers.insert(http::header::LINK, link);
@@ -850,7 +861,7 @@ impl ReadPath {
         let local = Answer {
             status: StatusCode::OK,
             headers,
-            body: answer.body,
+            body,
             cache: CacheStatus::Hit,
             age: self.age_of(confirmed_at),
             stale: false,

@@ -22,7 +22,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::flags::Flags;
 use crate::generation::{Generation, Generations};
-use crate::index::Index;
+use crate::index::{Index, IndexLimits};
 use crate::mirror::{AuditRecord, Mirror, MirrorError, OpenOutcome};
 use crate::proxy::ProxyState;
 use crate::read::{ReadPath, ReadSettings};
@@ -92,7 +92,11 @@ impl Sidecar {
         let loaded = mirror.load()?;
         let loaded_in = started.elapsed();
         let initial = loaded.meta.map(|meta| Generation {
-            index: Arc::new(Index::build(meta.id, loaded.entities)),
+            index: Arc::new(Index::build(
+                meta.id,
+                loaded.entities,
+                &IndexLimits::default(),
+            )),
             meta,
             confirmed: Arc::new(loaded.confirmed),
         });

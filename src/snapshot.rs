@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 
 use crate::clock::Clock;
 use crate::generation::{Generation, Generations};
-use crate::index::Index;
+use crate::index::{Index, IndexLimits};
 use crate::mirror::{read_snapshot, ApplyStats, Diff, GenerationMeta, Mirror, MirrorError};
 
 /// How long fetching a peer's snapshot may take.
@@ -96,7 +96,10 @@ pub async fn import(
     let (meta, index) = tokio::task::spawn_blocking(move || {
         let (meta, _) = import_into(&mirror, &file, &previous, source, now)?;
         let loaded = mirror.load()?;
-        Ok::<_, MirrorError>((meta, Index::build(meta.id, loaded.entities)))
+        Ok::<_, MirrorError>((
+            meta,
+            Index::build(meta.id, loaded.entities, &IndexLimits::default()),
+        ))
     })
     .await
     .map_err(|e| MirrorError::Io(std::io::Error::other(e.to_string())))??;

@@ -27,7 +27,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::entity::{Entity, EntityError};
 use crate::generation::{Generation, Generations};
-use crate::index::Index;
+use crate::index::{Index, IndexLimits};
 use crate::metrics as m;
 use crate::mirror::{rfc3339, ApplyStats, AuditRecord, Diff, Mirror, MirrorError};
 use crate::retry::{self, RetryPolicy};
@@ -532,7 +532,7 @@ impl Syncer {
             let t = Instant::now();
             let result = mirror.apply(&diff, now, "sync")?;
             let applied_in = t.elapsed();
-            let index = Index::build(result.0.id, next);
+            let index = Index::build(result.0.id, next, &IndexLimits::default());
             // Install the new generation only once it can answer queries:
             // until then the previous one keeps answering them at full speed
             // (a restart, with no previous generation, installs at once).
