@@ -66,7 +66,7 @@ pub const DEFAULT_MAX_REQUEST_BODY: u64 = 1024 * 1024;
 /// Default longest evaluation of one query.
 pub const DEFAULT_QUERY_BUDGET: Duration = Duration::from_secs(1);
 /// Default byte bound of the cached sort columns of one generation.
-pub const DEFAULT_SORT_COLUMNS_MAX_BYTES: u64 = 32 << 20;
+pub use crate::index::DEFAULT_SORT_COLUMNS_MAX_BYTES;
 /// Default client-triggered upstream calls at once.
 pub const DEFAULT_UPSTREAM_MAX_IN_FLIGHT: usize = 32;
 /// Default time allowed for a request header (and to wait for one on an idle connection).
@@ -586,6 +586,13 @@ impl Config {
             })?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The bounds of each generation's query index (`[proxy]`).
+    pub fn index_limits(&self) -> crate::index::IndexLimits {
+        crate::index::IndexLimits {
+            sort_columns_max_bytes: self.proxy.sort_columns_max_bytes.0,
+        }
     }
 
     /// Checks ranges and cross-field rules that types alone cannot express.

@@ -18,11 +18,13 @@
 //! from its body). Each distinct key, and each distinct value of a key, is
 //! stored once. Sort columns (distinct values sorted once, one `u32` rank per
 //! entity) are built the first time a field is ordered by and cached for the
-//! generation. Measured on 100,000 generated 1.3 KB entities: 33.7 MiB per
-//! 10,000 entities in all, of which 12.8 MiB are the bodies themselves and
-//! about 0.5 MiB each cached sort column of a unique field (such as
-//! `metadata.name`); `approximate_memory_bytes` counts bodies,
-//! hash-table capacity, strings, bitmaps and cached columns.
+//! generation in a cache bounded in bytes (`IndexLimits`); a field no entity
+//! has gets no column at all (it orders as all-null). Measured on 100,000
+//! generated 1.3 KB entities: 33.7 MiB per 10,000 entities in all, of which
+//! 12.8 MiB are the bodies themselves and about 0.64 MiB each cached sort
+//! column of a unique field (such as `metadata.name`);
+//! `approximate_memory_bytes` counts bodies, hash-table capacity, strings,
+//! bitmaps and cached columns.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -34,6 +36,30 @@ use roaring::RoaringBitmap;
 use serde_json::Value;
 
 use crate::entity::Entity;
+use crate::query::budget::Budget;
+use crate::query::error::QueryError;
+
+/// Default of `IndexLimits::sort_columns_max_bytes`: 32 MiB. Over 100,000
+/// entities a column takes about 6.4 MiB for a field whose values are
+/// unique (such as `metadata.name`) and 0.4 MiB for one with few (`kind`).
+pub const DEFAULT_SORT_COLUMNS_MAX_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Bounds on what an index may hold beyond its entities and postings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexLimits {
+    /// Bytes of sort columns cached per generation; the least useful are
+    /// evicted beyond it (a column larger than all of it is built for its
+    /// query and not kept).
+    pub sort_columns_max_bytes: u64,
+}
+
+impl Default for IndexLimits {
+    fn default() -> Self {
+        IndexLimits {
+            sort_columns_max_bytes: DEFAULT_SORT_COLUMNS_MAX_BYTES,
+        }
+    }
+}
 
 /// The index's hash maps: a seeded fast hash (SipHash was an eighth of the
 /// build) that still keeps crafted keys from colliding predictably.
@@ -47,7 +73,7 @@ fn map_with_capacity<K, V>(n: usize) -> Map<K, V> {
 /// Backstage skips search keys longer than this (UTF-16 code units).
 const MAX_KEY_LENGTH: usize = 200;
 /// Backstage stores values longer than this (UTF-16 code units) as null.
-const MAX_VALUE_LENGTH: usize = 200;
+pub(crate) const MAX_VALUE_LENGTH: usize = 200;
 /// Paths Backstage's generic traversal does not index (some are re-added).
 const SPECIAL_KEYS: [&str; 7] = [
     "attachments",
@@ -97,6 +123,27 @@ pub(crate) fn js_number(n: &serde_json::Number) -> String {
 
 fn utf16_len(s: &str) -> usize {
     s.encode_utf16().count()
+}
+
+/// Whether a JSON value at this raw dotted path gets search rows under the
+/// path's lower-cased key: no `.`-bounded prefix of it is one of the paths
+/// Backstage's traversal skips, and the key is not too long to be stored.
+/// (Rows are a necessary condition only for such paths.)
+pub(crate) fn row_key_indexed(raw_path: &str) -> bool {
+    let special_prefix = raw_path
+        .match_indices('.')
+        .map(|(i, _)| &raw_path[..i])
+        .chain(std::iter::once(raw_path))
+        .any(|prefix| SPECIAL_KEYS.contains(&prefix));
+    let key = lower(raw_path);
+    !special_prefix && (key.len() <= MAX_KEY_LENGTH || utf16_len(&key) <= MAX_KEY_LENGTH)
+}
+
+/// The key of a relation type's rows (`relations.<lower-cased type>`), or
+/// `None` when it is too long to be stored (such relations have no row).
+pub(crate) fn relation_key(type_text: &str) -> Option<String> {
+    let key = format!("relations.{}", lower(type_text));
+    (key.len() <= MAX_KEY_LENGTH || utf16_len(&key) <= MAX_KEY_LENGTH).then_some(key)
 }
 
 /// Lower-cases like `toLocaleLowerCase('en-US')`, without allocating for
@@ -318,6 +365,10 @@ pub(crate) struct KeyPostings {
     /// documents by original spelling (facets keep the entity's casing).
     /// Documents not listed spell the value exactly as lower-cased.
     cased: Map<Box<str>, Vec<(Box<str>, DocSet)>>,
+    /// Whether some value is not ASCII (set by `shrink`): only then can a
+    /// value compare equal, upper-cased, to an ASCII text it does not equal
+    /// lower-cased (`ß`, `ſ`, `ı`, ligatures).
+    non_ascii: bool,
 }
 
 impl KeyPostings {
@@ -375,13 +426,18 @@ impl KeyPostings {
         &self,
         matched: Option<&RoaringBitmap>,
         spelling: &dyn Fn(u32, &str) -> Option<String>,
-    ) -> Vec<(String, u64)> {
+        budget: &Budget,
+    ) -> Result<Vec<(String, u64)>, QueryError> {
         let count = |d: &DocSet| match matched {
             Some(m) => d.intersection_len(m),
             None => d.len(),
         };
         let mut out = Vec::new();
-        for (low, docs) in &self.values {
+        for (i, (low, docs)) in self.values.iter().enumerate() {
+            // A unique mixed-case value re-reads its body: check often.
+            if i % BUDGET_CHECK_EVERY == 0 {
+                budget.check()?;
+            }
             if let DocSet::OneCased(doc) = docs {
                 if count(docs) > 0 {
                     let original = spelling(*doc, low).unwrap_or_else(|| low.to_string());
@@ -406,7 +462,7 @@ impl KeyPostings {
             }
         }
         out.retain(|(_, n)| *n > 0);
-        out
+        Ok(out)
     }
 
     fn heap_bytes(&self) -> usize {
@@ -432,6 +488,23 @@ impl KeyPostings {
         self.present.serialized_size() + 64 + values + cased
     }
 
+    /// Documents with a value that is not ASCII (found without a scan when
+    /// every value is ASCII, the common case).
+    pub(crate) fn non_ascii_docs(&self, budget: &Budget) -> Result<RoaringBitmap, QueryError> {
+        let mut out = RoaringBitmap::new();
+        if self.non_ascii {
+            for (i, (value, docs)) in self.values.iter().enumerate() {
+                if i % BUDGET_CHECK_EVERY == 0 {
+                    budget.check()?;
+                }
+                if !value.is_ascii() {
+                    docs.or_into(&mut out);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Turns single-document values with one other spelling into
     /// `OneCased`, dropping their stored spelling.
     fn fold_single_spellings(&mut self) {
@@ -453,6 +526,7 @@ impl KeyPostings {
     fn shrink(&mut self) {
         self.values.shrink_to_fit();
         self.cased.shrink_to_fit();
+        self.non_ascii = self.values.keys().any(|v| !v.is_ascii());
     }
 }
 
@@ -515,20 +589,35 @@ fn build_inverted(entities: &[Arc<Entity>], abandoned: &AtomicBool) -> Option<In
         p.shrink();
     });
     keys.shrink_to_fit();
+    let mut relation_keys: Vec<Box<str>> = keys
+        .keys()
+        .filter(|k| k.starts_with("relations."))
+        .cloned()
+        .collect();
+    relation_keys.sort_unstable();
     let postings_bytes = map_table_bytes(&keys)
         + keys
             .iter()
             .map(|(k, p)| k.len() + ALLOC_OVERHEAD + p.heap_bytes())
+            .sum::<usize>()
+        + relation_keys
+            .iter()
+            .map(|k| k.len() + ALLOC_OVERHEAD + std::mem::size_of::<Box<str>>())
             .sum::<usize>();
     Some(Inverted {
         keys,
         ref_ranks,
+        relation_keys,
         postings_bytes,
     })
 }
 
 /// How many documents a build indexes between checks for abandonment.
 const ABANDON_CHECK_EVERY: usize = 256;
+
+/// How many values (or documents) a query's loop handles between checks of
+/// its budget.
+const BUDGET_CHECK_EVERY: usize = 256;
 
 /// Indexes a run of entities whose document ids start at `base`; `None` if
 /// `abandoned` is set part-way.
@@ -567,6 +656,18 @@ pub(crate) struct SortColumn {
 }
 
 impl SortColumn {
+    /// Bytes held: ranks, values, and the allocator's share of each.
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<SortColumn>()
+            + self.ranks.capacity() * 4
+            + self.values.capacity() * std::mem::size_of::<Box<str>>()
+            + self
+                .values
+                .iter()
+                .map(|v| v.len() + ALLOC_OVERHEAD)
+                .sum::<usize>()
+    }
+
     /// The sort value of a document (`None` sorts last).
     pub fn value(&self, doc: u32) -> Option<&str> {
         match self.ranks[doc as usize] {
@@ -583,6 +684,8 @@ struct Inverted {
     /// Per document: its position in `entity_ref` order (the default order
     /// of `GET /entities`).
     ref_ranks: Vec<u32>,
+    /// The keys of relation rows (`relations.<type>`), sorted.
+    relation_keys: Vec<Box<str>>,
     postings_bytes: usize,
 }
 
@@ -655,7 +758,8 @@ pub struct Index {
     by_ref: Map<Arc<str>, u32>,
     all: RoaringBitmap,
     inverted: Arc<Slot>,
-    sort_columns: Mutex<HashMap<Box<str>, Arc<SortColumn>>>,
+    /// Sort columns built so far, weighed by their bytes.
+    sort_columns: moka::sync::Cache<Box<str>, Arc<SortColumn>>,
 }
 
 impl std::fmt::Debug for Index {
@@ -682,11 +786,16 @@ impl Index {
     /// Returns once the lookup maps are built; the inverted query index is
     /// built on a background thread (inline for small generations), so
     /// restart and sync are not held up by it.
-    pub fn build(generation: u64, entities: Vec<Arc<Entity>>) -> Index {
-        Index::build_with(generation, entities, build_inverted)
+    pub fn build(generation: u64, entities: Vec<Arc<Entity>>, limits: &IndexLimits) -> Index {
+        Index::build_with(generation, entities, limits, build_inverted)
     }
 
-    fn build_with(generation: u64, entities: Vec<Arc<Entity>>, builder: InvertedBuilder) -> Index {
+    fn build_with(
+        generation: u64,
+        entities: Vec<Arc<Entity>>,
+        limits: &IndexLimits,
+        builder: InvertedBuilder,
+    ) -> Index {
         let mut unique: Map<Arc<str>, Arc<Entity>> = map_with_capacity(entities.len());
         for entity in entities {
             unique.insert(entity.uid.clone(), entity);
@@ -735,7 +844,12 @@ impl Index {
             by_ref,
             all,
             inverted: slot,
-            sort_columns: Mutex::new(HashMap::new()),
+            sort_columns: moka::sync::Cache::builder()
+                .max_capacity(limits.sort_columns_max_bytes)
+                .weigher(|_, column: &Arc<SortColumn>| {
+                    u32::try_from(column.heap_bytes()).unwrap_or(u32::MAX)
+                })
+                .build(),
         }
     }
 
@@ -839,17 +953,9 @@ impl Index {
             .done
             .get()
             .map_or(0, |i| i.postings_bytes + i.ref_ranks.len() * 4);
-        let columns: usize = self
-            .sort_columns
-            .lock()
-            .map(|c| {
-                c.values()
-                    .map(|col| {
-                        col.ranks.len() * 4 + col.values.iter().map(|v| v.len() + 16).sum::<usize>()
-                    })
-                    .sum()
-            })
-            .unwrap_or(0);
+        // Settle pending insertions and evictions so the weight is current.
+        self.sort_columns.run_pending_tasks();
+        let columns = usize::try_from(self.sort_columns.weighted_size()).unwrap_or(usize::MAX);
         entities + lookups + inverted + columns + self.all.serialized_size()
     }
 
@@ -863,11 +969,16 @@ impl Index {
         &self,
         lowercase_key: &str,
         matched: Option<&RoaringBitmap>,
-    ) -> Vec<(String, u64)> {
+        budget: &Budget,
+    ) -> Result<Vec<(String, u64)>, QueryError> {
         let Some(postings) = self.inverted().keys.get(lowercase_key) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
-        postings.facet_counts(matched, &|doc, low| self.spelling(doc, lowercase_key, low))
+        postings.facet_counts(
+            matched,
+            &|doc, low| self.spelling(doc, lowercase_key, low),
+            budget,
+        )
     }
 
     /// How a document spells a (lower-cased) value of a key: its first row.
@@ -901,41 +1012,95 @@ impl Index {
         self.inverted().keys.get(lowercase_key)
     }
 
-    /// The sort column of a search key (used as given: Backstage joins the
-    /// order field against the lower-cased keys without lower-casing it).
-    pub(crate) fn sort_column(&self, key: &str) -> Arc<SortColumn> {
-        // Wait (if at all) before taking the cache lock, which memory
-        // accounting also takes.
-        let inverted = self.inverted();
-        let mut cache = match self.sort_columns.lock() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(col) = cache.get(key) {
-            return col.clone();
-        }
-        let mut values: Vec<(&str, &DocSet)> = inverted
-            .keys
-            .get(key)
-            .map(|p| p.values.iter().map(|(v, b)| (&**v, b)).collect())
-            .unwrap_or_default();
-        values.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut ranks = vec![NULL_RANK; self.entities.len()];
-        for (rank, (_, docs)) in values.iter().enumerate() {
-            docs.for_each(|doc| {
-                let slot = &mut ranks[doc as usize];
-                if *slot == NULL_RANK {
-                    *slot = rank as u32;
-                }
-            });
-        }
-        let col = Arc::new(SortColumn {
-            values: values.into_iter().map(|(v, _)| v.into()).collect(),
-            ranks,
-        });
-        cache.insert(key.into(), col.clone());
-        col
+    /// The document of `entity` when this generation holds it as it is (the
+    /// same body: what a query sees of an entity is its body), else `None`
+    /// (a newer copy revalidated since, or an entity the generation lacks).
+    pub(crate) fn doc_of(&self, entity: &Entity) -> Option<u32> {
+        let doc = *self.by_uid.get(&*entity.uid)?;
+        let own = &self.entities[doc as usize];
+        (own.uid == entity.uid && own.body == entity.body).then_some(doc)
     }
+
+    /// Documents whose body parsed when the index was built: every parsed
+    /// body has a `metadata.uid` row (null or not); one that did not parse
+    /// has no row and matches nothing.
+    pub(crate) fn parsed_docs(&self) -> Option<&RoaringBitmap> {
+        self.key("metadata.uid").map(|p| &p.present)
+    }
+
+    /// Documents with any row (null included) for a lower-cased key.
+    pub(crate) fn present(&self, lowercase_key: &str) -> RoaringBitmap {
+        self.key(lowercase_key)
+            .map(|p| p.present.clone())
+            .unwrap_or_default()
+    }
+
+    /// The keys of relation rows (`relations.<lower-cased type>`), sorted.
+    pub(crate) fn relation_keys(&self) -> &[Box<str>] {
+        &self.inverted().relation_keys
+    }
+
+    /// The sort column of a search key (used as given: Backstage joins the
+    /// order field against the lower-cased keys without lower-casing it), or
+    /// `None` when no entity has a value for it: every document then sorts
+    /// as null, and no column is built or cached. Columns are cached for the
+    /// generation within `IndexLimits::sort_columns_max_bytes`.
+    pub(crate) fn sort_column(
+        &self,
+        key: &str,
+        budget: &Budget,
+    ) -> Result<Option<Arc<SortColumn>>, QueryError> {
+        let Some(postings) = self.key(key).filter(|p| !p.values.is_empty()) else {
+            return Ok(None);
+        };
+        if let Some(column) = self.sort_columns.get(key) {
+            return Ok(Some(column));
+        }
+        // Built outside the cache's per-key lock: a query waiting on
+        // another's build could neither watch its own budget nor tell the
+        // other's budget error from its own. Two racing builds both finish;
+        // the second insert replaces the first.
+        let column = Arc::new(build_sort_column(postings, self.entities.len(), budget)?);
+        self.sort_columns.insert(key.into(), column.clone());
+        Ok(Some(column))
+    }
+
+    /// Settles the sort-column cache's pending evictions (for tests).
+    #[cfg(test)]
+    pub(crate) fn sort_cache_settled(&self) -> (u64, u64) {
+        self.sort_columns.run_pending_tasks();
+        (
+            self.sort_columns.entry_count(),
+            self.sort_columns.weighted_size(),
+        )
+    }
+}
+
+/// The column of one key: its distinct values sorted, and each document's
+/// smallest value's rank (`NULL_RANK` for none).
+fn build_sort_column(
+    postings: &KeyPostings,
+    documents: usize,
+    budget: &Budget,
+) -> Result<SortColumn, QueryError> {
+    let mut values: Vec<(&str, &DocSet)> = postings.values.iter().map(|(v, b)| (&**v, b)).collect();
+    budget.sort_by(&mut values, |a, b| a.0.cmp(b.0))?;
+    let mut ranks = vec![NULL_RANK; documents];
+    for (rank, (_, docs)) in values.iter().enumerate() {
+        if rank % BUDGET_CHECK_EVERY == 0 {
+            budget.check()?;
+        }
+        docs.for_each(|doc| {
+            let slot = &mut ranks[doc as usize];
+            if *slot == NULL_RANK {
+                *slot = rank as u32;
+            }
+        });
+    }
+    Ok(SortColumn {
+        values: values.into_iter().map(|(v, _)| v.into()).collect(),
+        ranks,
+    })
 }
 
 /// What the allocator adds to each heap string (header and rounding).
@@ -1016,7 +1181,7 @@ mod tests {
                 Arc::new(Entity::from_json(bytes::Bytes::from(body.to_string())).unwrap())
             })
             .collect();
-        let index = Index::build(1, entities);
+        let index = Index::build(1, entities, &IndexLimits::default());
         for (asked, found) in [
             ("ab-12", "ab-12"),
             ("AB-12", "ab-12"),
@@ -1046,7 +1211,7 @@ mod tests {
             .iter()
             .map(|e| serde_json::from_slice(&e.body).unwrap())
             .collect();
-        let index = Index::build(3, entities);
+        let index = Index::build(3, entities, &IndexLimits::default());
         let p = index.key("metadata.tags").unwrap();
         let java = p.values.get("java").unwrap().to_bitmap();
         let want: Vec<u32> = values
@@ -1066,7 +1231,9 @@ mod tests {
                 }
             }
         }
-        let mut got = index.facet_counts("metadata.tags", None);
+        let mut got = index
+            .facet_counts("metadata.tags", None, &Budget::unlimited())
+            .unwrap();
         got.sort();
         assert_eq!(got, counts.into_iter().collect::<Vec<_>>());
         assert_eq!(index.key("kind").unwrap().present.len(), 5000);
@@ -1096,7 +1263,12 @@ mod tests {
 
     #[test]
     fn lookups_do_not_wait_for_the_query_index_and_queries_do() {
-        let index = Arc::new(Index::build_with(7, components(2000), gated_build));
+        let index = Arc::new(Index::build_with(
+            7,
+            components(2000),
+            &IndexLimits::default(),
+            gated_build,
+        ));
         // The gate is shut: the inverted half cannot be built yet.
         assert!(!index.is_query_ready());
         assert_eq!(index.len(), 2000);
@@ -1133,7 +1305,7 @@ mod tests {
 
     #[test]
     fn a_query_after_a_failed_background_build_builds_the_index_again() {
-        let index = Index::build_with(1, components(1000), fails_once);
+        let index = Index::build_with(1, components(1000), &IndexLimits::default(), fails_once);
         let kinds = index.key("kind").unwrap();
         assert_eq!(kinds.values.get("component").unwrap().len(), 500);
         assert_eq!(FLAKY_CALLS.load(AtomicOrdering::SeqCst), 2);
@@ -1146,7 +1318,7 @@ mod tests {
 
     #[test]
     fn a_build_that_always_fails_makes_queries_fail_not_hang() {
-        let index = Index::build_with(1, components(1000), always_fails);
+        let index = Index::build_with(1, components(1000), &IndexLimits::default(), always_fails);
         for _ in 0..2 {
             let asked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 index.key("kind").is_some()
@@ -1164,7 +1336,12 @@ mod tests {
         let abandoned = AtomicBool::new(false);
         assert!(build_inverted(&components(600), &abandoned).is_some());
         // And an index dropped mid-build raises the flag its build polls.
-        let index = Index::build_with(1, components(600), gated_build_never);
+        let index = Index::build_with(
+            1,
+            components(600),
+            &IndexLimits::default(),
+            gated_build_never,
+        );
         let slot = index.inverted.clone();
         drop(index);
         assert!(slot.abandoned.load(AtomicOrdering::Relaxed));
@@ -1175,6 +1352,99 @@ mod tests {
             std::thread::yield_now();
         }
         None
+    }
+
+    fn with_fields(n: usize, fields: usize) -> Vec<Arc<Entity>> {
+        (0..n)
+            .map(|i| {
+                let mut spec = serde_json::Map::new();
+                for f in 0..fields {
+                    spec.insert(format!("f{f}"), json!(format!("V{:05}", (i * (f + 1)) % n)));
+                }
+                spec.insert("z".into(), Value::Null);
+                let body = json!({"kind": "Component",
+                    "metadata": {"name": format!("n{i}"), "uid": format!("u{i:05}"), "etag": "e"},
+                    "spec": spec});
+                Arc::new(Entity::from_json(bytes::Bytes::from(body.to_string())).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_sort_cache_keeps_its_columns_within_its_byte_bound() {
+        let (n, fields) = (1000, 20);
+        let budget = Budget::unlimited();
+        let roomy = Index::build(1, with_fields(n, fields), &IndexLimits::default());
+        let column_bytes = roomy
+            .sort_column("spec.f0", &budget)
+            .unwrap()
+            .unwrap()
+            .heap_bytes() as u64;
+        assert!(column_bytes >= n as u64 * 4);
+        let bound = 3 * column_bytes + column_bytes / 2;
+        let index = Index::build(
+            1,
+            with_fields(n, fields),
+            &IndexLimits {
+                sort_columns_max_bytes: bound,
+            },
+        );
+        index.wait_query_ready();
+        let bodies_and_postings = index.approximate_memory_bytes();
+        for round in 0..3 {
+            for f in 0..fields {
+                let column = index
+                    .sort_column(&format!("spec.f{f}"), &budget)
+                    .unwrap()
+                    .unwrap();
+                // Evicted or not, a column is right.
+                for doc in [0u32, 1, 499, 999] {
+                    let want = format!("v{:05}", (doc as usize * (f + 1)) % n);
+                    assert_eq!(column.value(doc), Some(want.as_str()), "round {round} f{f}");
+                }
+            }
+        }
+        let (count, weight) = index.sort_cache_settled();
+        assert!(weight <= bound, "{weight} > {bound}");
+        // Columns differ in size (fields with fewer distinct values are
+        // smaller), but not all twenty fit.
+        assert!((1..fields as u64).contains(&count), "{count} columns kept");
+        assert!(index.approximate_memory_bytes() <= bodies_and_postings + bound as usize);
+        // A field no entity has, or only has as null, builds nothing.
+        assert!(index.sort_column("spec.nope", &budget).unwrap().is_none());
+        assert!(index.sort_column("spec.z", &budget).unwrap().is_none());
+        // A column larger than the whole bound serves its query, unkept.
+        let tiny = Index::build(
+            1,
+            with_fields(n, 2),
+            &IndexLimits {
+                sort_columns_max_bytes: 64,
+            },
+        );
+        assert!(tiny.sort_column("spec.f1", &budget).unwrap().is_some());
+        assert_eq!(tiny.sort_cache_settled(), (0, 0));
+        // A spent budget stops a build, and nothing is cached.
+        let spent = Budget::new(std::time::Duration::ZERO);
+        assert!(matches!(
+            tiny.sort_column("spec.f0", &spent),
+            Err(QueryError::Budget { .. })
+        ));
+        assert_eq!(tiny.sort_cache_settled(), (0, 0));
+    }
+
+    #[test]
+    fn a_document_is_the_generations_own_only_with_the_same_body() {
+        let entities = with_fields(10, 1);
+        let index = Index::build(1, entities.clone(), &IndexLimits::default());
+        assert_eq!(index.doc_of(&entities[3]), Some(3));
+        let copy = Entity::from_json(entities[3].body.clone()).unwrap();
+        assert_eq!(index.doc_of(&copy), Some(3));
+        let mut changed: Value = serde_json::from_slice(&entities[3].body).unwrap();
+        changed["spec"]["f0"] = json!("other");
+        let changed = Entity::from_json(bytes::Bytes::from(changed.to_string())).unwrap();
+        assert_eq!(index.doc_of(&changed), None);
+        let stranger = &with_fields(11, 1)[10];
+        assert_eq!(index.doc_of(stranger), None);
     }
 
     #[test]

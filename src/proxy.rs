@@ -26,7 +26,7 @@ use crate::entity::EntityRef;
 use crate::history::History;
 use crate::metrics as m;
 use crate::query::QueryKind;
-use crate::read::{Answer, CacheStatus, Incoming, Lookup, ReadError, ReadPath};
+use crate::read::{Answer, CacheStatus, Incoming, Lookup, Payload, ReadError, ReadPath};
 use crate::route::{self, Class, Route, RouteError};
 
 /// Where the catalog API is mounted, as in Backstage.
@@ -216,7 +216,10 @@ fn render(state: &ProxyState, answer: Answer, route: &'static str, started: Inst
     };
     m::record_request(route, outcome, started.elapsed().as_secs_f64());
     state.history.record(outcome);
-    let mut response = Response::new(Body::from(answer.body));
+    let mut response = Response::new(match answer.body {
+        Payload::Bytes(bytes) => Body::from(bytes),
+        Payload::Stream { chunks, .. } => Body::from_stream(chunks),
+    });
     *response.status_mut() = answer.status;
     *response.headers_mut() = answer.headers;
     let cache_status = state.names.header(answer.cache, answer.via.as_deref());

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::stream::{BoxStream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
 use crate::api_error::ErrorKind;
@@ -29,7 +30,7 @@ use crate::flags::Flags;
 use crate::generation::Generations;
 use crate::mirror::{Mirror, StoreLimits, StoredAnswer};
 use crate::provenance::Confirmation;
-use crate::query::{self, QueryKind, QueryRequest};
+use crate::query::{self, Budget, QueryKind, QueryRequest};
 use crate::route::{by_name_path, Route};
 use crate::sync::SyncStatus;
 use crate::upstream::{
@@ -92,16 +93,59 @@ impl CacheStatus {
     }
 }
 
+/// Chunks of a large body, rendered as the client reads them.
+pub type ChunkStream = BoxStream<'static, Result<Bytes, query::QueryError>>;
+
+/// An answer's body: bytes, or a large rendering (an unpaged `GET
+/// /entities`, a big by-refs) streamed a chunk at a time, so that it is
+/// never held whole in memory.
+pub enum Payload {
+    /// The whole body.
+    Bytes(Bytes),
+    /// Rendered as it is sent; an error mid-way aborts the response.
+    Stream {
+        /// The chunks.
+        chunks: ChunkStream,
+        /// How many of the listed items are `null` (by-refs).
+        nulls: usize,
+    },
+}
+
+impl Payload {
+    /// The body, when it is held whole.
+    pub fn bytes(&self) -> Option<&Bytes> {
+        match self {
+            Payload::Bytes(b) => Some(b),
+            Payload::Stream { .. } => None,
+        }
+    }
+}
+
+impl From<Bytes> for Payload {
+    fn from(bytes: Bytes) -> Self {
+        Payload::Bytes(bytes)
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Payload::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            Payload::Stream { nulls, .. } => write!(f, "Stream {{ nulls: {nulls} }}"),
+        }
+    }
+}
+
 /// A complete answer of the read path (any status the upstream or the
 /// mirror gave; the sidecar's own errors are [`ReadError`]s).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Answer {
     /// Status.
     pub status: StatusCode,
     /// Headers to send besides the staleness ones (content type, Link, …).
     pub headers: HeaderMap,
     /// Body.
-    pub body: Bytes,
+    pub body: Payload,
     /// How it was obtained.
     pub cache: CacheStatus,
     /// How long ago the origin catalog last confirmed the data.
@@ -689,7 +733,7 @@ impl ReadPath {
                 return Ok(Answer {
                     status: StatusCode::NOT_FOUND,
                     headers: json_headers(),
-                    body,
+                    body: body.into(),
                     cache: CacheStatus::Hit,
                     age: self.age_of(at),
                     stale: false,
@@ -800,7 +844,7 @@ impl ReadPath {
         Answer {
             status: StatusCode::OK,
             headers: json_headers(),
-            body: body.clone(),
+            body: body.clone().into(),
             cache: CacheStatus::Hit,
             age: self.age_of(confirmed.origin_at),
             stale: false,
@@ -810,8 +854,15 @@ impl ReadPath {
 
     /// `POST /entities/by-refs`.
     pub async fn read_by_refs(&self, req: &Incoming<'_>) -> Result<Answer, ReadError> {
-        let parsed = query::parse_by_refs(req.query, &req.body)
-            .map_err(|e| ReadError::Input(e.to_string()))?;
+        // Parsing up to proxy.max_request_body of JSON, and the filter below,
+        // run on the query pool within the budget, never on this worker.
+        let (query_string, body) = (req.query.to_string(), req.body.clone());
+        let (parsed, spent) = self
+            .evaluate(Duration::ZERO, move |budget| {
+                query::parse_by_refs(&query_string, &body, budget)
+            })
+            .await?;
+        let parsed = Arc::new(parsed);
         let generation = self.generations.current();
         let mut found = Vec::with_capacity(parsed.entity_refs.len());
         let mut oldest: Option<Confirmation> = None;
@@ -855,8 +906,14 @@ impl ReadPath {
                 }
             }
         }
-        let body =
-            query::render_by_refs(&parsed, &found).map_err(|e| ReadError::Input(e.to_string()))?;
+        let index = generation.as_ref().map(|g| g.index.clone());
+        let (rendered, spent) = self
+            .evaluate(spent, move |budget| {
+                let rendering = query::render_by_refs(&parsed, index.as_deref(), found, budget)?;
+                start_rendering(rendering)
+            })
+            .await?;
+        let body = self.payload(rendered, spent);
         let Some(generation) = generation else {
             return self
                 .forward_without_mirror(req, Operation::Revalidate)
@@ -917,19 +974,33 @@ impl ReadPath {
         let Some(generation) = self.generations.current() else {
             return self.forward_without_mirror(req, Operation::Query).await;
         };
-        let answered = self
-            .evaluate(&generation.index, kind, req.query, &req.body)
+        let index = generation.index.clone();
+        let (query_string, body) = (req.query.to_string(), req.body.clone());
+        let ((rendered, link), spent) = self
+            .evaluate_when_ready(index.clone(), move |budget| {
+                let request = QueryRequest {
+                    kind,
+                    query_string: &query_string,
+                    body: &body,
+                };
+                let answer = query::answer(&index, &request, budget)?;
+                let rendered = match answer.body {
+                    query::Body::Full(bytes) => Rendered::Whole(bytes),
+                    query::Body::Stream(rendering) => start_rendering(rendering)?,
+                };
+                Ok((rendered, answer.link))
+            })
             .await?;
-        let answer = answered.map_err(|e| ReadError::Input(e.to_string()))?;
+        let body = self.payload(rendered, spent);
         let mut headers = json_headers();
-        if let Some(link) = answer.link.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        if let Some(link) = link.and_then(|l| HeaderValue::from_str(&l).ok()) {
             headers.insert(http::header::LINK, link);
         }
         let confirmed = self.generation_confirmation(&generation.meta);
         let local = Answer {
             status: StatusCode::OK,
             headers,
-            body: answer.body,
+            body,
             cache: CacheStatus::Hit,
             age: self.age_of(confirmed.origin_at),
             stale: false,
@@ -958,52 +1029,112 @@ impl ReadPath {
         .await
     }
 
-    /// Evaluates a query on a blocking thread of its own, within the query
-    /// budget: waiting for a thread counts against the budget, and a query
-    /// still running when it runs out stops itself.
-    async fn evaluate(
+    /// Runs `work` on a blocking thread of the query pool, within what is
+    /// left of the query budget after `spent`: waiting for a thread counts
+    /// against it, and work still running when it runs out stops itself.
+    /// Returns the result and the budget spent so far.
+    async fn evaluate<T: Send + 'static>(
         &self,
-        index: &Arc<crate::index::Index>,
-        kind: QueryKind,
-        query_string: &str,
-        body: &Bytes,
-    ) -> Result<Result<query::Answer, query::QueryError>, ReadError> {
-        let budget = self.settings.query_budget;
+        spent: Duration,
+        work: impl FnOnce(&Budget) -> Result<T, query::QueryError> + Send + 'static,
+    ) -> Result<(T, Duration), ReadError> {
+        self.evaluate_when_ready(None, work)
+            .await
+            .map(|(t, s)| (t, s + spent))
+    }
+
+    /// [`Self::evaluate`], after the query index (if given) is built: the
+    /// budget starts once it can answer.
+    async fn evaluate_when_ready<T: Send + 'static>(
+        &self,
+        index: impl Into<Option<Arc<crate::index::Index>>>,
+        work: impl FnOnce(&Budget) -> Result<T, query::QueryError> + Send + 'static,
+    ) -> Result<(T, Duration), ReadError> {
+        let limit = self.settings.query_budget;
         let started = std::time::Instant::now();
-        let slot = match tokio::time::timeout(budget, self.queries.clone().acquire_owned()).await
-        {
+        let slot = match tokio::time::timeout(limit, self.queries.clone().acquire_owned()).await {
             Ok(Ok(slot)) => slot,
             _ => {
                 return Err(ReadError::Unavailable {
                     message: format!(
                         "Every query thread stayed busy for proxy.query_budget ({}) (proxy.query_concurrency: {}); retry shortly",
-                        humantime::format_duration(budget),
+                        humantime::format_duration(limit),
                         self.settings.query_threads
                     ),
                     retry_after: Duration::from_secs(1),
                 })
             }
         };
-        let index = index.clone();
-        let (query_string, body) = (query_string.to_string(), body.clone());
-        let remaining = budget.saturating_sub(started.elapsed());
+        let waited = started.elapsed();
+        let index = index.into();
         let evaluated = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            let _ = remaining;
-            query::answer(
-                &index,
-                &QueryRequest {
-                    kind,
-                    query_string: &query_string,
-                    body: &body,
-                },
-            )
+            if let Some(index) = index {
+                index.wait_query_ready();
+            }
+            let budget = Budget::with_remaining(limit, limit.saturating_sub(waited));
+            let began = std::time::Instant::now();
+            let result = work(&budget);
+            (result, waited + began.elapsed())
         })
         .await;
-        evaluated.map_err(|e| {
-            tracing::error!(error = %e, "query evaluation failed");
-            ReadError::Internal("the query could not be evaluated".into())
-        })
+        match evaluated {
+            Ok((Ok(value), spent)) => Ok((value, spent)),
+            Ok((Err(e), _)) => Err(query_error(e)),
+            Err(e) => {
+                tracing::error!(error = %e, "query evaluation failed");
+                Err(ReadError::Internal(
+                    "the query could not be evaluated".into(),
+                ))
+            }
+        }
+    }
+
+    /// The body of a rendered answer: whole when it fitted one chunk, else
+    /// streamed, each further chunk rendered on the query pool within what
+    /// is left of the budget (time the client takes to read is not
+    /// counted). Nothing but the rendering's entity list is held meanwhile.
+    fn payload(&self, rendered: Rendered, spent: Duration) -> Payload {
+        let (first, rendering) = match rendered {
+            Rendered::Whole(bytes) => return Payload::Bytes(bytes),
+            Rendered::Started(first, rendering) => (first, rendering),
+        };
+        let nulls = rendering.nulls();
+        let limit = self.settings.query_budget;
+        let queries = self.queries.clone();
+        let rest = futures::stream::unfold(Some((rendering, spent)), move |state| {
+            let queries = queries.clone();
+            async move {
+                let (mut rendering, spent) = state?;
+                let Some(remaining) = limit.checked_sub(spent).filter(|r| !r.is_zero()) else {
+                    return Some((Err(query::QueryError::Budget { limit }), None));
+                };
+                let slot = queries.acquire_owned().await.ok()?;
+                let rendered = tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
+                    let began = std::time::Instant::now();
+                    rendering.set_budget(Budget::with_remaining(limit, remaining));
+                    let chunk = rendering.next_chunk();
+                    (rendering, chunk, began.elapsed())
+                })
+                .await;
+                match rendered {
+                    Ok((rendering, Some(Ok(chunk)), took)) => {
+                        Some((Ok(chunk), Some((rendering, spent + took))))
+                    }
+                    Ok((_, Some(Err(e)), _)) => Some((Err(e), None)),
+                    Ok((_, None, _)) => None,
+                    Err(e) => {
+                        tracing::error!(error = %e, "rendering a streamed answer failed");
+                        None
+                    }
+                }
+            }
+        });
+        let chunks = futures::stream::once(futures::future::ready(Ok(first)))
+            .chain(rest)
+            .boxed();
+        Payload::Stream { chunks, nulls }
     }
 
     /// Before any generation is loaded there is nothing local: ask the upstream.
@@ -1056,7 +1187,7 @@ impl ReadPath {
                     answer: Answer {
                         status: StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK),
                         headers,
-                        body: answer.body.clone(),
+                        body: answer.body.clone().into(),
                         cache: CacheStatus::Hit,
                         age: self.age_of(answer.stored_at),
                         stale: false,
@@ -1067,9 +1198,11 @@ impl ReadPath {
             }
             None => Held::Nothing,
         };
-        if let Held::Copy { answer, confirmed } = &held {
+        if let Held::Copy { confirmed, .. } = &held {
             if self.is_fresh(confirmed) {
-                return Ok(answer.clone());
+                if let Held::Copy { answer, .. } = held {
+                    return Ok(answer);
+                }
             }
         }
         let store_key = key.clone();
@@ -1105,7 +1238,7 @@ impl ReadPath {
                 Ok(Answer {
                     status: response.status,
                     headers: passed_headers(&response.headers),
-                    body: response.body,
+                    body: response.body.into(),
                     cache: CacheStatus::Bypass,
                     age: Duration::ZERO,
                     stale: false,
@@ -1215,7 +1348,7 @@ impl ReadPath {
                 Ok(Answer {
                     status: response.status,
                     headers: passed_headers(&response.headers),
-                    body: response.body.clone(),
+                    body: response.body.clone().into(),
                     cache,
                     age,
                     stale,
@@ -1249,7 +1382,11 @@ impl ReadPath {
                 .ok()
                 .map(|i| i.items.iter().filter(|x| x.is_none()).count())
         };
-        matches!((nulls(&response.body), nulls(&answer.body)), (Some(up), Some(here)) if up > here)
+        let here = match &answer.body {
+            Payload::Bytes(body) => nulls(body),
+            Payload::Stream { nulls, .. } => Some(*nulls),
+        };
+        matches!((nulls(&response.body), here), (Some(up), Some(here)) if up > here)
     }
 
     /// The upstream could not answer: the decision on what is held.
@@ -1331,6 +1468,35 @@ impl ReadPath {
         .shared();
         calls.insert(key, shared.clone());
         shared
+    }
+}
+
+/// A rendering started on the query pool: whole if it fitted one chunk.
+enum Rendered {
+    Whole(Bytes),
+    Started(Bytes, query::Rendering),
+}
+
+/// Renders the first chunk; a small answer is then complete.
+fn start_rendering(mut rendering: query::Rendering) -> Result<Rendered, query::QueryError> {
+    let first = rendering.next_chunk().transpose()?.unwrap_or_default();
+    Ok(if rendering.is_finished() {
+        Rendered::Whole(first)
+    } else {
+        Rendered::Started(first, rendering)
+    })
+}
+
+/// A query the sidecar cannot answer: the client's mistake (400), or a
+/// budget spent (503: the request is well-formed, the sidecar declines to
+/// spend more on it now).
+fn query_error(e: query::QueryError) -> ReadError {
+    match e {
+        query::QueryError::Budget { .. } => ReadError::Unavailable {
+            message: e.to_string(),
+            retry_after: Duration::from_secs(1),
+        },
+        e => ReadError::Input(e.to_string()),
     }
 }
 

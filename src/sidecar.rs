@@ -97,7 +97,11 @@ impl Sidecar {
         let loaded = mirror.load()?;
         let loaded_in = started.elapsed();
         let initial = loaded.meta.map(|meta| Generation {
-            index: Arc::new(Index::build(meta.id, loaded.entities)),
+            index: Arc::new(Index::build(
+                meta.id,
+                loaded.entities,
+                &config.index_limits(),
+            )),
             meta,
             confirmed: Arc::new(loaded.confirmed),
         });
@@ -155,6 +159,7 @@ impl Sidecar {
         ));
         let token = admin_token(&config)?;
         let seed = SeedSource {
+            index_limits: config.index_limits(),
             peer: config.mirror.seed_from.clone(),
             token: seed_token(&config)?.or_else(|| Some(token.clone())),
             ca_file: config.upstream.ca_file.clone(),

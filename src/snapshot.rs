@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::clock::Clock;
 use crate::generation::{Generation, Generations};
-use crate::index::Index;
+use crate::index::{Index, IndexLimits};
 use crate::mirror::{read_snapshot, ApplyStats, Diff, GenerationMeta, Mirror, MirrorError};
 
 /// How long fetching a peer's snapshot may take.
@@ -35,6 +35,8 @@ pub struct SeedSource {
     pub token: Option<String>,
     /// Extra CA certificates to trust for an https peer (`upstream.ca_file`).
     pub ca_file: std::path::PathBuf,
+    /// The bounds of the seeded generation's query index.
+    pub index_limits: IndexLimits,
 }
 
 /// Why an empty mirror could not be seeded from a peer.
@@ -119,7 +121,9 @@ pub async fn import(
     file: &Path,
     source: &'static str,
     clock: &Clock,
+    limits: &IndexLimits,
 ) -> Result<GenerationMeta, MirrorError> {
+    let limits = *limits;
     let file = file.to_path_buf();
     let mirror = mirror.clone();
     let previous = generations.current().map(|g| g.etags()).unwrap_or_default();
@@ -127,7 +131,7 @@ pub async fn import(
     let (meta, index) = tokio::task::spawn_blocking(move || {
         let (meta, _) = import_into(&mirror, &file, &previous, source, now)?;
         let loaded = mirror.load()?;
-        let index = Index::build(meta.id, loaded.entities);
+        let index = Index::build(meta.id, loaded.entities, &limits);
         Ok::<_, MirrorError>((meta, index))
     })
     .await
@@ -214,7 +218,15 @@ pub async fn seed_from_peer(
     tokio::time::timeout(SEED_TIMEOUT, fetch)
         .await
         .map_err(|_| SeedError::TimedOut { url: url.clone() })??;
-    let meta = import(mirror, generations, &file, "seed", clock).await?;
+    let meta = import(
+        mirror,
+        generations,
+        &file,
+        "seed",
+        clock,
+        &source.index_limits,
+    )
+    .await?;
     tracing::info!(peer = %peer, generation = meta.id, entities = meta.entities, "mirror seeded from a peer");
     Ok(Some(meta))
 }

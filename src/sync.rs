@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::entity::{Entity, EntityError};
 use crate::generation::{Generation, Generations};
 use crate::history::History;
-use crate::index::Index;
+use crate::index::{Index, IndexLimits};
 use crate::metrics as m;
 use crate::mirror::{rfc3339, ApplyStats, AuditRecord, Diff, Mirror, MirrorError};
 use crate::provenance::Confirmation;
@@ -260,6 +260,8 @@ pub struct SyncSettings {
     pub jitter: f64,
     /// `upstream.timeout`: a page's retries stop after twice this.
     pub upstream_timeout: Duration,
+    /// The bounds of each generation's query index.
+    pub index_limits: IndexLimits,
 }
 
 impl SyncSettings {
@@ -271,6 +273,7 @@ impl SyncSettings {
             interval: config.mirror.sync_interval.get(),
             jitter: config.mirror.sync_jitter,
             upstream_timeout: config.upstream.timeout.get(),
+            index_limits: config.index_limits(),
         }
     }
 }
@@ -550,11 +553,12 @@ impl Syncer {
         }
         let mirror = self.mirror.clone();
         let fetched_in = started.elapsed();
+        let limits = self.settings.index_limits;
         let applied = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             let result = mirror.apply(&diff, confirmed, "sync")?;
             let applied_in = t.elapsed();
-            let index = Index::build(result.0.id, next);
+            let index = Index::build(result.0.id, next, &limits);
             // Install the new generation only once it can answer queries:
             // until then the previous one keeps answering them at full speed
             // (a restart, with no previous generation, installs at once).

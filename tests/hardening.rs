@@ -505,3 +505,77 @@ async fn a_snapshot_confirmed_in_the_future_is_taken_as_confirmed_now() {
     let value: Value = ts.status().await;
     assert_eq!(value["ready"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_past_its_budget_is_stopped_with_a_503_naming_the_limit() {
+    let ts = TestSidecar::builder()
+        .with(|b| b.entities = 3000)
+        .configure(|c| c.proxy.query_budget = Dur(Duration::from_millis(50)))
+        .start()
+        .await;
+    // `$not` inside `$contains` tells the index nothing: each of the 1,000
+    // branches reads every body (seconds of work without a budget).
+    let branch = json!({"metadata.tags": {"$contains": {"$not": {"$not": "x"}}}});
+    let body = json!({"query": {"$any": vec![branch; 1000]}});
+    let started = Instant::now();
+    let answer = ts.post("/entities/by-query", &body).await;
+    let took = started.elapsed();
+    assert_eq!(
+        answer.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let error = answer.json();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("proxy.query_budget"),
+        "{error:#}"
+    );
+    assert_eq!(answer.header("retry-after"), "1");
+    assert!(took < Duration::from_secs(3), "stopped after {took:?}");
+    // Health is unaffected, and ordinary reads still answer.
+    let health = ts.admin_get("/readyz").await;
+    assert_eq!(health.status, 200);
+    let entity = ts.upstream_entities()[0].clone();
+    assert_eq!(ts.get(&by_name_path(&entity)).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_unpaged_list_is_streamed_and_equals_the_catalogs() {
+    let ts = TestSidecar::builder()
+        .with(|b| b.entities = 1500)
+        .start()
+        .await;
+    let response = ts
+        .http
+        .get(ts.url("/entities"))
+        .send()
+        .await
+        .expect("the proxy answers");
+    assert_eq!(response.status(), 200);
+    // Streamed: no length known up front.
+    assert!(
+        response.headers().get("content-length").is_none(),
+        "{:?}",
+        response.headers()
+    );
+    let body = response.bytes().await.expect("the whole body arrives");
+    let ours: Value = serde_json::from_slice(&body).expect("valid JSON");
+    let theirs = ts.get_upstream("/entities").await.json();
+    assert_eq!(ours.as_array().map(Vec::len), Some(1500));
+    assert_eq!(ours, theirs);
+    // by-refs of every entity: streamed too, in the order asked.
+    let refs: Vec<String> = ts.upstream_entities().iter().map(canonical_ref).collect();
+    let ours = ts
+        .post("/entities/by-refs", &json!({"entityRefs": refs}))
+        .await;
+    let theirs = ts
+        .post_upstream("/entities/by-refs", &json!({"entityRefs": refs}))
+        .await;
+    assert_eq!(ours.status, 200);
+    assert!(ours.headers.get("content-length").is_none());
+    assert_eq!(ours.json(), theirs.json());
+}

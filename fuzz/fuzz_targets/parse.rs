@@ -5,35 +5,13 @@
 
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
+mod common;
 
-use bytes::Bytes;
-use catalog_cache::entity::Entity;
-use catalog_cache::index::Index;
 use catalog_cache::query::cursor::Cursor;
 use catalog_cache::query::predicate::Predicate;
-use catalog_cache::query::{answer, parse_by_refs, render_by_refs, QueryKind, QueryRequest};
+use catalog_cache::query::{parse_by_refs, render_by_refs, Budget, QueryKind};
+use common::{ask, index};
 use libfuzzer_sys::fuzz_target;
-
-fn index() -> &'static Index {
-    static INDEX: OnceLock<Index> = OnceLock::new();
-    INDEX.get_or_init(|| {
-        let bodies = [
-            r#"{"apiVersion":"v1","kind":"Component","metadata":{"name":"Checkout","namespace":"default","uid":"u1","etag":"e1","tags":["java","Go"]},"spec":{"type":"service","owner":"team-a"},"relations":[{"type":"ownedBy","targetRef":"group:default/team-a"}]}"#,
-            r#"{"apiVersion":"v1","kind":"API","metadata":{"name":"pay","uid":"u2","etag":"e2"},"spec":{"type":"openapi","n":1.5,"b":true,"z":null}}"#,
-            r#"{"apiVersion":"v1","kind":"Group","metadata":{"name":"team-a","uid":"u3","etag":"e3"},"spec":{"members":[{"name":"x"}]}}"#,
-        ];
-        let entities = bodies
-            .iter()
-            .map(|b| Arc::new(Entity::from_json(Bytes::from_static(b.as_bytes())).expect("seed entity")))
-            .collect();
-        Index::build(1, entities)
-    })
-}
-
-fn ask(kind: QueryKind, query_string: &str, body: &[u8]) {
-    let _ = answer(index(), &QueryRequest { kind, query_string, body });
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
@@ -53,18 +31,20 @@ fuzz_target!(|data: &[u8]| {
         6 => {
             if let Ok(value) = serde_json::from_slice(rest) {
                 if let Ok(p) = Predicate::parse(&value) {
-                    let _ = p.eval(index());
+                    let _ = p.eval(index(), &Budget::unlimited());
                 }
             }
         }
         _ => {
-            if let Ok(req) = parse_by_refs("filter=kind=component", rest) {
+            let budget = Budget::unlimited();
+            if let Ok(req) = parse_by_refs("filter=kind=component", rest, &budget) {
                 let found: Vec<_> = req
                     .entity_refs
                     .iter()
                     .map(|r| index().by_ref(r).cloned())
                     .collect();
-                let _ = render_by_refs(&req, &found);
+                let _ = render_by_refs(&req, Some(index()), found, &budget)
+                    .and_then(|r| r.into_bytes());
             }
         }
     }

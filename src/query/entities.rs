@@ -2,26 +2,30 @@
 //! or by entity ref, cut by `offset`/`limit` or Backstage's base64 `after`
 //! token, with a `Link` header to the next page. Called by the dispatcher.
 //! Offsets count positions in the generation the page is cut from; keyset
-//! walks are by-query's (`page`).
+//! walks are by-query's (`page`). Several order fields sort by refinement:
+//! each column only reorders the runs the previous ones left tied, so one
+//! column is held at a time and the walk ends once no tie is left.
 
-use std::cmp::Ordering;
-use std::sync::Arc;
+use std::collections::HashSet;
 
 use bytes::Bytes;
 use serde_json::Value;
 
+use super::budget::Budget;
 use super::cursor::{Direction, OrderField};
 use super::error::QueryError;
 use super::fields::{parse_fields, write_items};
 use super::filter::parse_filter_params;
 use super::params::{form_encode, too_short, Params};
-use super::response::Answer;
-use crate::index::{Index, SortColumn, NULL_RANK};
+use super::rendering::Rendering;
+use super::response::{Answer, Body};
+use crate::index::{Index, NULL_RANK};
 
 pub(super) fn get_entities(
     index: &Index,
     params: &Params,
     raw_qs: &str,
+    budget: &Budget,
 ) -> Result<Answer, QueryError> {
     // Backstage's OpenAPI validator checks `limit` and `offset` (integers,
     // `minimum: 0`) before the handler sees the request;
@@ -72,34 +76,43 @@ pub(super) fn get_entities(
     }
 
     let matched = match &filter {
-        Some(f) => f.eval(index),
+        Some(f) => f.eval(index, budget)?,
         None => index.all().clone(),
     };
     let mut docs: Vec<u32> = matched.iter().collect();
     if order.is_empty() {
-        docs.sort_unstable_by_key(|&d| index.ref_rank(d));
+        budget.sort_by(&mut docs, |&a, &b| {
+            index.ref_rank(a).cmp(&index.ref_rank(b))
+        })?;
     } else {
-        let cols: Vec<(Arc<SortColumn>, Direction)> = order
-            .iter()
-            .map(|o| (index.sort_column(&o.field), o.order))
-            .collect();
-        docs.sort_by(|&a, &b| {
-            for (col, dir) in &cols {
-                let c = nulls_last(col.ranks[a as usize], col.ranks[b as usize], *dir);
-                if c != Ordering::Equal {
-                    return c;
-                }
-            }
-            a.cmp(&b)
-        });
+        order_docs(index, &mut docs, &order, budget)?;
     }
     let start = (offset.unwrap_or(0) as usize).min(docs.len());
     let mut page = &docs[start..];
+    let Some(limit) = limit else {
+        // Unpaged: possibly the whole catalog, rendered a chunk at a time.
+        let items = page
+            .iter()
+            .map(|&d| Some(index.entity(d).clone()))
+            .collect();
+        return Ok(Answer {
+            body: Body::Stream(Rendering::new(
+                Bytes::new(),
+                items,
+                fields,
+                Bytes::new(),
+                *budget,
+            )),
+            link: None,
+        });
+    };
+    let limit = limit as usize;
     let mut link = None;
-    if let Some(limit) = limit {
-        let limit = limit as usize;
-        if page.len() > limit {
-            page = &page[..limit];
+    // A zero limit (only an `after` token can carry one; the parameter is
+    // refused) cuts an empty page whose next page would be itself: no link.
+    if page.len() > limit {
+        page = &page[..limit];
+        if limit > 0 {
             let after = base64::Engine::encode(
                 &base64::engine::general_purpose::STANDARD,
                 format!(
@@ -111,22 +124,78 @@ pub(super) fn get_entities(
         }
     }
     let mut out = Vec::with_capacity(page.len() * 1024 + 2);
-    write_items(index, page, fields.as_deref(), &mut out);
+    write_items(index, page, fields.as_deref(), &mut out, budget)?;
     Ok(Answer {
-        body: Bytes::from(out),
+        body: Body::Full(Bytes::from(out)),
         link,
     })
 }
 
-fn nulls_last(a: u32, b: u32, dir: Direction) -> Ordering {
-    match (a == NULL_RANK, b == NULL_RANK) {
-        (true, true) => Ordering::Equal,
-        (true, false) => Ordering::Greater,
-        (false, true) => Ordering::Less,
-        _ => match dir {
-            Direction::Asc => a.cmp(&b),
-            Direction::Desc => b.cmp(&a),
-        },
+/// Orders `docs` (ascending document ids) by the order fields, nulls last,
+/// then by document id. Each field's column reorders only the runs of
+/// documents the fields before it left tied; a field no entity has, or one
+/// already used, breaks no tie and builds nothing.
+fn order_docs(
+    index: &Index,
+    docs: &mut [u32],
+    order: &[OrderField],
+    budget: &Budget,
+) -> Result<(), QueryError> {
+    let mut ties: Vec<(usize, usize)> = if docs.len() > 1 {
+        vec![(0, docs.len())]
+    } else {
+        Vec::new()
+    };
+    let mut used = HashSet::new();
+    let mut keyed: Vec<u64> = Vec::new();
+    for o in order {
+        if ties.is_empty() {
+            break;
+        }
+        budget.check()?;
+        if !used.insert(o.field.as_str()) {
+            continue;
+        }
+        let Some(column) = index.sort_column(&o.field, budget)? else {
+            continue;
+        };
+        let mut still_tied = Vec::new();
+        let mut since_check = 0;
+        for &(start, end) in &ties {
+            since_check += end - start;
+            if since_check >= 4096 {
+                budget.check()?;
+                since_check = 0;
+            }
+            let run = &mut docs[start..end];
+            keyed.clear();
+            keyed.extend(
+                run.iter()
+                    .map(|&d| (order_key(column.ranks[d as usize], o.order) << 32) | u64::from(d)),
+            );
+            budget.sort_by(&mut keyed, u64::cmp)?;
+            let mut tie_start = 0;
+            for i in 0..keyed.len() {
+                run[i] = keyed[i] as u32;
+                if i + 1 == keyed.len() || keyed[i + 1] >> 32 != keyed[tie_start] >> 32 {
+                    if i > tie_start {
+                        still_tied.push((start + tie_start, start + i + 1));
+                    }
+                    tie_start = i + 1;
+                }
+            }
+        }
+        ties = still_tied;
+    }
+    Ok(())
+}
+
+/// A rank as a key whose ascending order is the field's order, nulls last.
+fn order_key(rank: u32, dir: Direction) -> u64 {
+    match (rank, dir) {
+        (NULL_RANK, _) => u64::from(u32::MAX),
+        (r, Direction::Asc) => u64::from(r),
+        (r, Direction::Desc) => u64::from(u32::MAX - 1 - r),
     }
 }
 

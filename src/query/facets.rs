@@ -9,13 +9,18 @@ use roaring::RoaringBitmap;
 use serde_json::{Map, Value};
 
 use super::body::{body_query, body_strings, parse_json_body};
+use super::budget::Budget;
 use super::error::QueryError;
 use super::filter::parse_filter_params;
 use super::params::Params;
-use super::response::Answer;
+use super::response::{Answer, Body};
 use crate::index::Index;
 
-pub(super) fn get_facets(index: &Index, params: &Params) -> Result<Answer, QueryError> {
+pub(super) fn get_facets(
+    index: &Index,
+    params: &Params,
+    budget: &Budget,
+) -> Result<Answer, QueryError> {
     let raw = params.all("facet");
     if raw.is_empty() {
         // The OpenAPI schema marks `facet` required; its validator answers
@@ -29,14 +34,15 @@ pub(super) fn get_facets(index: &Index, params: &Params) -> Result<Answer, Query
         return Err(QueryError::Param("Missing facet parameter".into()));
     }
     let filter = parse_filter_params(&params.all("filter"))?;
-    let matched = filter.map(|f| f.eval(index));
-    Ok(render_facets(index, &facets, matched.as_ref()))
+    let matched = filter.map(|f| f.eval(index, budget)).transpose()?;
+    render_facets(index, &facets, matched.as_ref(), budget)
 }
 
 pub(super) fn post_facets(
     index: &Index,
     params: &Params,
     body: &[u8],
+    budget: &Budget,
 ) -> Result<Answer, QueryError> {
     let body = parse_json_body(body)?;
     let facets: Vec<String> = body_strings(&body, "facets")?
@@ -49,27 +55,33 @@ pub(super) fn post_facets(
     if facets.is_empty() {
         return Err(QueryError::Param("Missing facet parameter".into()));
     }
-    let mut matched = parse_filter_params(&params.all("filter"))?.map(|f| f.eval(index));
+    let mut matched = parse_filter_params(&params.all("filter"))?
+        .map(|f| f.eval(index, budget))
+        .transpose()?;
     if let Some(q) = body_query(&body)? {
-        let docs = q.predicate.eval(index);
-        matched = Some(match matched {
-            Some(m) => m & docs,
-            None => docs,
-        });
+        let within = matched.take().unwrap_or_else(|| index.all().clone());
+        matched = Some(q.predicate.eval_in(index, &within, budget)?);
     }
-    Ok(render_facets(index, &facets, matched.as_ref()))
+    render_facets(index, &facets, matched.as_ref(), budget)
 }
 
-fn render_facets(index: &Index, facets: &[String], matched: Option<&RoaringBitmap>) -> Answer {
+fn render_facets(
+    index: &Index,
+    facets: &[String],
+    matched: Option<&RoaringBitmap>,
+    budget: &Budget,
+) -> Result<Answer, QueryError> {
     let mut out = Map::new();
     for facet in facets {
-        let mut counts = index.facet_counts(&facet.to_lowercase(), matched);
-        counts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let list = counts
+        budget.check()?;
+        let counts = index.facet_counts(&facet.to_lowercase(), matched, budget)?;
+        let mut sorted: Vec<(&str, u64)> = counts.iter().map(|(v, n)| (v.as_str(), *n)).collect();
+        budget.sort_by(&mut sorted, |a, b| a.0.cmp(b.0))?;
+        let list = sorted
             .into_iter()
             .map(|(value, count)| {
                 let mut m = Map::new();
-                m.insert("value".into(), Value::String(value));
+                m.insert("value".into(), Value::String(value.to_string()));
                 m.insert("count".into(), Value::from(count));
                 Value::Object(m)
             })
@@ -78,8 +90,8 @@ fn render_facets(index: &Index, facets: &[String], matched: Option<&RoaringBitma
     }
     let mut root = Map::new();
     root.insert("facets".into(), Value::Object(out));
-    Answer {
-        body: Bytes::from(Value::Object(root).to_string()),
+    Ok(Answer {
+        body: Body::Full(Bytes::from(Value::Object(root).to_string())),
         link: None,
-    }
+    })
 }

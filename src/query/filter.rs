@@ -7,6 +7,7 @@
 use roaring::RoaringBitmap;
 use serde_json::{json, Value};
 
+use super::budget::Budget;
 use super::error::QueryError;
 use crate::index::Index;
 
@@ -165,13 +166,16 @@ impl EntityFilter {
         Err("filter must have key, not, anyOf or allOf".into())
     }
 
-    /// The documents of `index` that match.
-    pub fn eval(&self, index: &Index) -> RoaringBitmap {
-        match self {
+    /// The documents of `index` that match, or `QueryError::Budget` once
+    /// the budget is spent (checked at every node and every few hundred
+    /// values).
+    pub fn eval(&self, index: &Index, budget: &Budget) -> Result<RoaringBitmap, QueryError> {
+        budget.check()?;
+        Ok(match self {
             EntityFilter::AnyOf(fs) => {
                 let mut out = RoaringBitmap::new();
                 for f in fs {
-                    out |= f.eval(index);
+                    out |= f.eval(index, budget)?;
                 }
                 out
             }
@@ -181,20 +185,23 @@ impl EntityFilter {
                     if out.is_empty() {
                         break;
                     }
-                    out &= f.eval(index);
+                    out &= f.eval(index, budget)?;
                 }
                 out
             }
-            EntityFilter::Not(f) => index.all() - &f.eval(index),
+            EntityFilter::Not(f) => index.all() - &f.eval(index, budget)?,
             EntityFilter::Key { key, values } => {
                 let Some(postings) = index.key(&key.to_lowercase()) else {
-                    return RoaringBitmap::new();
+                    return Ok(RoaringBitmap::new());
                 };
                 match values {
                     None => postings.present.clone(),
                     Some(values) => {
                         let mut out = RoaringBitmap::new();
-                        for v in values {
+                        for (i, v) in values.iter().enumerate() {
+                            if i % 256 == 0 {
+                                budget.check()?;
+                            }
                             if let Some(docs) = postings.values.get(v.to_lowercase().as_str()) {
                                 docs.or_into(&mut out);
                             }
@@ -203,7 +210,7 @@ impl EntityFilter {
                     }
                 }
             }
-        }
+        })
     }
 }
 

@@ -14,13 +14,14 @@ use roaring::RoaringBitmap;
 use serde_json::Value;
 
 use super::body::{body_integer, body_query, body_strings, parse_json_body};
+use super::budget::Budget;
 use super::cursor::{Cursor, Direction, FullTextFilter, OrderField};
 use super::error::QueryError;
 use super::fields::{parse_fields, write_items};
 use super::filter::parse_filter_params;
 use super::limits::DEFAULT_LIMIT;
 use super::params::{non_negative, too_short, Params};
-use super::response::Answer;
+use super::response::{Answer, Body};
 use crate::index::{Index, SortColumn, NULL_RANK};
 
 /// What a `by-query` request asks besides its cursor state.
@@ -33,7 +34,11 @@ struct PageRequest {
     fields: Option<Vec<String>>,
 }
 
-pub(super) fn get_by_query(index: &Index, params: &Params) -> Result<Answer, QueryError> {
+pub(super) fn get_by_query(
+    index: &Index,
+    params: &Params,
+    budget: &Budget,
+) -> Result<Answer, QueryError> {
     let fields = parse_fields(&params.all("fields"))?;
     let limit = non_negative(params.integer("limit")?, "request/query/limit")?;
     let offset = non_negative(params.integer("offset")?, "request/query/offset")?;
@@ -77,7 +82,7 @@ pub(super) fn get_by_query(index: &Index, params: &Params) -> Result<Answer, Que
             fields,
         }
     };
-    run_page(index, req)
+    run_page(index, req, budget)
 }
 
 /// `field[,asc|desc]`; the direction defaults to ascending.
@@ -97,6 +102,7 @@ pub(super) fn post_by_query(
     index: &Index,
     params: &Params,
     body: &[u8],
+    budget: &Budget,
 ) -> Result<Answer, QueryError> {
     let body = parse_json_body(body)?;
     let fields = match body_strings(&body, "fields")? {
@@ -190,17 +196,21 @@ pub(super) fn post_by_query(
             ))
         }
     };
-    run_page(index, req)
+    run_page(index, req, budget)
 }
 
 /// The matched set of a cursor state: filter ∩ query ∩ full text.
-fn matched_docs(index: &Index, cursor: &Cursor) -> RoaringBitmap {
+fn matched_docs(
+    index: &Index,
+    cursor: &Cursor,
+    budget: &Budget,
+) -> Result<RoaringBitmap, QueryError> {
     let mut matched = match &cursor.filter {
-        Some(f) => f.eval(index),
+        Some(f) => f.eval(index, budget)?,
         None => index.all().clone(),
     };
     if let Some(q) = &cursor.query {
-        matched &= q.predicate.eval(index);
+        matched = q.predicate.eval_in(index, &matched, budget)?;
     }
     if let Some(ft) = &cursor.full_text {
         let term = ft.term.trim().to_lowercase();
@@ -214,8 +224,12 @@ fn matched_docs(index: &Index, cursor: &Cursor) -> RoaringBitmap {
             let fields: Vec<String> = ft.fields.clone().unwrap_or_else(|| vec![default_field]);
             let mut hits = RoaringBitmap::new();
             for field in fields {
+                budget.check()?;
                 if let Some(p) = index.key(&field.to_lowercase()) {
-                    for (value, docs) in &p.values {
+                    for (i, (value, docs)) in p.values.iter().enumerate() {
+                        if i % 1024 == 0 {
+                            budget.check()?;
+                        }
                         if value.contains(term.as_str()) {
                             docs.or_into(&mut hits);
                         }
@@ -225,35 +239,48 @@ fn matched_docs(index: &Index, cursor: &Cursor) -> RoaringBitmap {
             matched &= hits;
         }
     }
-    matched
+    Ok(matched)
 }
 
 /// The order of a walk: the first order field (nulls last), then uid.
 struct WalkOrder {
+    /// Whether an order field is given (else: uid order).
+    by_field: bool,
+    /// Its column; `None` when no entity has the field (all null).
     column: Option<Arc<SortColumn>>,
     dir: Direction,
 }
 
 impl WalkOrder {
-    fn new(index: &Index, cursor: &Cursor) -> Self {
-        match cursor.order_fields.first() {
+    fn new(index: &Index, cursor: &Cursor, budget: &Budget) -> Result<Self, QueryError> {
+        Ok(match cursor.order_fields.first() {
             Some(o) => WalkOrder {
-                column: Some(index.sort_column(&o.field)),
+                by_field: true,
+                column: index.sort_column(&o.field, budget)?,
                 dir: o.order,
             },
             None => WalkOrder {
+                by_field: false,
                 column: None,
                 dir: Direction::Asc,
             },
-        }
+        })
+    }
+
+    /// A document's sort value (`None`: null).
+    fn value(&self, doc: u32) -> Option<&str> {
+        self.column.as_ref().and_then(|c| c.value(doc))
     }
 
     /// A key whose ascending order is the walk's forward order.
     fn key(&self, doc: u32) -> u64 {
-        let Some(col) = &self.column else {
+        if !self.by_field {
             return doc as u64;
-        };
-        let rank = col.ranks[doc as usize];
+        }
+        let rank = self
+            .column
+            .as_ref()
+            .map_or(NULL_RANK, |c| c.ranks[doc as usize]);
         let (null, rank) = if rank == NULL_RANK {
             (1u64, 0)
         } else {
@@ -272,9 +299,10 @@ impl WalkOrder {
     /// Keyset values of a document, as cursors carry them.
     fn values_of(&self, index: &Index, doc: u32) -> Vec<Option<String>> {
         let uid = Some(index.entity(doc).uid.to_string());
-        match &self.column {
-            Some(col) => vec![col.value(doc).map(str::to_string), uid],
-            None => vec![uid],
+        if self.by_field {
+            vec![self.value(doc).map(str::to_string), uid]
+        } else {
+            vec![uid]
         }
     }
 
@@ -286,10 +314,10 @@ impl WalkOrder {
             Direction::Asc => uid.cmp(pos_uid.as_str()),
             Direction::Desc => pos_uid.as_str().cmp(uid),
         };
-        let (Some(col), 2) = (&self.column, position.len()) else {
+        if !self.by_field || position.len() != 2 {
             return uid_cmp();
-        };
-        let value_cmp = match (col.value(doc), position[0].as_deref()) {
+        }
+        let value_cmp = match (self.value(doc), position[0].as_deref()) {
             (None, None) => Ordering::Equal,
             (None, Some(_)) => Ordering::Greater,
             (Some(_), None) => Ordering::Less,
@@ -302,7 +330,7 @@ impl WalkOrder {
     }
 }
 
-fn run_page(index: &Index, req: PageRequest) -> Result<Answer, QueryError> {
+fn run_page(index: &Index, req: PageRequest, budget: &Budget) -> Result<Answer, QueryError> {
     let PageRequest {
         mut cursor,
         from_cursor,
@@ -310,18 +338,21 @@ fn run_page(index: &Index, req: PageRequest) -> Result<Answer, QueryError> {
         offset,
         fields,
     } = req;
-    let matched = matched_docs(index, &cursor);
+    let matched = matched_docs(index, &cursor, budget)?;
     let total = cursor.total_items.unwrap_or(matched.len());
     let backwards = cursor.is_previous;
-    let order = WalkOrder::new(index, &cursor);
+    let order = WalkOrder::new(index, &cursor, budget)?;
     let position = cursor.order_field_values.clone().filter(|v| !v.is_empty());
 
     let mut rows: Vec<u32> = Vec::new();
     let mut has_more = false;
     if limit > 0 {
-        let mut keyed: Vec<(u64, u32)> = matched
-            .iter()
-            .filter(|&doc| match &position {
+        let mut keyed: Vec<(u64, u32)> = Vec::with_capacity(matched.len() as usize);
+        for (i, doc) in matched.iter().enumerate() {
+            if i % 4096 == 0 {
+                budget.check()?;
+            }
+            let beyond = match &position {
                 None => true,
                 Some(p) => {
                     let c = order.cmp_to(index, doc, p);
@@ -331,9 +362,12 @@ fn run_page(index: &Index, req: PageRequest) -> Result<Answer, QueryError> {
                         c == Ordering::Greater
                     }
                 }
-            })
-            .map(|doc| (order.key(doc), doc))
-            .collect();
+            };
+            if beyond {
+                keyed.push((order.key(doc), doc));
+            }
+        }
+        budget.check()?;
         if backwards {
             let take = limit.min(keyed.len());
             let cut = keyed.len() - take;
@@ -395,7 +429,7 @@ fn run_page(index: &Index, req: PageRequest) -> Result<Answer, QueryError> {
 
     let mut out = Vec::with_capacity(rows.len() * 1024 + 128);
     out.extend_from_slice(b"{\"items\":");
-    write_items(index, &rows, fields.as_deref(), &mut out);
+    write_items(index, &rows, fields.as_deref(), &mut out, budget)?;
     let _ = write!(
         VecWriter(&mut out),
         ",\"totalItems\":{total},\"pageInfo\":{{"
@@ -419,7 +453,7 @@ fn run_page(index: &Index, req: PageRequest) -> Result<Answer, QueryError> {
     }
     out.extend_from_slice(b"}}");
     Ok(Answer {
-        body: Bytes::from(out),
+        body: Body::Full(Bytes::from(out)),
         link: None,
     })
 }

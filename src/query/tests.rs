@@ -3,10 +3,11 @@
 
 use super::params::form_encode;
 use super::{
-    answer, parse_by_refs, render_by_refs, QueryError, QueryKind, QueryRequest, MAX_QUERY_STRING,
+    answer, parse_by_refs, render_by_refs, Budget, QueryError, QueryKind, QueryRequest,
+    MAX_QUERY_STRING,
 };
 use crate::entity::Entity;
-use crate::index::Index;
+use crate::index::{Index, IndexLimits};
 use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
@@ -71,7 +72,11 @@ fn catalog() -> Index {
             json!({"kind": "Group", "spec": {"type": "team"}}),
         ),
     ];
-    Index::build(1, es.into_iter().map(entity).collect())
+    Index::build(
+        1,
+        es.into_iter().map(entity).collect(),
+        &IndexLimits::default(),
+    )
 }
 
 fn run(
@@ -87,9 +92,11 @@ fn run(
             query_string: qs,
             body: body.as_bytes(),
         },
+        &Budget::unlimited(),
     )?;
+    let bytes = a.body.into_bytes()?;
     Ok((
-        serde_json::from_slice(&a.body).expect("answer is JSON"),
+        serde_json::from_slice(&bytes).expect("answer is JSON"),
         a.link,
     ))
 }
@@ -315,10 +322,12 @@ fn unprojected_bodies_are_the_stored_bytes() {
             query_string: "filter=metadata.uid=u3",
             body: b"",
         },
+        &Budget::unlimited(),
     )
     .unwrap();
+    let body = a.body.into_bytes().unwrap();
     let stored = ix.by_uid("u3").unwrap().body.clone();
-    assert_eq!(&a.body[1..a.body.len() - 1], &stored[..]);
+    assert_eq!(&body[1..body.len() - 1], &stored[..]);
 }
 
 #[test]
@@ -660,7 +669,7 @@ fn walk_continues_across_generations_without_skips_or_repeats() {
             ))
         })
         .collect();
-    let gen1 = Index::build(1, es.clone());
+    let gen1 = Index::build(1, es.clone(), &IndexLimits::default());
     let (v, _) = run(
         &gen1,
         QueryKind::GetByQuery,
@@ -675,7 +684,7 @@ fn walk_continues_across_generations_without_skips_or_repeats() {
     es.retain(|e| &*e.uid != "u03" && &*e.uid != "u11");
     es.push(entity(component("u90", "a-first", json!({}))));
     es.push(entity(component("u91", "z-last", json!({}))));
-    let gen2 = Index::build(2, es);
+    let gen2 = Index::build(2, es, &IndexLimits::default());
     loop {
         let (v, _) = run(
             &gen2,
@@ -707,6 +716,7 @@ fn by_refs_keeps_order_applies_filter_and_fields() {
     let req = parse_by_refs(
         "filter=kind=component&fields=metadata.name",
         br#"{"entityRefs":["component:default/checkout","api:default/api-gw","nope:x/y"]}"#,
+        &Budget::unlimited(),
     )
     .unwrap();
     assert_eq!(req.entity_refs.len(), 3);
@@ -715,31 +725,39 @@ fn by_refs_keeps_order_applies_filter_and_fields() {
         .iter()
         .map(|r| ix.by_ref(r).cloned())
         .collect();
-    let body = render_by_refs(&req, &found).unwrap();
+    let body = render_by_refs(&req, Some(&ix), found, &Budget::unlimited())
+        .unwrap()
+        .into_bytes()
+        .unwrap();
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(
         v,
         json!({"items": [{"metadata": {"name": "Checkout"}}, null, null]})
     );
     // The OpenAPI schema is checked before Backstage's handler.
-    let e = parse_by_refs("", br#"{"entityRefs":"x"}"#).unwrap_err();
+    let e = parse_by_refs("", br#"{"entityRefs":"x"}"#, &Budget::unlimited()).unwrap_err();
     assert_eq!(e.to_string(), "request/body/entityRefs must be array");
-    let e = parse_by_refs("", br#"{"entityRefs":["a",1]}"#).unwrap_err();
+    let e = parse_by_refs("", br#"{"entityRefs":["a",1]}"#, &Budget::unlimited()).unwrap_err();
     assert_eq!(e.to_string(), "request/body/entityRefs/1 must be string");
-    let e = parse_by_refs("", br#"{}"#).unwrap_err();
+    let e = parse_by_refs("", br#"{}"#, &Budget::unlimited()).unwrap_err();
     assert_eq!(
         e.to_string(),
         "request/body must have required property 'entityRefs'"
     );
-    let e = parse_by_refs("", b"not json").unwrap_err();
+    let e = parse_by_refs("", b"not json", &Budget::unlimited()).unwrap_err();
     assert!(e.to_string().starts_with("Malformed request body"));
     let req = parse_by_refs(
         "",
         br#"{"entityRefs":["component:default/cart"],"query":{"spec.lifecycle":"experimental"}}"#,
+        &Budget::unlimited(),
     )
     .unwrap();
     let found = vec![ix.by_ref("component:default/cart").cloned()];
-    let v: Value = serde_json::from_slice(&render_by_refs(&req, &found).unwrap()).unwrap();
+    let body = render_by_refs(&req, Some(&ix), found, &Budget::unlimited())
+        .unwrap()
+        .into_bytes()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["items"][0]["metadata"]["uid"], "u2");
 }
 
@@ -1021,7 +1039,11 @@ fn oracle_order(es: &[Value], field: &str, desc: bool) -> Vec<String> {
 }
 
 fn build(es: &[Value]) -> Index {
-    Index::build(1, es.iter().cloned().map(entity).collect())
+    Index::build(
+        1,
+        es.iter().cloned().map(entity).collect(),
+        &IndexLimits::default(),
+    )
 }
 
 proptest! {
@@ -1093,4 +1115,539 @@ proptest! {
         }
         prop_assert_eq!(got, want);
     }
+}
+
+// ------------------------------------------------------- bounded queries
+
+/// `n` components with tags, relations and a list of objects: enough
+/// documents for a pathological query to take seconds without a budget.
+fn many(n: usize) -> Index {
+    let tags = ["java", "go", "rust", "Python"];
+    let es = (0..n)
+        .map(|i| {
+            entity(component(
+                &format!("u{i:05}"),
+                &format!("svc-{i}"),
+                json!({
+                    "metadata": {"tags": [tags[i % 4], tags[(i / 4) % 4]]},
+                    "spec": {"type": if i % 3 == 0 { "service" } else { "website" },
+                             "owner": format!("team-{}", i % 40),
+                             "ports": [{"name": "http", "port": 8000 + i % 7}]},
+                    "relations": [
+                        {"type": "ownedBy", "targetRef": format!("group:default/team-{}", i % 40)},
+                        {"type": "dependsOn", "targetRef": format!("component:default/svc-{}", (i + 1) % n)}
+                    ]
+                }),
+            ))
+        })
+        .collect();
+    Index::build(1, es, &IndexLimits::default())
+}
+
+fn any_of(n: usize, one: Value) -> String {
+    json!({"query": {"$any": vec![one; n]}, "limit": 20}).to_string()
+}
+
+fn ask_within(
+    ix: &Index,
+    kind: QueryKind,
+    qs: &str,
+    body: &str,
+    budget: Budget,
+) -> Result<Bytes, QueryError> {
+    answer(
+        ix,
+        &QueryRequest {
+            kind,
+            query_string: qs,
+            body: body.as_bytes(),
+        },
+        &budget,
+    )?
+    .body
+    .into_bytes()
+}
+
+#[test]
+fn a_thousand_contains_that_no_row_can_narrow_stop_at_the_budget() {
+    let ix = many(3000);
+    // `$not` inside `$contains` tells the index nothing: each of the 1,000
+    // branches reads every body (seconds of work in all).
+    let body = any_of(
+        1000,
+        json!({"metadata.tags": {"$contains": {"$not": {"$not": "x"}}}}),
+    );
+    let started = std::time::Instant::now();
+    let e = ask_within(
+        &ix,
+        QueryKind::PostByQuery,
+        "",
+        &body,
+        Budget::new(std::time::Duration::from_millis(50)),
+    )
+    .unwrap_err();
+    assert!(matches!(e, QueryError::Budget { .. }), "{e}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "stopped after {:?}",
+        started.elapsed()
+    );
+    assert!(e.to_string().contains("proxy.query_budget"));
+}
+
+#[test]
+fn a_thousand_contains_the_rows_rule_out_read_no_body() {
+    let ix = many(3000);
+    // The shape seen in the wild: every branch needs a tag no entity has, so
+    // the index answers without parsing a body.
+    let body = any_of(1000, json!({"metadata.tags": {"$contains": "x"}}));
+    let started = std::time::Instant::now();
+    let got = ask_within(&ix, QueryKind::PostByQuery, "", &body, Budget::unlimited()).unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let v: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(v["totalItems"], 0);
+    // And branches that do match still match.
+    let body = any_of(
+        1000,
+        json!({"relations": {"$contains": {"type": "ownedBy", "targetRef": "group:default/team-7"}}}),
+    );
+    let got = ask_within(&ix, QueryKind::PostByQuery, "", &body, Budget::unlimited()).unwrap();
+    let v: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(v["totalItems"], 75);
+}
+
+#[test]
+fn a_spent_budget_stops_every_kind_of_query() {
+    let ix = many(300);
+    let spent = || Budget::new(std::time::Duration::ZERO);
+    let cases: [(QueryKind, &str, &str); 9] = [
+        (QueryKind::GetEntities, "filter=kind=component", ""),
+        (
+            QueryKind::GetEntities,
+            "order=asc:metadata.name&limit=5",
+            "",
+        ),
+        (QueryKind::GetEntities, "fields=metadata.name", ""),
+        (QueryKind::GetByQuery, "orderField=metadata.name", ""),
+        (QueryKind::GetByQuery, "fullTextFilterTerm=svc", ""),
+        (
+            QueryKind::PostByQuery,
+            "",
+            r#"{"query":{"metadata.tags":{"$contains":"java"}}}"#,
+        ),
+        (QueryKind::GetFacets, "facet=metadata.tags", ""),
+        (
+            QueryKind::PostFacets,
+            "",
+            r#"{"facets":["kind"],"query":{"kind":"component"}}"#,
+        ),
+        (QueryKind::GetByQuery, "filter=kind=component&limit=0", ""),
+    ];
+    for (kind, qs, body) in cases {
+        let e = ask_within(&ix, kind, qs, body, spent()).unwrap_err();
+        assert!(
+            matches!(e, QueryError::Budget { .. }),
+            "{kind:?} {qs} {body}: {e}"
+        );
+        // The same query answers within an unlimited budget.
+        ask_within(&ix, kind, qs, body, Budget::unlimited()).unwrap();
+    }
+    let e = parse_by_refs("", br#"{"entityRefs":[]}"#, &spent()).unwrap_err();
+    assert!(matches!(e, QueryError::Budget { .. }));
+    let req = parse_by_refs(
+        "filter=kind=component",
+        br#"{"entityRefs":["component:default/svc-1"]}"#,
+        &Budget::unlimited(),
+    )
+    .unwrap();
+    let found = vec![ix.by_ref("component:default/svc-1").cloned()];
+    let e = render_by_refs(&req, Some(&ix), found, &spent()).unwrap_err();
+    assert!(matches!(e, QueryError::Budget { .. }));
+}
+
+#[test]
+fn a_64k_part_fields_path_renders_in_linear_time() {
+    let ix = many(2000);
+    let path = vec!["a"; 64 * 1024].join(".");
+    let body = json!({"fields": [path], "limit": 2000}).to_string();
+    let started = std::time::Instant::now();
+    let got = ask_within(&ix, QueryKind::PostByQuery, "", &body, Budget::unlimited()).unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let v: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(v["items"].as_array().unwrap().len(), 2000);
+    assert_eq!(v["items"][0], json!({}));
+    // A long path that does resolve keeps its (lodash) meaning: the parts
+    // after the deepest match are glued on and never match.
+    let path = format!("spec.owner.{}", vec!["x"; 30_000].join("."));
+    let body = json!({"fields": [path], "limit": 1}).to_string();
+    let got = ask_within(&ix, QueryKind::PostByQuery, "", &body, Budget::unlimited()).unwrap();
+    let v: Value = serde_json::from_slice(&got).unwrap();
+    assert_eq!(v["items"][0], json!({"spec": {"owner": "team-0"}}));
+}
+
+#[test]
+fn ordering_by_thousands_of_unknown_fields_builds_no_column() {
+    let ix = many(2000);
+    // Warm the query index, so that only columns could grow memory.
+    get_uids(&ix, "filter=metadata.uid=u00001");
+    let before = ix.approximate_memory_bytes();
+    for round in 0..6 {
+        let mut qs: String = (0..3500)
+            .map(|i| format!("order=asc:f{round}x{i}&"))
+            .collect();
+        qs.push_str("limit=3");
+        assert!(qs.len() < MAX_QUERY_STRING);
+        // Every value is null: the order is the tie-break (document order).
+        assert_eq!(get_uids(&ix, &qs), ["u00000", "u00001", "u00002"]);
+    }
+    let (columns, bytes) = ix.sort_cache_settled();
+    assert_eq!((columns, bytes), (0, 0));
+    assert_eq!(ix.approximate_memory_bytes(), before);
+    // A known field still orders, and its column is counted.
+    assert_eq!(
+        get_uids(&ix, "order=desc:metadata.name&order=asc:f1&limit=2"),
+        ["u00999", "u00998"]
+    );
+    let (columns, bytes) = ix.sort_cache_settled();
+    assert_eq!(columns, 1);
+    assert!(bytes >= 2000 * 4);
+    assert!(ix.approximate_memory_bytes() >= before + 2000 * 4);
+}
+
+#[test]
+fn several_order_fields_sort_like_one_comparator() {
+    let ix = many(500);
+    let es: Vec<Value> = ix
+        .entities()
+        .map(|e| serde_json::from_slice(&e.body).unwrap())
+        .collect();
+    let fields = [
+        "spec.type",
+        "metadata.tags",
+        "nope",
+        "spec.owner",
+        "spec.type",
+        "metadata.name",
+    ];
+    for (dirs, n) in [
+        (["asc", "desc", "asc", "desc", "desc", "asc"], 6),
+        (["desc", "asc", "asc", "asc", "asc", "desc"], 4),
+        (["asc"; 6], 2),
+    ] {
+        let qs: String = fields[..n]
+            .iter()
+            .zip(dirs)
+            .map(|(f, d)| format!("order={d}:{f}&"))
+            .collect();
+        // The oracle: one comparator over every field, then document order.
+        let mut want: Vec<(Vec<Option<String>>, String)> = es
+            .iter()
+            .map(|e| {
+                let (rows, _) = oracle_rows(e);
+                let values = fields[..n]
+                    .iter()
+                    .map(|f| {
+                        rows.iter()
+                            .filter(|(k, v)| k == *f && v.is_some())
+                            .filter_map(|(_, v)| v.clone())
+                            .min()
+                    })
+                    .collect();
+                (values, e["metadata"]["uid"].as_str().unwrap().to_string())
+            })
+            .collect();
+        want.sort_by(|a, b| {
+            for (i, d) in dirs[..n].iter().enumerate() {
+                let c = match (&a.0[i], &b.0[i]) {
+                    (None, None) => Ordering::Equal,
+                    (None, Some(_)) => Ordering::Greater,
+                    (Some(_), None) => Ordering::Less,
+                    (Some(x), Some(y)) if *d == "asc" => x.cmp(y),
+                    (Some(x), Some(y)) => y.cmp(x),
+                };
+                if c != Ordering::Equal {
+                    return c;
+                }
+            }
+            a.1.cmp(&b.1)
+        });
+        let want: Vec<String> = want.into_iter().map(|(_, u)| u).collect();
+        assert_eq!(get_uids(&ix, &qs), want, "{qs}");
+    }
+}
+
+#[test]
+fn unpaged_entities_stream_the_bytes_a_single_page_has() {
+    let ix = many(1200);
+    for (unpaged, paged) in [
+        ("", "limit=100000"),
+        (
+            "fields=metadata.name,spec.ports",
+            "fields=metadata.name,spec.ports&limit=100000",
+        ),
+        (
+            "order=desc:spec.owner&offset=7",
+            "order=desc:spec.owner&offset=7&limit=100000",
+        ),
+    ] {
+        let ask = |qs: &str| {
+            answer(
+                &ix,
+                &QueryRequest {
+                    kind: QueryKind::GetEntities,
+                    query_string: qs,
+                    body: b"",
+                },
+                &Budget::unlimited(),
+            )
+            .unwrap()
+        };
+        let streamed = ask(unpaged);
+        let super::Body::Stream(mut rendering) = streamed.body else {
+            panic!("an unpaged list streams");
+        };
+        assert_eq!(rendering.nulls(), 0);
+        let mut chunks = Vec::new();
+        while let Some(chunk) = rendering.next_chunk() {
+            chunks.push(chunk.unwrap());
+        }
+        assert!(
+            chunks.len() > 1,
+            "{unpaged}: more than 64 KiB comes in chunks"
+        );
+        let whole: Vec<u8> = chunks.concat();
+        let super::Body::Full(page) = ask(paged).body else {
+            panic!("a page is rendered whole");
+        };
+        assert_eq!(whole, &page[..], "{unpaged}");
+    }
+}
+
+/// by-refs as it was answered before: each found entity checked against an
+/// index of its own.
+fn by_refs_one_index_each(qs: &str, body: &[u8], found: &[Option<Arc<Entity>>]) -> Vec<u8> {
+    use super::filter::parse_filter_params;
+    use super::predicate::Predicate;
+    let params = super::params::Params::parse(qs).unwrap();
+    let filter = parse_filter_params(&params.all("filter")).unwrap();
+    let v: Value = serde_json::from_slice(body).unwrap();
+    let query = v.get("query").map(|q| Predicate::parse(q).unwrap());
+    let mut fields: Vec<String> = params.all("fields");
+    if let Some(f) = v.get("fields").and_then(Value::as_array) {
+        fields.extend(f.iter().map(|s| s.as_str().unwrap().to_string()));
+    }
+    let fields = super::fields::parse_fields(&fields).unwrap();
+    let mut out = b"{\"items\":[".to_vec();
+    for (i, e) in found.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let accepted = e.as_ref().filter(|e| {
+            let one = Index::build(0, vec![Arc::clone(e)], &IndexLimits::default());
+            let b = Budget::unlimited();
+            filter
+                .as_ref()
+                .is_none_or(|f| f.eval(&one, &b).unwrap().contains(0))
+                && query
+                    .as_ref()
+                    .is_none_or(|q| q.eval(&one, &b).unwrap().contains(0))
+        });
+        match accepted {
+            Some(e) => super::fields::write_entity(&e.body, fields.as_deref(), &mut out),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+#[test]
+fn by_refs_filters_once_against_the_generation_with_the_same_bytes() {
+    let ix = many(400);
+    // A revalidated copy the generation does not hold: checked on its own.
+    let mut newer: Value =
+        serde_json::from_slice(&ix.by_ref("component:default/svc-5").unwrap().body).unwrap();
+    newer["spec"]["type"] = json!("service");
+    newer["metadata"]["tags"] = json!(["kotlin"]);
+    let newer = entity(newer);
+    let refs = [
+        "component:default/svc-3",
+        "component:default/svc-4",
+        "component:default/svc-5",
+        "component:default/svc-6",
+        "component:default/svc-3",
+        "component:default/none",
+        "component:default/svc-399",
+    ];
+    let body = json!({"entityRefs": refs}).to_string();
+    let cases: [(&str, Option<Value>); 6] = [
+        ("", None),
+        ("filter=spec.type=service", None),
+        ("filter=spec.type=service&fields=metadata.name", None),
+        ("", Some(json!({"metadata.tags": {"$contains": "KOTLIN"}}))),
+        (
+            "filter=kind=component",
+            Some(
+                json!({"$not": {"relations": {"$contains": {"type": "ownedBy", "targetRef": "group:default/team-6"}}}}),
+            ),
+        ),
+        (
+            "fields=spec.ports",
+            Some(json!({"spec.ports": {"$contains": {"port": 8003}}})),
+        ),
+    ];
+    for (qs, query) in cases {
+        let mut body: Value = serde_json::from_str(&body).unwrap();
+        if let Some(q) = &query {
+            body["query"] = q.clone();
+        }
+        let body = body.to_string();
+        let req = parse_by_refs(qs, body.as_bytes(), &Budget::unlimited()).unwrap();
+        let found: Vec<Option<Arc<Entity>>> = refs
+            .iter()
+            .map(|r| match *r {
+                "component:default/svc-5" => Some(newer.clone()),
+                r => ix.by_ref(r).cloned(),
+            })
+            .collect();
+        let want = by_refs_one_index_each(qs, body.as_bytes(), &found);
+        let rendering =
+            render_by_refs(&req, Some(&ix), found.clone(), &Budget::unlimited()).unwrap();
+        let nulls = rendering.nulls();
+        let got = rendering.into_bytes().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want),
+            "{qs} {query:?}"
+        );
+        let v: Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!(
+            nulls,
+            v["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|i| i.is_null())
+                .count()
+        );
+        // Without a generation every entity is checked on its own, alike.
+        let alone = render_by_refs(&req, None, found, &Budget::unlimited())
+            .unwrap()
+            .into_bytes()
+            .unwrap();
+        assert_eq!(alone, got);
+    }
+    // The revalidated copy is judged by its own body.
+    let req = parse_by_refs(
+        "filter=metadata.tags=kotlin",
+        body.as_bytes(),
+        &Budget::unlimited(),
+    )
+    .unwrap();
+    let found: Vec<Option<Arc<Entity>>> = refs.iter().map(|r| ix.by_ref(r).cloned()).collect();
+    let mut with_newer = found.clone();
+    with_newer[2] = Some(newer.clone());
+    let v: Value = serde_json::from_slice(
+        &render_by_refs(&req, Some(&ix), found, &Budget::unlimited())
+            .unwrap()
+            .into_bytes()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(v["items"].as_array().unwrap().iter().all(Value::is_null));
+    let v: Value = serde_json::from_slice(
+        &render_by_refs(&req, Some(&ix), with_newer, &Budget::unlimited())
+            .unwrap()
+            .into_bytes()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(v["items"][2]["metadata"]["name"], "svc-5");
+}
+
+#[test]
+fn a_zero_limit_never_links_to_the_same_page() {
+    let ix = catalog();
+    // `GET /entities`: only an `after` token can carry a zero limit (the
+    // parameter is refused). Backstage links such a page to itself; here
+    // the empty page has no next page.
+    let after = |limit: u64, offset: u64| {
+        enc(&base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("{{\"limit\":{limit},\"offset\":{offset}}}"),
+        ))
+    };
+    for qs in [
+        format!("after={}", after(0, 0)),
+        format!("after={}", after(0, 2)),
+        format!("limit=3&after={}", after(0, 1)),
+        format!("after={}&order=asc:metadata.name", after(0, 0)),
+    ] {
+        let (v, link) = run(&ix, QueryKind::GetEntities, &qs, "").unwrap();
+        assert_eq!(v, json!([]), "{qs}");
+        assert_eq!(link, None, "{qs}");
+    }
+    // A non-zero limit still links onwards, never to itself.
+    let (v, link) = run(
+        &ix,
+        QueryKind::GetEntities,
+        &format!("after={}", after(2, 1)),
+        "",
+    )
+    .unwrap();
+    assert_eq!(uids(&v).len(), 2);
+    assert!(link.unwrap().contains(&after(2, 3)));
+
+    // `by-query`: a cursor with `limit: 0` (GET or POST, forward or
+    // backward) counts and issues no cursor, as Backstage does.
+    let (first, _) = run(
+        &ix,
+        QueryKind::GetByQuery,
+        "limit=2&orderField=metadata.name",
+        "",
+    )
+    .unwrap();
+    let next = first["pageInfo"]["nextCursor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (second, _) = run(
+        &ix,
+        QueryKind::GetByQuery,
+        &format!("limit=2&cursor={}", enc(&next)),
+        "",
+    )
+    .unwrap();
+    let prev = second["pageInfo"]["prevCursor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for cursor in [&next, &prev] {
+        let (v, _) = run(
+            &ix,
+            QueryKind::GetByQuery,
+            &format!("limit=0&cursor={}", enc(cursor)),
+            "",
+        )
+        .unwrap();
+        assert_eq!(v, json!({"items": [], "totalItems": 6, "pageInfo": {}}));
+        let (v, _) = run(
+            &ix,
+            QueryKind::PostByQuery,
+            "",
+            &json!({"cursor": cursor, "limit": 0}).to_string(),
+        )
+        .unwrap();
+        assert_eq!(v, json!({"items": [], "totalItems": 6, "pageInfo": {}}));
+    }
+    let (v, _) = run(&ix, QueryKind::PostByQuery, "", r#"{"limit":0,"offset":3}"#).unwrap();
+    assert_eq!(v, json!({"items": [], "totalItems": 6, "pageInfo": {}}));
 }
