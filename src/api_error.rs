@@ -29,6 +29,9 @@ pub enum ErrorKind {
     RequestTimeout,
     /// 413 `PayloadTooLargeError`.
     TooLarge,
+    /// 410 `GoneError`: what was asked for is no longer held (the tier
+    /// extension's changes feed; Backstage itself never answers it).
+    Gone,
     /// 503 `ServiceUnavailableError`: the upstream could not answer and the
     /// mirror may not.
     Unavailable,
@@ -45,6 +48,7 @@ impl ErrorKind {
             Self::NotFound => (StatusCode::NOT_FOUND, "NotFoundError"),
             Self::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "RequestTimeoutError"),
             Self::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLargeError"),
+            Self::Gone => (StatusCode::GONE, "GoneError"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "Error"),
         }

@@ -47,6 +47,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod entity;
+pub mod extension;
 pub mod flags;
 pub mod generation;
 pub mod health;

@@ -70,6 +70,15 @@ CREATE TABLE IF NOT EXISTS audit (
     to_value   TEXT NOT NULL,
     reason     TEXT
 );
+CREATE TABLE IF NOT EXISTS changes (
+    generation INTEGER NOT NULL,
+    uid        TEXT NOT NULL,
+    PRIMARY KEY (generation, uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS change_generations (
+    generation INTEGER PRIMARY KEY,
+    applied_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS read_through (
     key          TEXT PRIMARY KEY,
     status       INTEGER NOT NULL,
@@ -301,6 +310,44 @@ pub struct StoredAnswer {
 pub struct Mirror {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    /// How long the changes log keeps a generation's changes (seconds).
+    changes_kept: std::sync::atomic::AtomicU64,
+}
+
+/// Default of how long the changes log keeps a generation's changes.
+pub const DEFAULT_CHANGES_KEPT: Duration = Duration::from_secs(3600);
+
+/// Where the changes log stands: which entities changed after a generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeLog {
+    /// Changes from here on are in this mirror's identity; a new epoch
+    /// (a new file, an imported snapshot) restarts every downstream.
+    pub epoch: String,
+    /// Every change after this generation is recorded.
+    pub complete_after: u64,
+}
+
+/// Why a changes-log read cannot be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangesError {
+    /// The generation asked about is outside what the log holds (older
+    /// than its retention, newer than the mirror, or of another epoch).
+    #[error("changes since generation {since} of epoch {epoch} are not held (this mirror is epoch {current_epoch}, complete after generation {complete_after}, at generation {at})")]
+    Gone {
+        /// The generation asked about.
+        since: u64,
+        /// The epoch asked about.
+        epoch: String,
+        /// This mirror's epoch.
+        current_epoch: String,
+        /// The log is complete after this generation.
+        complete_after: u64,
+        /// The generation asked up to.
+        at: u64,
+    },
+    /// The database failed.
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
 }
 
 /// What `open` found on disk.
@@ -383,11 +430,79 @@ impl Mirror {
                 })
             }
         }
+        let has_epoch: Option<String> = writer
+            .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if has_epoch.is_none() {
+            new_epoch(&writer)?;
+        }
         let reader = connect(path)?;
         Ok(Self {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
+            changes_kept: std::sync::atomic::AtomicU64::new(DEFAULT_CHANGES_KEPT.as_secs()),
         })
+    }
+
+    /// Sets how long the changes log keeps a generation's changes
+    /// (`mirror.changes_kept`).
+    pub fn keep_changes_for(&self, kept: Duration) {
+        self.changes_kept
+            .store(kept.as_secs().max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The changes log's epoch and how far back it is complete.
+    pub fn change_log(&self) -> Result<ChangeLog, MirrorError> {
+        let conn = self.reader();
+        read_change_log(&conn)
+    }
+
+    /// Starts a new epoch: downstream tiers asking for changes of the old
+    /// one are told to walk the whole catalog again (after a snapshot
+    /// import, whose generation has no history they could follow).
+    pub fn start_new_epoch(&self) -> Result<ChangeLog, MirrorError> {
+        let conn = self.writer();
+        new_epoch(&conn)?;
+        read_change_log(&conn)
+    }
+
+    /// The uids that changed (added, changed or removed) after generation
+    /// `since`, up to and including generation `at` (the generation being
+    /// served), in uid order, after `after`, at most `limit` of them.
+    pub fn changed_since(
+        &self,
+        epoch: &str,
+        since: u64,
+        at: u64,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, ChangesError> {
+        let conn = self.reader();
+        let log = read_change_log(&conn)?;
+        if epoch != log.epoch || since < log.complete_after || since > at {
+            return Err(ChangesError::Gone {
+                since,
+                epoch: epoch.to_string(),
+                current_epoch: log.epoch,
+                complete_after: log.complete_after,
+                at,
+            });
+        }
+        let mut stmt = conn.prepare_cached(
+            "SELECT DISTINCT uid FROM changes WHERE generation > ?1 AND generation <= ?2 AND uid > ?3
+             ORDER BY uid LIMIT ?4",
+        ).map_err(MirrorError::from)?;
+        let uids = stmt
+            .query_map(
+                params![since as i64, at as i64, after.unwrap_or(""), limit as i64],
+                |r| r.get::<_, String>(0),
+            )
+            .map_err(MirrorError::from)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(MirrorError::from)?;
+        Ok(uids)
     }
 
     fn writer(&self) -> MutexGuard<'_, Connection> {
@@ -483,8 +598,17 @@ impl Mirror {
                 stats.rows_written += delete.execute([&uid])?;
             }
         }
-        let next = read_meta(&tx)?.map_or(1, |m| m.id + 1);
+        let previous = read_meta(&tx)?;
+        let next = previous.as_ref().map_or(1, |m| m.id + 1);
         let count = diff.entities();
+        record_changes(
+            &tx,
+            next,
+            previous.is_none(),
+            diff,
+            confirmed.checked_at,
+            Duration::from_secs(self.changes_kept.load(std::sync::atomic::Ordering::Relaxed)),
+        )?;
         write_meta(&tx, next, &confirmed, count)?;
         tx.execute(
             "INSERT INTO generations (id, synced_ms, entities, added, changed, removed, source)
@@ -848,6 +972,7 @@ pub fn read_snapshot(path: &Path) -> Result<Loaded, MirrorError> {
             OpenFlags::SQLITE_OPEN_READ_ONLY,
         )?),
         reader: Mutex::new(conn),
+        changes_kept: std::sync::atomic::AtomicU64::new(DEFAULT_CHANGES_KEPT.as_secs()),
     };
     snapshot.load()
 }
@@ -903,6 +1028,97 @@ fn connect(path: &Path) -> Result<Connection, MirrorError> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(conn)
+}
+
+fn new_epoch(conn: &Connection) -> Result<(), MirrorError> {
+    let epoch = format!("{:016x}", rand::random::<u64>());
+    let at = read_meta(conn)?.map_or(0, |m| m.id);
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?;
+    stmt.execute(params!["epoch", epoch])?;
+    stmt.execute(params!["changes_from", at.to_string()])?;
+    conn.execute("DELETE FROM changes", [])?;
+    conn.execute("DELETE FROM change_generations", [])?;
+    Ok(())
+}
+
+fn read_change_log(conn: &Connection) -> Result<ChangeLog, MirrorError> {
+    let get = |key: &str| -> Result<Option<String>, MirrorError> {
+        Ok(conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    };
+    Ok(ChangeLog {
+        epoch: get("epoch")?.unwrap_or_default(),
+        complete_after: get("changes_from")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    })
+}
+
+/// Records which uids generation `generation` changed, and drops what is
+/// older than `kept`. The first generation of a mirror records nothing
+/// (everything is new: a downstream walks it whole) and starts the log.
+fn record_changes(
+    conn: &Connection,
+    generation: u64,
+    first: bool,
+    diff: &Diff,
+    applied_at: SystemTime,
+    kept: Duration,
+) -> Result<(), MirrorError> {
+    let set_from = |g: u64| {
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('changes_from', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [g.to_string()],
+        )
+    };
+    if first {
+        set_from(generation)?;
+        return Ok(());
+    }
+    {
+        let mut insert =
+            conn.prepare_cached("INSERT OR IGNORE INTO changes (generation, uid) VALUES (?1, ?2)")?;
+        for entity in &diff.upserts {
+            insert.execute(params![generation as i64, &*entity.uid])?;
+        }
+        for uid in &diff.removed {
+            insert.execute(params![generation as i64, &**uid])?;
+        }
+    }
+    conn.execute(
+        "INSERT OR REPLACE INTO change_generations (generation, applied_ms) VALUES (?1, ?2)",
+        params![generation as i64, to_ms(applied_at)],
+    )?;
+    let cutoff = to_ms(applied_at.checked_sub(kept).unwrap_or(UNIX_EPOCH));
+    let dropped: Option<i64> = conn.query_row(
+        "SELECT MAX(generation) FROM change_generations WHERE applied_ms < ?1",
+        [cutoff],
+        |r| r.get(0),
+    )?;
+    if let Some(upto) = dropped {
+        conn.execute("DELETE FROM changes WHERE generation <= ?1", [upto])?;
+        conn.execute(
+            "DELETE FROM change_generations WHERE generation <= ?1",
+            [upto],
+        )?;
+        let from: i64 = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'changes_from'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if upto > from {
+            set_from(upto as u64)?;
+        }
+    }
+    Ok(())
 }
 
 fn read_meta(conn: &Connection) -> Result<Option<GenerationMeta>, MirrorError> {

@@ -47,6 +47,8 @@ pub struct ProxyState {
     pub history: Arc<History>,
     /// This cache's name in `Cache-Status` (`listen.name`).
     pub names: CacheNames,
+    /// The tier extension downstream sidecars follow.
+    pub extension: Arc<crate::extension::Extension>,
 }
 
 /// This cache's name in `Cache-Status`, and its most common member made
@@ -187,6 +189,8 @@ async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Respo
         Route::PostByQuery => read.read_query(QueryKind::PostByQuery, &incoming).await,
         Route::GetFacets => read.read_query(QueryKind::GetFacets, &incoming).await,
         Route::PostFacets => read.read_query(QueryKind::PostFacets, &incoming).await,
+        Route::TierGeneration => state.extension.generation(&parts.headers).await,
+        Route::TierChanges => state.extension.changes(query).await,
         r => match r.class() {
             Class::ReadThrough => read.read_through(&incoming).await,
             _ => read.pass_through(&incoming).await,

@@ -181,6 +181,9 @@ pub enum ReadError {
         /// When to try again.
         retry_after: Duration,
     },
+    /// What was asked for is no longer held (410; the tier extension's
+    /// changes feed): the caller starts over.
+    Gone(String),
     /// Something broke inside the sidecar (500).
     Internal(String),
 }
@@ -192,6 +195,7 @@ impl ReadError {
             Self::Input(_) => ErrorKind::Input,
             Self::NotFound { .. } => ErrorKind::NotFound,
             Self::Unavailable { .. } => ErrorKind::Unavailable,
+            Self::Gone(_) => ErrorKind::Gone,
             Self::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -199,7 +203,7 @@ impl ReadError {
     /// The message for the error body.
     pub fn message(&self) -> &str {
         match self {
-            Self::Input(m) | Self::Internal(m) => m,
+            Self::Input(m) | Self::Gone(m) | Self::Internal(m) => m,
             Self::NotFound { message, .. } | Self::Unavailable { message, .. } => message,
         }
     }
@@ -218,7 +222,9 @@ impl ReadError {
         match self {
             Self::NotFound { age, ttl, .. } => (CacheStatus::StaleHit { ttl: *ttl }, *age, true),
             Self::Unavailable { .. } => (CacheStatus::Unavailable, Duration::ZERO, false),
-            Self::Input(_) | Self::Internal(_) => (CacheStatus::Hit, Duration::ZERO, false),
+            Self::Input(_) | Self::Gone(_) | Self::Internal(_) => {
+                (CacheStatus::Hit, Duration::ZERO, false)
+            }
         }
     }
 }

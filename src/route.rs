@@ -86,6 +86,12 @@ pub enum Route {
     AnalyzeLocation,
     /// `POST /validate-entity`.
     ValidateEntity,
+    /// `GET /.catalog-cache/v1/generation`: the tier extension (never
+    /// forwarded).
+    TierGeneration,
+    /// `GET /.catalog-cache/v1/changes`: the tier extension (never
+    /// forwarded).
+    TierChanges,
 }
 
 /// How the read path answers a route.
@@ -101,6 +107,8 @@ pub enum Class {
     ReadThrough,
     /// A write: passed through with the caller's credentials.
     Write,
+    /// The tier extension: answered by this sidecar alone.
+    Extension,
 }
 
 /// Why a path is not a catalog route.
@@ -171,6 +179,8 @@ pub fn parse(method: &Method, raw: &str) -> Result<Route, RouteError> {
         (&Method::POST, ["refresh"]) => Route::Refresh,
         (&Method::POST, ["analyze-location"]) => Route::AnalyzeLocation,
         (&Method::POST, ["validate-entity"]) => Route::ValidateEntity,
+        (&Method::GET, [".catalog-cache", "v1", "generation"]) => Route::TierGeneration,
+        (&Method::GET, [".catalog-cache", "v1", "changes"]) => Route::TierChanges,
         _ => {
             return Err(RouteError::NotFound {
                 method: method.clone(),
@@ -239,6 +249,7 @@ impl Route {
             | Self::DeleteLocation(_)
             | Self::AnalyzeLocation
             | Self::ValidateEntity => Class::Write,
+            Self::TierGeneration | Self::TierChanges => Class::Extension,
         }
     }
 
@@ -278,6 +289,8 @@ impl Route {
             Self::Refresh => "/refresh".into(),
             Self::AnalyzeLocation => "/analyze-location".into(),
             Self::ValidateEntity => "/validate-entity".into(),
+            Self::TierGeneration => "/.catalog-cache/v1/generation".into(),
+            Self::TierChanges => "/.catalog-cache/v1/changes".into(),
         }
     }
 
@@ -293,6 +306,7 @@ impl Route {
             Self::Ancestry(_) | Self::Locations | Self::Location(_) | Self::LocationByEntity(_) => {
                 "read_through"
             }
+            Self::TierGeneration | Self::TierChanges => "tier",
             _ => "pass_through",
         }
     }

@@ -186,6 +186,12 @@ impl Sidecar {
                 .unwrap_or(usize::MAX),
             history,
             names: crate::proxy::CacheNames::new(&config.listen.name),
+            extension: Arc::new(crate::extension::Extension::new(
+                generations.clone(),
+                mirror.clone(),
+                clock.clone(),
+                config.freshness.fresh_for.get(),
+            )),
         };
         admin.publish_gauges();
         Ok(Self {
