@@ -2,7 +2,8 @@
 //! on the catalog port never lock the operator out.
 //!
 //! Endpoints: `GET|PUT|DELETE /faults` (PUT replaces the whole set),
-//! `GET /stats`, `POST /stats/reset`, `POST /entities/{uid}/touch` (new
+//! `GET /stats` (counts, `unrouted` and `unrouted_paths`, `peak_in_flight`),
+//! `POST /stats/reset`, `POST /entities/{uid}/touch` (new
 //! etag), `POST /mutate` (`{"count": n}` random small edits).
 
 use std::sync::Arc;
@@ -64,8 +65,19 @@ async fn clear_faults(State(app): State<App>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
-async fn stats(State(app): State<App>) -> Json<crate::fake::Stats> {
-    Json(app.stats())
+/// `GET /stats`: the counts, and the unrouted requests kept.
+#[derive(serde::Serialize)]
+struct StatsView {
+    #[serde(flatten)]
+    counts: crate::fake::Stats,
+    unrouted_paths: Vec<String>,
+}
+
+async fn stats(State(app): State<App>) -> Json<StatsView> {
+    Json(StatsView {
+        counts: app.stats(),
+        unrouted_paths: app.unrouted_paths(),
+    })
 }
 
 async fn reset_stats(State(app): State<App>) -> StatusCode {
