@@ -3,8 +3,9 @@
 //!
 //! Endpoints: `GET|PUT|DELETE /faults` (PUT replaces the whole set),
 //! `GET /stats` (counts, `unrouted` and `unrouted_paths`, `peak_in_flight`),
-//! `POST /stats/reset`, `POST /entities/{uid}/touch` (new
-//! etag), `POST /mutate` (`{"count": n}` random small edits).
+//! `POST /stats/reset`, `POST /entities` (a JSON array of entities to add
+//! or replace), `POST /entities/{uid}/touch` (new etag), `POST /mutate`
+//! (`{"count": n}` random small edits).
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ pub(crate) fn router(app: App) -> Router {
         )
         .route("/stats", get(stats))
         .route("/stats/reset", post(reset_stats))
+        .route("/entities", post(add_entities))
         .route("/entities/{uid}/touch", post(touch))
         .route("/mutate", post(mutate))
         .with_state(app)
@@ -83,6 +85,25 @@ async fn stats(State(app): State<App>) -> Json<StatsView> {
 async fn reset_stats(State(app): State<App>) -> StatusCode {
     app.reset_stats();
     StatusCode::NO_CONTENT
+}
+
+/// `POST /entities` with a JSON array of entities: adds them (an entity
+/// whose ref exists replaces it; a missing namespace, uid and etag are
+/// filled in).
+async fn add_entities(State(app): State<App>, body: Bytes) -> Response {
+    match serde_json::from_slice::<Vec<Value>>(&body) {
+        Ok(entities)
+            if entities
+                .iter()
+                .all(|e| e["metadata"]["name"].is_string() && e["kind"].is_string()) =>
+        {
+            let added = entities.len();
+            app.store.add(entities);
+            Json(json!({ "added": added })).into_response()
+        }
+        Ok(_) => bad_request("every entity needs a kind and a metadata.name".into()),
+        Err(e) => bad_request(format!("expected a JSON array of entities: {e}")),
+    }
 }
 
 async fn touch(State(app): State<App>, Path(uid): Path<String>) -> Response {

@@ -1161,3 +1161,38 @@ async fn wrong_content_type_can_be_scoped_to_paths() {
     assert_eq!(status, 200);
     assert!(v.is_array());
 }
+
+#[tokio::test]
+async fn entities_can_be_added_over_the_control_api() {
+    let h = start(10).await;
+    let control = format!("http://{}", h.control_addr().unwrap());
+    let added = json!([{
+        "apiVersion": "backstage.io/v1alpha1",
+        "kind": "Component",
+        "metadata": {"name": "added-one"},
+        "spec": {"type": "service", "o00001": "x"}
+    }]);
+    let r = client()
+        .post(format!("{control}/entities"))
+        .json(&added)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(h.entities().len(), 11);
+    let (status, v) = get_json(format!(
+        "{}/entities/by-name/component/default/added-one",
+        h.base_url()
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["spec"]["o00001"], "x");
+    assert!(v["metadata"]["uid"].is_string());
+    let r = client()
+        .post(format!("{control}/entities"))
+        .json(&json!([{"kind": "Component"}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
