@@ -589,6 +589,18 @@ impl Upstream {
         Ok(v["total"].as_u64().unwrap_or(0))
     }
 
+    /// Adds entities (`POST /entities` on the control API; an existing
+    /// ref is replaced).
+    pub async fn add_entities(&self, entities: Vec<Value>) -> Result<(), HarnessError> {
+        self.control(
+            reqwest::Method::POST,
+            "/entities",
+            Some(Value::Array(entities)),
+        )
+        .await
+        .map(drop)
+    }
+
     /// Edits `count` random entities (new etags).
     pub async fn mutate(&self, count: usize) -> Result<(), HarnessError> {
         self.control(

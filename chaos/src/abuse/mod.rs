@@ -533,6 +533,10 @@ async fn exercise(
         options.umask = Some(files::UMASK);
     }
     let mut lab = Lab::start_opts(bin, options).await?;
+    let mut prepared = Vec::new();
+    if attack.name == queries::ORDER_FLOOD.name {
+        prepared.push(queries::prepare_order(&mut lab).await?);
+    }
     let pid = lab
         .sidecar
         .pid()
@@ -607,7 +611,8 @@ async fn exercise(
 
     let mut row = AbuseOutcome::new(attack.name);
     let mut failures: Vec<String> = attacked.failures;
-    let mut notes: Vec<String> = attacked.notes;
+    let mut notes: Vec<String> = prepared;
+    notes.extend(attacked.notes);
     row.requests = attacked.requests;
 
     // The bystander.

@@ -17,26 +17,26 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::{Attack, Attacked, Field, Tally, ANSWER_MARGIN};
-use crate::scenario::{client_error, raw_request, size_text, HarnessError};
+use crate::scenario::{client_error, raw_request, size_text, HarnessError, Lab};
 
 /// Attack 1.
 pub(crate) const CONTAINS: Attack = Attack {
     name: "contains-1000",
-    about: "POST /entities/by-query with {\"query\": {\"$any\": [1,000 × {\"metadata.tags\": {\"$contains\": \"tag-NNNN\"}}]}}, 2 at once, repeated for the attack's duration",
+    about: "POST /entities/by-query with {\"query\": {\"$any\": [1,000 × {\"metadata.tags\": {\"$contains\": TAG}}]}}, TAG cycling over the catalog's own tags, 2 at once, repeated for the attack's duration",
     checks: "every answer within proxy.query_budget + 1s margin, as 200, 400 or 503",
 };
 
 /// Attack 2.
 pub(crate) const DEEP_FIELDS: Attack = Attack {
     name: "deep-fields",
-    about: "GET /entities/by-query?fields=a.a.a… (as many parts as a 65,534-byte request target holds) and POST /entities/by-query with \"fields\": [a path of 65,536 parts, 128 KiB], 3 at once, repeated",
+    about: "GET /entities/by-query?limit=ALL&fields=a.a.a… (as many parts as a 65,534-byte request target holds, sent raw) and POST /entities/by-query with \"fields\": [a path of 65,536 parts, 128 KiB] and the same limit, 3 at once, repeated",
     checks: "every answer within proxy.query_budget + 1s margin, as 200, 400 or 503",
 };
 
 /// Attack 3.
 pub(crate) const ORDER_FLOOD: Attack = Attack {
     name: "order-3500",
-    about: "6 GET /entities?limit=1&order=asc:F1&…, each ordering by 3,500 field names no entity has and no other request used, one after another",
+    about: "6 orderings GET /entities?limit=1&order=asc:spec.F1&…, each by 3,500 fields no other ordering used (all on one entity added upstream and synced first), each split into 2 requests, one after another",
     checks: "RSS under RSS before + proxy.sort_columns_max_bytes + margin; every answer within proxy.query_budget + 1s margin, as 200, 400 or 503",
 };
 
@@ -199,10 +199,45 @@ fn report(tally: &Tally, attacked: &mut Attacked) {
     }
 }
 
+/// The catalog's tags, most used first, read from the demo catalog itself.
+async fn catalog_tags(x: &Field<'_>) -> Result<Vec<String>, HarnessError> {
+    let url = format!("{}/entity-facets?facet=metadata.tags", x.lab.upstream.url());
+    let v: serde_json::Value = reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| HarnessError::Http(format!("tag facets: {}", client_error(e))))?
+        .json()
+        .await
+        .map_err(|e| HarnessError::Http(format!("tag facets: {}", client_error(e))))?;
+    let mut tags: Vec<(String, u64)> = v["facets"]["metadata.tags"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| Some((f["value"].as_str()?.to_string(), f["count"].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    tags.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    Ok(tags.into_iter().map(|(t, _)| t).collect())
+}
+
+/// `$contains` terms of `contains-1000`.
+const TERMS: usize = 1000;
+
 /// Attack 1: `contains-1000`.
 pub(crate) async fn contains(x: &mut Field<'_>) -> Result<Attacked, HarnessError> {
-    let terms: Vec<_> = (0..1000)
-        .map(|i| json!({"metadata.tags": {"$contains": format!("tag-{i:04}")}}))
+    // Tags the catalog has, cycled: a tag no entity has (`tag-NNNN`) is
+    // ruled out by an index at once, and the query would cost nothing
+    // with or without a budget.
+    let tags = catalog_tags(x).await?;
+    let term = |i: usize| match tags.is_empty() {
+        true => format!("tag-{i:04}"),
+        false => tags[i % tags.len()].clone(),
+    };
+    let terms: Vec<_> = (0..TERMS)
+        .map(|i| json!({"metadata.tags": {"$contains": term(i)}}))
         .collect();
     let body = Bytes::from(json!({"query": {"$any": terms}}).to_string());
     let url = format!("{}/entities/by-query", x.lab.sidecar.catalog_url());
@@ -211,9 +246,10 @@ pub(crate) async fn contains(x: &mut Field<'_>) -> Result<Attacked, HarnessError
     let tally = repeat(x, vec![Query::Post(url, body)], workers, x.sizes.attack_for).await;
     let mut attacked = Attacked::default();
     report(&tally, &mut attacked);
-    attacked
-        .notes
-        .push(format!("request body {} bytes (compact JSON)", size));
+    attacked.notes.push(format!(
+        "request body {size} bytes (compact JSON); {TERMS} terms cycling over the catalog's {} tags",
+        tags.len()
+    ));
     attacked.ceiling = Some(x.ceiling(
         workers as u64 * 16 * size,
         &format!(
@@ -239,17 +275,20 @@ fn dotted(parts: usize) -> String {
 /// Attack 2: `deep-fields`.
 pub(crate) async fn deep_fields(x: &mut Field<'_>) -> Result<Attacked, HarnessError> {
     let base = x.lab.sidecar.catalog_url();
-    let target_prefix = "/api/catalog/entities/by-query?fields=";
+    // One page of the whole catalog: the path is resolved on every entity.
+    let limit = x.lab.entities;
+    let target_prefix = format!("/api/catalog/entities/by-query?limit={limit}&fields=");
     // `a` and `.a` per part: the longest path whose target fits.
     let get_parts = (MAX_TARGET - target_prefix.len()).div_ceil(2);
     let get = Query::RawGet(x.proxy(), format!("{target_prefix}{}", dotted(get_parts)));
     let post_parts = 65_536;
-    let post_body = Bytes::from(json!({"fields": [dotted(post_parts)]}).to_string());
+    let post_body =
+        Bytes::from(json!({"fields": [dotted(post_parts)], "limit": limit}).to_string());
     let post = Query::Post(format!("{base}/entities/by-query"), post_body);
     let largest = get.size().max(post.size()) as u64;
     let workers = 3;
     let notes = format!(
-        "GET fields path of {get_parts} parts ({} bytes of request target, sent raw; hyper's limit is {MAX_TARGET}); POST fields path of {post_parts} parts ({} bytes of body)",
+        "GET fields path of {get_parts} parts ({} bytes of request target, sent raw; hyper's limit is {MAX_TARGET}); POST fields path of {post_parts} parts ({} bytes of body); both one page of all {limit} entities",
         get.size(),
         post.size()
     );
@@ -267,10 +306,61 @@ pub(crate) async fn deep_fields(x: &mut Field<'_>) -> Result<Attacked, HarnessEr
     Ok(attacked)
 }
 
-/// Field names per request of `order-3500`.
+/// Field names per ordering of `order-3500`.
 const ORDER_FIELDS: usize = 3500;
-/// Requests of `order-3500`.
-const ORDER_REQUESTS: usize = 6;
+/// Orderings of `order-3500`.
+const ORDERINGS: usize = 6;
+/// Requests each ordering is split into: 3,500 `order=asc:spec.oNNNNN`
+/// take 77 KB of query string, over the sidecar's 64 KiB.
+const SPLIT: usize = 2;
+/// The entity that has every field ordered by.
+const SORT_ENTITY: &str = "abuse-sort-fields";
+
+/// The field (below `spec`) of ordering `r`, number `i`.
+fn sort_field(r: usize, i: usize) -> String {
+    format!("o{r}{i:04}")
+}
+
+/// Before `order-3500`: gives the demo catalog one entity with all 21,000
+/// fields (a field no entity has needs no sort column, so fields that do
+/// not exist would prove nothing), and syncs it into the mirror.
+pub(crate) async fn prepare_order(lab: &mut Lab) -> Result<String, HarnessError> {
+    let mut spec = serde_json::Map::new();
+    spec.insert("type".into(), json!("service"));
+    spec.insert("lifecycle".into(), json!("experimental"));
+    spec.insert("owner".into(), json!("group:default/abuse"));
+    for r in 0..ORDERINGS {
+        for i in 0..ORDER_FIELDS {
+            spec.insert(sort_field(r, i), json!("x"));
+        }
+    }
+    let entity = json!({
+        "apiVersion": "backstage.io/v1alpha1",
+        "kind": "Component",
+        "metadata": {"name": SORT_ENTITY, "namespace": "default"},
+        "spec": spec
+    });
+    let size = entity.to_string().len() as u64;
+    lab.upstream.add_entities(vec![entity]).await?;
+    let code = lab
+        .sidecar
+        .admin(reqwest::Method::POST, "/admin/sync", json!({}))
+        .await?;
+    if code != 200 {
+        return Err(HarnessError::Http(format!(
+            "POST /admin/sync answered {code} after adding {SORT_ENTITY}"
+        )));
+    }
+    lab.entities += 1;
+    lab.sidecar
+        .wait_ready(lab.entities, Duration::from_secs(30))
+        .await?;
+    Ok(format!(
+        "before the attack: component:default/{SORT_ENTITY} ({}) with {} fields spec.oRNNNN added upstream and synced",
+        size_text(size),
+        ORDERINGS * ORDER_FIELDS
+    ))
+}
 
 /// Attack 3: `order-3500`.
 pub(crate) async fn order_flood(x: &mut Field<'_>) -> Result<Attacked, HarnessError> {
@@ -280,20 +370,24 @@ pub(crate) async fn order_flood(x: &mut Field<'_>) -> Result<Attacked, HarnessEr
     let http = reqwest::Client::new();
     let mut tally = Tally::default();
     let mut longest = 0;
-    for r in 0..ORDER_REQUESTS {
-        let order: Vec<String> = (0..ORDER_FIELDS)
-            .map(|i| format!("order=asc:r{r}f{i:04}"))
-            .collect();
-        let url = format!("{base}/entities?limit=1&{}", order.join("&"));
-        longest = longest.max(url.len() - "http://".len() - x.proxy().len());
-        let (status, took, bad) = send_query(&http, &Query::Get(url), budget, limit).await;
-        tally.add(status, took, bad);
+    let per_request = ORDER_FIELDS.div_ceil(SPLIT);
+    for r in 0..ORDERINGS {
+        for part in 0..SPLIT {
+            let order: Vec<String> = (part * per_request
+                ..((part + 1) * per_request).min(ORDER_FIELDS))
+                .map(|i| format!("order=asc:spec.{}", sort_field(r, i)))
+                .collect();
+            let url = format!("{base}/entities?limit=1&{}", order.join("&"));
+            longest = longest.max(url.len() - "http://".len() - x.proxy().len());
+            let (status, took, bad) = send_query(&http, &Query::Get(url), budget, limit).await;
+            tally.add(status, took, bad);
+        }
     }
     let mut attacked = Attacked::default();
     report(&tally, &mut attacked);
-    let unbounded = (ORDER_REQUESTS * ORDER_FIELDS * x.lab.entities * 4) as u64;
+    let unbounded = (ORDERINGS * ORDER_FIELDS * x.lab.entities * 4) as u64;
     attacked.notes.push(format!(
-        "{ORDER_REQUESTS} requests × {ORDER_FIELDS} new fields, each request target at most {longest} bytes (one request each, no split needed); kept unbounded, their sort columns would take at least {} ({} entities × 4 bytes of rank each)",
+        "{ORDERINGS} orderings × {ORDER_FIELDS} fields, each split into {SPLIT} requests (request targets of at most {longest} bytes; the sidecar takes at most 64 KiB of query string); kept unbounded, their sort columns would take at least {} ({} entities × 4 bytes of rank each)",
         size_text(unbounded),
         x.lab.entities
     ));
