@@ -22,7 +22,7 @@ use crate::scenario::{client_error, raw_request, size_text, HarnessError, Lab};
 /// Attack 1.
 pub(crate) const CONTAINS: Attack = Attack {
     name: "contains-1000",
-    about: "POST /entities/by-query with {\"query\": {\"$any\": [1,000 × {\"metadata.tags\": {\"$contains\": TAG}}]}}, TAG cycling over the catalog's own tags, 2 at once, repeated for the attack's duration",
+    about: "POST /entities/by-query with {\"query\": {\"$any\": [1,000 × {\"metadata.tags\": {\"$contains\": \"tag-NNNN\"}}]}} and, in turn, with 1,000 × {\"metadata.links\": {\"$contains\": {\"title\": \"Repository\", \"icon\": \"dashboard\"}}} (a near miss no index can rule out), 2 at once, repeated for the attack's duration",
     checks: "every answer within proxy.query_budget + 1s margin, as 200, 400 or 503",
 };
 
@@ -199,62 +199,46 @@ fn report(tally: &Tally, attacked: &mut Attacked) {
     }
 }
 
-/// The catalog's tags, most used first, read from the demo catalog itself.
-async fn catalog_tags(x: &Field<'_>) -> Result<Vec<String>, HarnessError> {
-    let url = format!("{}/entity-facets?facet=metadata.tags", x.lab.upstream.url());
-    let v: serde_json::Value = reqwest::Client::new()
-        .get(url)
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .map_err(|e| HarnessError::Http(format!("tag facets: {}", client_error(e))))?
-        .json()
-        .await
-        .map_err(|e| HarnessError::Http(format!("tag facets: {}", client_error(e))))?;
-    let mut tags: Vec<(String, u64)> = v["facets"]["metadata.tags"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|f| Some((f["value"].as_str()?.to_string(), f["count"].as_u64()?)))
-                .collect()
-        })
-        .unwrap_or_default();
-    tags.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    Ok(tags.into_iter().map(|(t, _)| t).collect())
-}
-
-/// `$contains` terms of `contains-1000`.
+/// `$contains` terms of each `contains-1000` query.
 const TERMS: usize = 1000;
 
 /// Attack 1: `contains-1000`.
 pub(crate) async fn contains(x: &mut Field<'_>) -> Result<Attacked, HarnessError> {
-    // Tags the catalog has, cycled: a tag no entity has (`tag-NNNN`) is
-    // ruled out by an index at once, and the query would cost nothing
-    // with or without a budget.
-    let tags = catalog_tags(x).await?;
-    let term = |i: usize| match tags.is_empty() {
-        true => format!("tag-{i:04}"),
-        false => tags[i % tags.len()].clone(),
-    };
-    let terms: Vec<_> = (0..TERMS)
-        .map(|i| json!({"metadata.tags": {"$contains": term(i)}}))
+    // As asked: tags no entity has. A sidecar that narrows `$contains`
+    // with its index rules these out at once, so a second query keeps the
+    // budget to the test: each term is a near miss, an element with a
+    // title and an icon that the catalog's links have, but never in the
+    // same link, so every candidate's body must be read, term after term.
+    let tags: Vec<_> = (0..TERMS)
+        .map(|i| json!({"metadata.tags": {"$contains": format!("tag-{i:04}")}}))
         .collect();
-    let body = Bytes::from(json!({"query": {"$any": terms}}).to_string());
+    let near_misses: Vec<_> = (0..TERMS)
+        .map(|_| json!({"metadata.links": {"$contains": {"title": "Repository", "icon": "dashboard"}}}))
+        .collect();
     let url = format!("{}/entities/by-query", x.lab.sidecar.catalog_url());
-    let size = body.len() as u64;
+    let bodies: Vec<Bytes> = [tags, near_misses]
+        .into_iter()
+        .map(|terms| Bytes::from(json!({"query": {"$any": terms}}).to_string()))
+        .collect();
+    let sizes: Vec<usize> = bodies.iter().map(Bytes::len).collect();
+    let largest = sizes.iter().copied().max().unwrap_or(0) as u64;
     let workers = 2;
-    let tally = repeat(x, vec![Query::Post(url, body)], workers, x.sizes.attack_for).await;
+    let queries = bodies
+        .into_iter()
+        .map(|b| Query::Post(url.clone(), b))
+        .collect();
+    let tally = repeat(x, queries, workers, x.sizes.attack_for).await;
     let mut attacked = Attacked::default();
     report(&tally, &mut attacked);
     attacked.notes.push(format!(
-        "request body {size} bytes (compact JSON); {TERMS} terms cycling over the catalog's {} tags",
-        tags.len()
+        "two queries in turn, each an $any of {TERMS} $contains: metadata.tags tag-NNNN ({} bytes), and metadata.links {{title: Repository, icon: dashboard}}, a near miss ({} bytes)",
+        sizes[0], sizes[1]
     ));
     attacked.ceiling = Some(x.ceiling(
-        workers as u64 * 16 * size,
+        workers as u64 * 16 * largest,
         &format!(
-            "{workers} queries in flight × 16 × their {} request (body, parsed JSON tree and predicate)",
-            size_text(size)
+            "{workers} queries in flight × 16 × the larger request {} (body, parsed JSON tree and predicate)",
+            size_text(largest)
         ),
     ));
     Ok(attacked)
