@@ -1,12 +1,16 @@
 //! catalog-chaos: the chaos runner that proves catalog-cache keeps serving
-//! through upstream faults, behind `catalog-chaos run`.
+//! through upstream faults, behind `catalog-chaos run`, and holds up
+//! against hostile clients, behind `catalog-chaos abuse`.
 //!
 //! `scenario` is the harness: it starts the demo catalog (`catalog-chaos
 //! fake-catalog`, whose server is the `catalog-fake` library) and the real
 //! `catalog-cache` binary as child processes, drives readers and samples
 //! the sidecar's status. `scenarios` holds the faults and the invariants
 //! each one must keep. The demo catalog itself lives in `catalog-fake`, so
-//! the sidecar's production build never links this runner.
+//! the sidecar's production build never links this runner. `abuse` holds
+//! the attacks of the abuse suite and the invariants each one must keep,
+//! on the same harness.
 
+pub mod abuse;
 pub mod scenario;
 pub mod scenarios;

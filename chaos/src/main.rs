@@ -1,11 +1,12 @@
 //! `catalog-chaos`: the demo catalog (`fake-catalog`, served by the
-//! `catalog-fake` library) and the chaos scenarios (`run`). Parses arguments, starts logging, runs the subcommand.
+//! `catalog-fake` library), the chaos scenarios (`run`) and the abuse suite
+//! (`abuse`). Parses arguments, starts logging, runs the subcommand.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use catalog_chaos::{scenario, scenarios};
+use catalog_chaos::{abuse, scenario, scenarios};
 use catalog_fake::fake::{until_signal, DEFAULT_CONTROL, DEFAULT_ENTITIES, DEFAULT_LISTEN};
 use catalog_fake::{FakeCatalog, FakeOptions};
 use clap::{Parser, Subcommand};
@@ -55,6 +56,29 @@ enum Command {
         #[arg(long)]
         weaken: Option<String>,
         /// List the scenarios and weakenings and exit.
+        #[arg(long)]
+        list: bool,
+        /// Generator seed.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Attack the real catalog-cache binary with hostile clients while a
+    /// bystander reads; print a table; exit 0 only if every attack passes.
+    Abuse {
+        /// CI sizes: a smaller catalog, shorter attacks (see README).
+        #[arg(long)]
+        quick: bool,
+        /// The catalog-cache binary (else CATALOG_CACHE_BIN, else next to this one).
+        #[arg(long)]
+        sidecar: Option<PathBuf>,
+        /// Only these attacks (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Run the attacks a weakening targets against that weakened
+        /// configuration; they must FAIL.
+        #[arg(long)]
+        weaken: Option<String>,
+        /// List the attacks and weakenings and exit.
         #[arg(long)]
         list: bool,
         /// Generator seed.
@@ -126,6 +150,69 @@ async fn main() -> ExitCode {
                         ExitCode::SUCCESS
                     } else {
                         println!("{failed} scenario(s) failed");
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("catalog-chaos: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Abuse {
+            quick,
+            sidecar,
+            only,
+            weaken,
+            list,
+            seed,
+        } => {
+            if list {
+                for a in abuse::ATTACKS {
+                    println!("{}: {}\n    checks: {}", a.name, a.about, a.checks);
+                }
+                for w in abuse::WEAKENINGS {
+                    println!(
+                        "--weaken {}: {} (must FAIL: {})",
+                        w.name,
+                        w.about,
+                        w.breaks.join(", ")
+                    );
+                }
+                return ExitCode::SUCCESS;
+            }
+            let sidecar = match scenario::find_sidecar(sidecar.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("catalog-chaos: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let opts = scenarios::RunOptions {
+                quick,
+                sidecar,
+                only,
+                weaken,
+                seed,
+            };
+            let started = std::time::Instant::now();
+            // Ctrl-C ends the run; dropping the lab kills its children.
+            let rows = tokio::select! {
+                r = abuse::run(&opts) => r,
+                _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
+            };
+            match rows {
+                Ok(rows) => {
+                    print!("{}", abuse::render(&rows));
+                    println!("total {:.0}s", started.elapsed().as_secs_f64());
+                    let failed = rows
+                        .iter()
+                        .filter(|r| r.verdict == scenario::Verdict::Fail)
+                        .count();
+                    if failed == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        println!("{failed} attack(s) failed");
                         ExitCode::from(1)
                     }
                 }

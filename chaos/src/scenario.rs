@@ -5,7 +5,11 @@
 //! fresh data dir, the demo catalog and the real `catalog-cache` binary on
 //! free loopback ports), `Load` (concurrent readers recording every answer),
 //! `Monitor` (the sidecar's `/status` sampled over time) and `Outcome` (one
-//! table row). Every wait here has a deadline.
+//! table row). The abuse suite (`abuse`) adds its own pieces here too:
+//! `LabOptions` (mirror path, umask), `Bystander` (a well-behaved client on
+//! both listeners), `RssMonitor` and `Ceiling` (the sidecar's memory against
+//! a derived bound), `raw_request` (bytes no client library normalises) and
+//! `render_grid` (the table both print). Every wait here has a deadline.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -566,10 +570,35 @@ impl Upstream {
             .map(drop)
     }
 
+    /// `GET /stats`: the request counts by route, `unrouted` with
+    /// `unrouted_paths`, and `peak_in_flight`.
+    pub async fn stats(&self) -> Result<Value, HarnessError> {
+        self.control(reqwest::Method::GET, "/stats", None).await
+    }
+
+    /// `POST /stats/reset`.
+    pub async fn reset_stats(&self) -> Result<(), HarnessError> {
+        self.control(reqwest::Method::POST, "/stats/reset", None)
+            .await
+            .map(drop)
+    }
+
     /// Requests that reached the catalog port so far.
     pub async fn requests(&self) -> Result<u64, HarnessError> {
         let v = self.control(reqwest::Method::GET, "/stats", None).await?;
         Ok(v["total"].as_u64().unwrap_or(0))
+    }
+
+    /// Adds entities (`POST /entities` on the control API; an existing
+    /// ref is replaced).
+    pub async fn add_entities(&self, entities: Vec<Value>) -> Result<(), HarnessError> {
+        self.control(
+            reqwest::Method::POST,
+            "/entities",
+            Some(Value::Array(entities)),
+        )
+        .await
+        .map(drop)
     }
 
     /// Edits `count` random entities (new etags).
@@ -638,12 +667,33 @@ pub struct SidecarProc {
     upstream_url: String,
     env: Vec<(String, String)>,
     http: reqwest::Client,
+    /// The mirror file (`mirror.path`).
+    mirror: PathBuf,
+    /// The umask the process starts with (through `sh -c 'umask …; exec'`),
+    /// `None` to inherit this process's.
+    umask: Option<u32>,
 }
 
 impl SidecarProc {
     /// The mirror file.
     pub fn db(&self) -> PathBuf {
-        self.dir.join("catalog-cache.db")
+        self.mirror.clone()
+    }
+
+    /// The PID, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().and_then(Proc::pid)
+    }
+
+    /// Whether the process has exited by itself (or was never started).
+    pub fn exited(&mut self) -> bool {
+        self.proc.as_mut().is_none_or(Proc::exited)
+    }
+
+    /// Sets (or replaces) one environment variable for the next start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     /// Its log file.
@@ -659,7 +709,17 @@ impl SidecarProc {
     /// Starts (or restarts) the process on the same ports and data dir.
     pub fn start(&mut self) -> Result<(), HarnessError> {
         self.kill();
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match self.umask {
+            // `exec` keeps the PID: the process watched is the sidecar.
+            Some(mask) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("umask {mask:03o} && exec \"$0\" \"$@\""))
+                    .arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
         cmd.current_dir(&self.dir)
             .args(["serve", "--upstream", &self.upstream_url])
             .args(["--listen-proxy", &self.proxy, "--listen-admin", &self.admin])
@@ -784,6 +844,45 @@ pub struct Lab {
 /// one was (later syncs run beside the readers).
 pub const MIN_SYNC_ALLOWANCE: Duration = Duration::from_millis(200);
 
+/// How a [`Lab`] is started: [`Lab::start`]'s arguments, and what only
+/// some runs change (where the demo catalog runs, where the mirror lives,
+/// the sidecar's umask).
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Entities in the demo catalog.
+    pub entities: usize,
+    /// Generator seed.
+    pub seed: u64,
+    /// The sidecar's settings.
+    pub timings: Timings,
+    /// `CATALOG_CACHE_*` variables on top of [`base_env`] (later ones win).
+    pub extra_env: Vec<(String, String)>,
+    /// The demo catalog's listen and control addresses and a wrapper
+    /// command, instead of free loopback ports.
+    pub upstream_at: Option<(String, String, Vec<String>)>,
+    /// The mirror file relative to the lab's data dir (default
+    /// `catalog-cache.db`); a path in a subdirectory that does not exist
+    /// yet makes the sidecar create that directory.
+    pub mirror: Option<PathBuf>,
+    /// The sidecar's umask (e.g. `0o022`); `None` inherits this process's.
+    pub umask: Option<u32>,
+}
+
+impl LabOptions {
+    /// A lab of `entities` with `timings`, nothing else changed.
+    pub fn new(entities: usize, seed: u64, timings: Timings) -> LabOptions {
+        LabOptions {
+            entities,
+            seed,
+            timings,
+            extra_env: Vec::new(),
+            upstream_at: None,
+            mirror: None,
+            umask: None,
+        }
+    }
+}
+
 impl Lab {
     /// Starts a demo catalog with `entities` and a sidecar in front of it
     /// with `timings` and then `extra_env` (a weakening) on top of
@@ -808,6 +907,24 @@ impl Lab {
         extra_env: &[(String, String)],
         upstream_at: Option<(String, String, Vec<String>)>,
     ) -> Result<Lab, HarnessError> {
+        let mut options = LabOptions::new(entities, seed, *timings);
+        options.extra_env = extra_env.to_vec();
+        options.upstream_at = upstream_at;
+        Self::start_opts(bin, options).await
+    }
+
+    /// Starts a lab as `options` say, and waits for the first sync.
+    pub async fn start_opts(bin: &Path, options: LabOptions) -> Result<Lab, HarnessError> {
+        let LabOptions {
+            entities,
+            seed,
+            timings,
+            extra_env,
+            upstream_at,
+            mirror,
+            umask,
+        } = options;
+        let timings = &timings;
         let dir = tempfile::Builder::new()
             .prefix("catalog-chaos-")
             .tempdir()
@@ -835,6 +952,8 @@ impl Lab {
         let mut sidecar = SidecarProc {
             proc: None,
             bin: bin.to_path_buf(),
+            mirror: path.join(mirror.unwrap_or_else(|| PathBuf::from("catalog-cache.db"))),
+            umask,
             dir: path,
             proxy: format!("127.0.0.1:{}", free_port()?),
             admin: format!("127.0.0.1:{}", free_port()?),
@@ -888,7 +1007,8 @@ pub struct Target {
 }
 
 impl Target {
-    fn lower_ref(&self) -> String {
+    /// `kind:namespace/name`, lower-cased, as by-refs matches it.
+    pub fn lower_ref(&self) -> String {
         format!("{}:{}/{}", self.kind, self.namespace, self.name).to_lowercase()
     }
 }
@@ -995,7 +1115,8 @@ impl Load {
     }
 }
 
-fn encode_segment(s: &str) -> String {
+/// Percent-encodes one path segment (RFC 3986 unreserved characters stay).
+pub fn encode_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
@@ -1131,20 +1252,30 @@ pub struct StatusSample {
     pub last_sync: Option<(String, String)>,
 }
 
-/// Samples the sidecar's `/status` every 50 ms until stopped.
+/// When `/status` gave no JSON answer, and what it gave instead.
+pub type Unanswered = (Duration, String);
+
+/// Samples the sidecar's `/status` every 50 ms (or a period of its own)
+/// until stopped; also keeps every sample that got no JSON answer.
 pub struct Monitor {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<Vec<StatusSample>>,
+    handle: JoinHandle<(Vec<StatusSample>, Vec<Unanswered>)>,
 }
 
 impl Monitor {
-    /// Starts sampling.
+    /// Starts sampling every [`MONITOR_PERIOD`].
     pub fn start(admin: String, origin: Instant) -> Monitor {
+        Monitor::start_every(admin, origin, MONITOR_PERIOD)
+    }
+
+    /// Starts sampling every `period`.
+    pub fn start_every(admin: String, origin: Instant, period: Duration) -> Monitor {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let http = http_client();
         let handle = tokio::spawn(async move {
             let mut out = Vec::new();
+            let mut unanswered = Vec::new();
             while !flag.load(Ordering::Relaxed) {
                 let at = origin.elapsed();
                 let got = http
@@ -1152,20 +1283,39 @@ impl Monitor {
                     .timeout(Duration::from_secs(1))
                     .send()
                     .await;
-                if let Ok(resp) = got {
-                    if let Ok(v) = resp.json::<Value>().await {
-                        out.push(status_sample(at, &v));
+                match got {
+                    Ok(resp) => {
+                        let code = resp.status().as_u16();
+                        match resp.json::<Value>().await {
+                            Ok(v) if code == 200 => out.push(status_sample(at, &v)),
+                            Ok(v) => unanswered.push((
+                                at,
+                                format!(
+                                    "{code} {}",
+                                    v["error"]["message"].as_str().unwrap_or("(no message)")
+                                ),
+                            )),
+                            Err(e) => unanswered
+                                .push((at, format!("{code}, not JSON: {}", client_error(e)))),
+                        }
                     }
+                    Err(e) => unanswered.push((at, format!("no answer: {}", client_error(e)))),
                 }
-                tokio::time::sleep(MONITOR_PERIOD).await;
+                tokio::time::sleep(period).await;
             }
-            out
+            (out, unanswered)
         });
         Monitor { stop, handle }
     }
 
     /// Stops and returns the samples.
     pub async fn stop(self) -> Vec<StatusSample> {
+        self.stop_with_errors().await.0
+    }
+
+    /// Stops and returns the samples and the times `/status` gave no
+    /// JSON answer (with what it gave instead).
+    pub async fn stop_with_errors(self) -> (Vec<StatusSample>, Vec<Unanswered>) {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.await.unwrap_or_default()
     }
@@ -1201,7 +1351,8 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    fn as_str(self) -> &'static str {
+    /// `PASS`, `FAIL` or `SKIP`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Pass => "PASS",
             Self::Fail => "FAIL",
@@ -1278,10 +1429,10 @@ pub fn render_table(rows: &[Outcome]) -> String {
         "took",
         "verdict",
     ];
-    let cells: Vec<[String; 9]> = rows
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            [
+            vec![
                 r.name.clone(),
                 r.reads.to_string(),
                 r.failed.to_string(),
@@ -1298,39 +1449,395 @@ pub fn render_table(rows: &[Outcome]) -> String {
             ]
         })
         .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in &cells {
+    let notes: Vec<(&str, Verdict, &[String])> = rows
+        .iter()
+        .map(|r| (r.name.as_str(), r.verdict, r.notes.as_slice()))
+        .collect();
+    render_grid(&header, &cells, &notes)
+}
+
+/// Renders a table (first column left-aligned, the others right-aligned)
+/// and under it one line per note, `  NAME [VERDICT]: note`, row by row.
+/// `catalog-chaos run` and `catalog-chaos abuse` print their results with it.
+pub fn render_grid(
+    header: &[&str],
+    rows: &[Vec<String>],
+    notes: &[(&str, Verdict, &[String])],
+) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
         for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.len());
+            *w = (*w).max(c.chars().count());
         }
     }
     let line = |row: &[String]| {
         let mut s = String::from("|");
         for (i, (c, w)) in row.iter().zip(&widths).enumerate() {
+            let pad = w.saturating_sub(c.chars().count());
             if i == 0 {
-                s.push_str(&format!(" {c:<w$} |"));
+                s.push_str(&format!(" {c}{} |", " ".repeat(pad)));
             } else {
-                s.push_str(&format!(" {c:>w$} |"));
+                s.push_str(&format!(" {}{c} |", " ".repeat(pad)));
             }
         }
         s.push('\n');
         s
     };
-    let mut out = line(&header.map(String::from));
+    let head: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let mut out = line(&head);
     out.push('|');
     for w in &widths {
         out.push_str(&format!("{}|", "-".repeat(w + 2)));
     }
     out.push('\n');
-    for row in &cells {
+    for row in rows {
         out.push_str(&line(row));
     }
-    for r in rows.iter().filter(|r| !r.notes.is_empty()) {
-        for n in &r.notes {
-            out.push_str(&format!("  {} [{}]: {n}\n", r.name, r.verdict.as_str()));
+    for (name, verdict, lines) in notes {
+        for n in lines.iter() {
+            out.push_str(&format!("  {name} [{}]: {n}\n", verdict.as_str()));
         }
     }
     out
+}
+
+/// How often [`RssMonitor`] reads the sidecar's resident set size.
+pub const RSS_PERIOD: Duration = Duration::from_millis(100);
+
+/// The resident set size of a process (`VmRSS` in `/proc/PID/status`), in
+/// bytes; `None` when there is no such process (any more).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// One RSS reading.
+#[derive(Debug, Clone, Copy)]
+pub struct RssSample {
+    /// When, since the origin.
+    pub at: Duration,
+    /// The PID read.
+    pub pid: u32,
+    /// Its RSS in bytes; `None`: the process was gone.
+    pub bytes: Option<u64>,
+}
+
+/// Reads a process's RSS every [`RSS_PERIOD`] until stopped. The PID it
+/// follows can be changed (after a deliberate restart) with
+/// [`RssMonitor::follow`].
+pub struct RssMonitor {
+    stop: Arc<AtomicBool>,
+    pid: Arc<std::sync::atomic::AtomicU32>,
+    handle: JoinHandle<Vec<RssSample>>,
+}
+
+impl RssMonitor {
+    /// Starts reading `pid`.
+    pub fn start(pid: u32, origin: Instant) -> RssMonitor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let followed = Arc::new(std::sync::atomic::AtomicU32::new(pid));
+        let (flag, current) = (stop.clone(), followed.clone());
+        let handle = tokio::spawn(async move {
+            let mut out = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let pid = current.load(Ordering::Relaxed);
+                out.push(RssSample {
+                    at: origin.elapsed(),
+                    pid,
+                    bytes: rss_bytes(pid),
+                });
+                tokio::time::sleep(RSS_PERIOD).await;
+            }
+            out
+        });
+        RssMonitor {
+            stop,
+            pid: followed,
+            handle,
+        }
+    }
+
+    /// Reads `pid` from now on.
+    pub fn follow(&self, pid: u32) {
+        self.pid.store(pid, Ordering::Relaxed);
+    }
+
+    /// Stops and returns the readings.
+    pub async fn stop(self) -> Vec<RssSample> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.await.unwrap_or_default()
+    }
+}
+
+/// A memory ceiling and how it was derived from the settings in force.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Ceiling {
+    /// The ceiling, in bytes.
+    pub limit: u64,
+    /// Its derivation, in words.
+    pub why: String,
+}
+
+impl Ceiling {
+    /// `212 MiB (RSS before 98 MiB + ...)`.
+    pub fn describe(&self) -> String {
+        format!("{} ({})", size_text(self.limit), self.why)
+    }
+}
+
+/// `12.5 MiB`, or `42.0 KiB` below a MiB.
+pub fn size_text(bytes: u64) -> String {
+    if bytes < 1 << 20 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    }
+}
+
+/// The `p`-th percentile (0..=100, nearest rank) of `values`; zero for none.
+pub fn percentile(values: &[Duration], p: f64) -> Duration {
+    if values.is_empty() {
+        return Duration::ZERO;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The pause each bystander loop takes between two requests: with answers
+/// of a millisecond or two, a few requests per 10 ms on each listener.
+pub const BYSTANDER_PAUSE: Duration = Duration::from_millis(3);
+
+/// One bystander request.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// Start, since the origin.
+    pub at: Duration,
+    /// How long it took.
+    pub latency: Duration,
+    /// Why it failed (status, transport error, wrong entity); `None` when
+    /// it was answered as it should be.
+    pub failure: Option<String>,
+}
+
+/// A well-behaved client that goes on reading while an attack runs: one
+/// loop of `GET /entities/by-name/...` of random mirrored entities on the
+/// proxy listener (200 with that entity's uid, or it failed), one of
+/// `GET /livez` on the admin listener (200 `ok`), each pausing
+/// [`BYSTANDER_PAUSE`] between requests, each on its own keep-alive client.
+pub struct Bystander {
+    stop: Arc<AtomicBool>,
+    proxy_paused: Arc<AtomicBool>,
+    proxy: JoinHandle<Vec<Probe>>,
+    admin: JoinHandle<Vec<Probe>>,
+}
+
+impl Bystander {
+    /// Starts both loops.
+    pub fn start(
+        catalog_url: String,
+        admin: String,
+        targets: Arc<Vec<Target>>,
+        origin: Instant,
+        seed: u64,
+    ) -> Bystander {
+        let stop = Arc::new(AtomicBool::new(false));
+        let proxy_paused = Arc::new(AtomicBool::new(false));
+        let (flag, paused, http) = (stop.clone(), proxy_paused.clone(), http_client());
+        let proxy = tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(7919));
+            let mut out = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                if paused.load(Ordering::Relaxed) {
+                    tokio::time::sleep(BYSTANDER_PAUSE).await;
+                    continue;
+                }
+                let t = &targets[rng.random_range(0..targets.len())];
+                let url = format!(
+                    "{catalog_url}/entities/by-name/{}/{}/{}",
+                    encode_segment(&t.kind),
+                    encode_segment(&t.namespace),
+                    encode_segment(&t.name)
+                );
+                let at = origin.elapsed();
+                let started = Instant::now();
+                let failure = match http.get(url).send().await {
+                    Err(e) => Some(format!("by-name: no answer: {}", client_error(e))),
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        let body = resp.bytes().await.unwrap_or_default();
+                        let uid = serde_json::from_slice::<Value>(&body)
+                            .ok()
+                            .and_then(|v| uid_of(&v).map(str::to_string));
+                        if status != 200 {
+                            Some(format!("by-name answered {status}"))
+                        } else if uid.as_deref() != Some(t.uid.as_str()) {
+                            Some(format!("by-name answered 200 without entity {}", t.uid))
+                        } else {
+                            None
+                        }
+                    }
+                };
+                out.push(Probe {
+                    at,
+                    latency: started.elapsed(),
+                    failure,
+                });
+                tokio::time::sleep(BYSTANDER_PAUSE).await;
+            }
+            out
+        });
+        let (flag, http) = (stop.clone(), http_client());
+        let admin = tokio::spawn(async move {
+            let mut out = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let at = origin.elapsed();
+                let started = Instant::now();
+                let failure = match http.get(format!("http://{admin}/livez")).send().await {
+                    Err(e) => Some(format!("/livez: no answer: {}", client_error(e))),
+                    Ok(resp) if resp.status() != 200 => {
+                        Some(format!("/livez answered {}", resp.status().as_u16()))
+                    }
+                    Ok(resp) => match resp.text().await {
+                        Ok(t) if t.trim() == "ok" => None,
+                        Ok(t) => Some(format!("/livez answered 200 {t:?}")),
+                        Err(e) => Some(format!("/livez: body cut short: {}", client_error(e))),
+                    },
+                };
+                out.push(Probe {
+                    at,
+                    latency: started.elapsed(),
+                    failure,
+                });
+                tokio::time::sleep(BYSTANDER_PAUSE).await;
+            }
+            out
+        });
+        Bystander {
+            stop,
+            proxy_paused,
+            proxy,
+            admin,
+        }
+    }
+
+    /// Pauses (or resumes) the proxy loop, for a phase in which the proxy
+    /// listener is meant to be unreachable; the admin loop goes on.
+    pub fn pause_proxy(&self, paused: bool) {
+        self.proxy_paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// Stops both loops and returns their probes: (proxy, admin).
+    pub async fn stop(self) -> (Vec<Probe>, Vec<Probe>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let proxy = self.proxy.await.unwrap_or_default();
+        let admin = self.admin.await.unwrap_or_default();
+        (proxy, admin)
+    }
+}
+
+/// A client error in words, with its causes and without the URL (an
+/// attack's URL can be 64 KiB long).
+pub fn client_error(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// An HTTP answer read off a raw socket.
+#[derive(Debug, Clone)]
+pub struct RawAnswer {
+    /// The status code.
+    pub status: u16,
+    /// The status line and headers, as sent.
+    pub head: String,
+    /// The body (what arrived of it).
+    pub body: Vec<u8>,
+}
+
+/// Sends `request` (raw bytes, so that nothing normalises the path) to
+/// `addr` on a new connection and reads the answer until the connection
+/// closes or `Content-Length` bytes of body arrived, within `within`.
+pub async fn raw_request(
+    addr: &str,
+    request: &[u8],
+    within: Duration,
+) -> Result<RawAnswer, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        stream
+            .write_all(request)
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            if let Some(answer) = parse_raw(&buf, false) {
+                return Ok(answer);
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        parse_raw(&buf, true).ok_or_else(|| {
+            format!(
+                "no HTTP answer ({} bytes: {:?})",
+                buf.len(),
+                String::from_utf8_lossy(&buf[..buf.len().min(80)])
+            )
+        })
+    };
+    tokio::time::timeout(within, exchange)
+        .await
+        .map_err(|_| format!("no complete answer within {within:?}"))?
+}
+
+/// An answer once its head and `Content-Length` bytes of body are in
+/// `buf` (or, at the connection's end, whatever body arrived).
+fn parse_raw(buf: &[u8], closed: bool) -> Option<RawAnswer> {
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let body = &buf[split + 4..];
+    let length = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())
+            .flatten()
+    });
+    match length {
+        Some(n) if body.len() >= n => Some(RawAnswer {
+            status,
+            head,
+            body: body[..n].to_vec(),
+        }),
+        _ if closed => Some(RawAnswer {
+            status,
+            head,
+            body: body.to_vec(),
+        }),
+        _ => None,
+    }
 }
 
 /// Runs `PRAGMA integrity_check` on a mirror file; `Ok("ok")` when intact.

@@ -2,8 +2,10 @@
 //! on the catalog port never lock the operator out.
 //!
 //! Endpoints: `GET|PUT|DELETE /faults` (PUT replaces the whole set),
-//! `GET /stats`, `POST /stats/reset`, `POST /entities/{uid}/touch` (new
-//! etag), `POST /mutate` (`{"count": n}` random small edits).
+//! `GET /stats` (counts, `unrouted` and `unrouted_paths`, `peak_in_flight`),
+//! `POST /stats/reset`, `POST /entities` (a JSON array of entities to add
+//! or replace), `POST /entities/{uid}/touch` (new etag), `POST /mutate`
+//! (`{"count": n}` random small edits).
 
 use std::sync::Arc;
 
@@ -30,6 +32,7 @@ pub(crate) fn router(app: App) -> Router {
         )
         .route("/stats", get(stats))
         .route("/stats/reset", post(reset_stats))
+        .route("/entities", post(add_entities))
         .route("/entities/{uid}/touch", post(touch))
         .route("/mutate", post(mutate))
         .with_state(app)
@@ -64,13 +67,43 @@ async fn clear_faults(State(app): State<App>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
-async fn stats(State(app): State<App>) -> Json<crate::fake::Stats> {
-    Json(app.stats())
+/// `GET /stats`: the counts, and the unrouted requests kept.
+#[derive(serde::Serialize)]
+struct StatsView {
+    #[serde(flatten)]
+    counts: crate::fake::Stats,
+    unrouted_paths: Vec<String>,
+}
+
+async fn stats(State(app): State<App>) -> Json<StatsView> {
+    Json(StatsView {
+        counts: app.stats(),
+        unrouted_paths: app.unrouted_paths(),
+    })
 }
 
 async fn reset_stats(State(app): State<App>) -> StatusCode {
     app.reset_stats();
     StatusCode::NO_CONTENT
+}
+
+/// `POST /entities` with a JSON array of entities: adds them (an entity
+/// whose ref exists replaces it; a missing namespace, uid and etag are
+/// filled in).
+async fn add_entities(State(app): State<App>, body: Bytes) -> Response {
+    match serde_json::from_slice::<Vec<Value>>(&body) {
+        Ok(entities)
+            if entities
+                .iter()
+                .all(|e| e["metadata"]["name"].is_string() && e["kind"].is_string()) =>
+        {
+            let added = entities.len();
+            app.store.add(entities);
+            Json(json!({ "added": added })).into_response()
+        }
+        Ok(_) => bad_request("every entity needs a kind and a metadata.name".into()),
+        Err(e) => bad_request(format!("expected a JSON array of entities: {e}")),
+    }
 }
 
 async fn touch(State(app): State<App>, Path(uid): Path<String>) -> Response {

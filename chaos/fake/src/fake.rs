@@ -107,10 +107,24 @@ pub struct Stats {
     pub ancestry: u64,
     /// Anything else (locations, refresh, validate, unknown paths).
     pub other: u64,
+    /// Requests that were not one of Backstage's catalog routes (judged on
+    /// the method and the raw path, see [`crate::routes::is_catalog_route`]);
+    /// the first [`crate::routes::UNROUTED_KEPT`] are kept word for word
+    /// ([`FakeCatalogHandle::unrouted_paths`], `unrouted_paths` in the
+    /// control API's `GET /stats`).
+    pub unrouted: u64,
+    /// The most requests the catalog port was answering at once (counted
+    /// from arrival to the answer's head).
+    pub peak_in_flight: u64,
 }
 
+/// Indexes 0..=8 count by route (0 is the total), 9 counts unrouted
+/// requests, 10 is the peak of requests in flight.
 #[derive(Debug, Default)]
-struct StatCounters([AtomicU64; 9]);
+struct StatCounters([AtomicU64; 11]);
+
+const UNROUTED: usize = 9;
+const PEAK: usize = 10;
 
 #[derive(Clone, Copy)]
 enum Route {
@@ -166,6 +180,8 @@ impl StatCounters {
             facets: v(6),
             ancestry: v(7),
             other: v(8),
+            unrouted: v(UNROUTED),
+            peak_in_flight: v(PEAK),
         }
     }
 
@@ -183,6 +199,10 @@ pub(crate) struct Shared {
     token: Option<String>,
     pub(crate) rng: Mutex<StdRng>,
     locations: Mutex<Vec<Value>>,
+    /// The first unrouted requests, as `METHOD /path` (see `Stats::unrouted`).
+    unrouted: Mutex<Vec<String>>,
+    /// Requests being answered now.
+    in_flight: AtomicU64,
     /// The fault generation the accept loop has acted on (listener closed
     /// or reopened accordingly).
     applied: watch::Sender<u64>,
@@ -205,6 +225,46 @@ impl Shared {
 
     pub(crate) fn reset_stats(&self) {
         self.stats.reset();
+        self.unrouted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        // The peak starts again from what is in flight now.
+        self.stats.0[PEAK].store(self.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// The unrouted requests kept, oldest first.
+    pub(crate) fn unrouted_paths(&self) -> Vec<String> {
+        self.unrouted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts a request that is not a catalog route and keeps the first few.
+    fn record_unrouted(&self, method: &Method, path: &str) {
+        self.stats.0[UNROUTED].fetch_add(1, Ordering::Relaxed);
+        let mut kept = self.unrouted.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() < crate::routes::UNROUTED_KEPT {
+            kept.push(format!("{method} {path}"));
+        }
+    }
+}
+
+/// One request being answered: counted in `Shared::in_flight` until dropped.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(app: &'a Shared) -> InFlight<'a> {
+        let now = app.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        app.stats.0[PEAK].fetch_max(now, Ordering::Relaxed);
+        InFlight(app)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -230,6 +290,8 @@ impl FakeCatalog {
                 "type": "url",
                 "target": "https://github.com/acme/software-catalog/blob/main/all.yaml"
             })]),
+            unrouted: Mutex::new(Vec::new()),
+            in_flight: AtomicU64::new(0),
             applied: watch::channel(0).0,
         });
         let listener = bind(opts.listen).map_err(|source| StartError::Bind {
@@ -329,9 +391,17 @@ impl FakeCatalogHandle {
         self.shared.stats()
     }
 
-    /// Zeroes the request counts.
+    /// Zeroes the request counts and forgets the unrouted requests kept.
     pub fn reset_stats(&self) {
         self.shared.reset_stats();
+    }
+
+    /// The first [`crate::routes::UNROUTED_KEPT`] requests that reached the
+    /// catalog port and were not a Backstage catalog route, as
+    /// `METHOD /path` with the path as received (`stats().unrouted` counts
+    /// them all).
+    pub fn unrouted_paths(&self) -> Vec<String> {
+        self.shared.unrouted_paths()
     }
 
     /// Edits the entity with this uid or ref (any case) and gives it a new
@@ -578,7 +648,12 @@ fn json_response(status: StatusCode, body: Bytes) -> Response {
 }
 
 async fn count(State(app): State<App>, req: Request, next: Next) -> Response {
-    app.stats.count(Route::of(req.uri().path()));
+    let path = req.uri().path();
+    app.stats.count(Route::of(path));
+    if !crate::routes::is_catalog_route(req.method(), path) {
+        app.record_unrouted(req.method(), path);
+    }
+    let _in_flight = InFlight::enter(&app);
     next.run(req).await
 }
 
@@ -613,6 +688,7 @@ async fn apply_faults(State(app): State<App>, req: Request, next: Next) -> Respo
     let faults = app.faults.get();
     let method = req.method().clone();
     let url = relative_url(req.uri());
+    let html = faults.wrong_content_type || faults.html_for(req.uri().path());
     if faults.black_hole {
         // Never answer while the fault holds; a cleared fault lets a client
         // that is still waiting get its answer.
@@ -667,18 +743,14 @@ async fn apply_faults(State(app): State<App>, req: Request, next: Next) -> Respo
         }
     }
     let resp = next.run(req).await;
-    if !(faults.wrong_content_type
-        || faults.malformed
-        || faults.truncated
-        || faults.slow_body.is_some())
-    {
+    if !(html || faults.malformed || faults.truncated || faults.slow_body.is_some()) {
         return resp;
     }
     let (mut parts, body) = resp.into_parts();
     let bytes = axum::body::to_bytes(body, usize::MAX)
         .await
         .unwrap_or_default();
-    let bytes = if faults.wrong_content_type {
+    let bytes = if html {
         parts.headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/html; charset=utf-8"),

@@ -46,6 +46,10 @@ pub struct Faults {
     pub truncated: bool,
     /// Answer 200 with a `text/html` page instead of JSON.
     pub wrong_content_type: bool,
+    /// Answer 200 with the same `text/html` page, but only requests whose
+    /// path below `/api/catalog` starts with one of these prefixes (e.g.
+    /// `/locations/`); every other route answers as usual.
+    pub wrong_content_type_paths: Vec<String>,
     /// Serve a catalog with zero entities.
     pub empty_catalog: bool,
     /// The Nth page (1-based) of a paging (by-query cursor depth, or
@@ -60,6 +64,15 @@ impl Faults {
     /// Whether no fault is set.
     pub fn is_healthy(&self) -> bool {
         *self == Faults::default()
+    }
+
+    /// Whether `wrong_content_type_paths` covers this request path (as
+    /// received, with the `/api/catalog` mount).
+    pub fn html_for(&self, path: &str) -> bool {
+        let below = path.strip_prefix(crate::fake::MOUNT).unwrap_or(path);
+        self.wrong_content_type_paths
+            .iter()
+            .any(|prefix| below.starts_with(prefix.as_str()))
     }
 }
 
@@ -166,6 +179,12 @@ mod tests {
         assert!(!f.refuse);
         assert!(serde_json::from_str::<Faults>(r#"{"refuse_all": true}"#).is_err());
         assert!(Faults::default().is_healthy());
+        let scoped: Faults =
+            serde_json::from_str(r#"{"wrong_content_type_paths": ["/locations/"]}"#).unwrap();
+        assert!(!scoped.is_healthy());
+        assert!(scoped.html_for("/api/catalog/locations/abc"));
+        assert!(!scoped.html_for("/api/catalog/locations"));
+        assert!(!scoped.html_for("/api/catalog/entities/by-name/a/b/c"));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! semantics over a snapshot (using `filter` and `search`, a plain scan over
 //! `serde_json::Value`, independent of the sidecar) → `fake` serves it over
 //! HTTP under `/api/catalog`, shaped by `faults`, with `control` as the
-//! separate operator listener.
+//! separate operator listener. `routes` judges which requests are catalog
+//! routes, so that anything else reaching the port is recorded.
 //!
 //! Invariant: this crate serves and shapes a catalog, nothing more. No
 //! process control, no HTTP client, no shell-outs: those belong to the
@@ -20,6 +21,7 @@ pub mod fake;
 pub mod faults;
 pub mod filter;
 pub mod generate;
+pub mod routes;
 pub mod search;
 mod store;
 

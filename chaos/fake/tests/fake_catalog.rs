@@ -1050,3 +1050,149 @@ async fn measure_paging_100k() {
     }
     println!("paged {n} full entities in {:?}", t.elapsed());
 }
+
+/// Sends `METHOD PATH` as raw bytes (no client normalises the path) and
+/// returns the status line.
+async fn raw_request(h: &FakeCatalogHandle, method: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test]
+async fn requests_outside_the_catalog_routes_are_recorded_as_received() {
+    let h = start(10).await;
+    get_json(format!("{}/entities", h.base_url())).await;
+    get_json(format!("{}/locations", h.base_url())).await;
+    assert_eq!(h.stats().unrouted, 0, "{:?}", h.unrouted_paths());
+    for (method, path) in [
+        ("GET", "/api/catalog/locations/../../../admin/secret"),
+        ("GET", "/api/catalog/locations/%2e%2e/%2e%2e/admin"),
+        ("GET", "/api/catalog//entities"),
+        ("GET", "/api/catalog/entities/by-uid/a%2Fb"),
+        ("GET", "/admin/secret"),
+        ("GET", "/api/catalog/refresh"),
+    ] {
+        let status = raw_request(&h, method, path).await;
+        assert!(status.starts_with("HTTP/1.1 "), "{method} {path}: {status}");
+    }
+    let s = h.stats();
+    assert_eq!(s.unrouted, 6);
+    let kept = h.unrouted_paths();
+    assert_eq!(kept[0], "GET /api/catalog/locations/../../../admin/secret");
+    assert_eq!(kept[2], "GET /api/catalog//entities");
+    assert_eq!(kept.len(), 6);
+    // Over the control API too, then reset.
+    let control = format!("http://{}", h.control_addr().unwrap());
+    let (_, v) = get_json(format!("{control}/stats")).await;
+    assert_eq!(v["unrouted"], 6);
+    assert_eq!(
+        v["unrouted_paths"][1],
+        "GET /api/catalog/locations/%2e%2e/%2e%2e/admin"
+    );
+    assert!(v["peak_in_flight"].as_u64().unwrap() >= 1);
+    client()
+        .post(format!("{control}/stats/reset"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h.stats().unrouted, 0);
+    assert!(h.unrouted_paths().is_empty());
+    // Only the first ones are kept word for word; all are counted.
+    for n in 0..catalog_fake::routes::UNROUTED_KEPT + 5 {
+        raw_request(&h, "GET", &format!("/nowhere/{n}")).await;
+    }
+    assert_eq!(
+        h.stats().unrouted,
+        catalog_fake::routes::UNROUTED_KEPT as u64 + 5
+    );
+    assert_eq!(
+        h.unrouted_paths().len(),
+        catalog_fake::routes::UNROUTED_KEPT
+    );
+}
+
+#[tokio::test]
+async fn peak_in_flight_counts_requests_answered_at_once() {
+    let h = start(10).await;
+    put_faults(&h, json!({"latency": 300})).await;
+    let url = format!("{}/entities", h.base_url());
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { client().get(url).send().await.unwrap().status() })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    assert_eq!(h.stats().peak_in_flight, 5);
+}
+
+#[tokio::test]
+async fn wrong_content_type_can_be_scoped_to_paths() {
+    let h = start(10).await;
+    put_faults(&h, json!({"wrong_content_type_paths": ["/locations/"]})).await;
+    let r = client()
+        .get(format!(
+            "{}/locations/9d4a6c51-7b0e-4b8a-9a43-5c0c2b1e7f10",
+            h.base_url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/html"), "{ct}");
+    let (status, v) = get_json(format!("{}/locations", h.base_url())).await;
+    assert_eq!(status, 200);
+    assert!(v.is_array());
+    let (status, v) = get_json(format!("{}/entities?limit=1", h.base_url())).await;
+    assert_eq!(status, 200);
+    assert!(v.is_array());
+}
+
+#[tokio::test]
+async fn entities_can_be_added_over_the_control_api() {
+    let h = start(10).await;
+    let control = format!("http://{}", h.control_addr().unwrap());
+    let added = json!([{
+        "apiVersion": "backstage.io/v1alpha1",
+        "kind": "Component",
+        "metadata": {"name": "added-one"},
+        "spec": {"type": "service", "o00001": "x"}
+    }]);
+    let r = client()
+        .post(format!("{control}/entities"))
+        .json(&added)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(h.entities().len(), 11);
+    let (status, v) = get_json(format!(
+        "{}/entities/by-name/component/default/added-one",
+        h.base_url()
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["spec"]["o00001"], "x");
+    assert!(v["metadata"]["uid"].is_string());
+    let r = client()
+        .post(format!("{control}/entities"))
+        .json(&json!([{"kind": "Component"}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
