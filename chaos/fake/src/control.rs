@@ -5,7 +5,10 @@
 //! `GET /stats` (counts, `unrouted` and `unrouted_paths`, `peak_in_flight`),
 //! `POST /stats/reset`, `POST /entities` (a JSON array of entities to add
 //! or replace), `POST /entities/{uid}/touch` (new etag), `POST /mutate`
-//! (`{"count": n}` random small edits).
+//! (`{"count": n}` random small edits), `POST /churn`
+//! (`{"change": n, "add": n, "delete": n}`, or `{"share": f}` for a share
+//! of the catalog split 80/10/10 between changes, additions and deletions:
+//! one atomic step of catalog churn, answered with the uids touched).
 
 use std::sync::Arc;
 
@@ -35,6 +38,7 @@ pub(crate) fn router(app: App) -> Router {
         .route("/entities", post(add_entities))
         .route("/entities/{uid}/touch", post(touch))
         .route("/mutate", post(mutate))
+        .route("/churn", post(churn))
         .with_state(app)
 }
 
@@ -146,4 +150,54 @@ async fn mutate(State(app): State<App>, body: Bytes) -> Response {
         }
     }
     Json(json!({ "changed": changed })).into_response()
+}
+
+/// `POST /churn`'s body.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ChurnRequest {
+    #[serde(default)]
+    change: usize,
+    #[serde(default)]
+    add: usize,
+    #[serde(default)]
+    delete: usize,
+    /// A share of the catalog (0..=1): 80 % of it changed, 10 % added,
+    /// 10 % deleted, on top of the explicit counts.
+    #[serde(default)]
+    share: f64,
+}
+
+async fn churn(State(app): State<App>, body: Bytes) -> Response {
+    let request = if body.is_empty() {
+        ChurnRequest::default()
+    } else {
+        match serde_json::from_slice::<ChurnRequest>(&body) {
+            Ok(r) => r,
+            Err(e) => return bad_request(format!("invalid churn request: {e}")),
+        }
+    };
+    if !(0.0..=1.0).contains(&request.share) {
+        return bad_request(format!("share must be within 0..=1, got {}", request.share));
+    }
+    let total = app.store.snapshot(false).items.len() as f64;
+    let of_share = |f: f64| (total * request.share * f).round() as usize;
+    let (change, add, delete) = (
+        request.change + of_share(0.8),
+        request.add + of_share(0.1),
+        request.delete + of_share(0.1),
+    );
+    const MAX: usize = 1_000_000;
+    if change > MAX || add > MAX || delete > MAX {
+        return bad_request(format!("at most {MAX} of each per step"));
+    }
+    let churned = {
+        let rng = &app.rng;
+        app.store.churn(change, add, delete, |n| {
+            rng.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .random_range(0..n)
+        })
+    };
+    Json(churned).into_response()
 }

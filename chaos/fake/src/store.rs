@@ -110,6 +110,17 @@ fn complete(mut value: Value, salt: u64) -> Value {
     value
 }
 
+/// What one churn step did.
+#[derive(Debug, Default, serde::Serialize)]
+pub(crate) struct Churned {
+    /// Uids given a new etag.
+    pub(crate) changed: Vec<String>,
+    /// Uids added.
+    pub(crate) added: Vec<String>,
+    /// Uids deleted.
+    pub(crate) deleted: Vec<String>,
+}
+
 /// The mutable holder of the current snapshot.
 #[derive(Debug)]
 pub(crate) struct Store {
@@ -195,6 +206,62 @@ impl Store {
         items[idx] = Arc::new(Item::new(value));
         self.swap(items);
         Some(etag)
+    }
+
+    /// One churn step, in a single swap: gives `change` random entities a
+    /// new etag (a small description edit), deletes `delete` others and adds
+    /// `add` new ones (copies of random entities under new names). Returns
+    /// the uids changed, deleted and added.
+    pub(crate) fn churn(
+        &self,
+        change: usize,
+        add: usize,
+        delete: usize,
+        mut pick: impl FnMut(usize) -> usize,
+    ) -> Churned {
+        let current = self.snapshot(false);
+        let mut items = current.items.clone();
+        let mut churned = Churned::default();
+        if items.is_empty() {
+            return churned;
+        }
+        let salt = self.next_salt();
+        for _ in 0..delete.min(items.len().saturating_sub(1)) {
+            let gone = items.swap_remove(pick(items.len()));
+            churned.deleted.push(gone.uid.clone());
+        }
+        let mut touched = HashSet::new();
+        for _ in 0..change.min(items.len()) {
+            let idx = pick(items.len());
+            if !touched.insert(idx) {
+                continue;
+            }
+            let mut value = items[idx].value.clone();
+            value["metadata"]["description"] =
+                json!(format!("Changed by churn (revision {salt:x})."));
+            value["metadata"]["etag"] = json!(compute_etag(&value, salt));
+            churned.changed.push(items[idx].uid.clone());
+            items[idx] = Arc::new(Item::new(value));
+        }
+        let refs: HashSet<String> = items.iter().map(|i| i.entity_ref.clone()).collect();
+        for i in 0..add {
+            let mut value = items[pick(items.len())].value.clone();
+            let name = format!("churn-{salt:x}-{i}");
+            value["metadata"]["name"] = json!(name);
+            if let Some(meta) = value["metadata"].as_object_mut() {
+                meta.remove("uid");
+                meta.remove("etag");
+            }
+            value.as_object_mut().map(|o| o.remove("relations"));
+            let item = Arc::new(Item::new(complete(value, salt)));
+            if refs.contains(&item.entity_ref) {
+                continue;
+            }
+            churned.added.push(item.uid.clone());
+            items.push(item);
+        }
+        self.swap(items);
+        churned
     }
 
     pub(crate) fn remove(&self, pred: impl Fn(&Value) -> bool) -> usize {
