@@ -244,8 +244,9 @@ struct MirrorView {
 #[derive(Serialize)]
 struct UpstreamView {
     url: String,
-    /// `catalog-cache` when the upstream is another tier (it sends
-    /// `Cache-Status`), else `backstage`.
+    /// `catalog-cache` when the upstream is another tier (it answers the
+    /// tier extension), `backstage` when it does not, `unknown` before the
+    /// first sync has asked.
     kind: &'static str,
     /// The upstream said its data was stale when last asked.
     stale: bool,
@@ -317,10 +318,10 @@ async fn status(State(state): State<AdminState>) -> Response {
         held_deletions: sync.held_deletions(),
         upstream: UpstreamView {
             url: state.upstream.base_url().to_string(),
-            kind: if via.is_some() {
-                "catalog-cache"
-            } else {
-                "backstage"
+            kind: match state.syncer.upstream_kind() {
+                crate::sync::UpstreamKind::Unknown if via.is_some() => "catalog-cache",
+                crate::sync::UpstreamKind::Unknown => "unknown",
+                kind => kind.as_str(),
             },
             stale: current.as_ref().is_some_and(|g| g.meta.upstream_stale),
             cache_status: via,

@@ -47,6 +47,14 @@ pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_SYNC_JITTER: f64 = 0.1;
 /// Default entities per sync page.
 pub const DEFAULT_PAGE_SIZE: u32 = 500;
+/// Default entities per page of an id-walk (only kind, namespace, name,
+/// uid and etag of each: about 150 bytes an entity).
+pub const DEFAULT_ID_PAGE_SIZE: u32 = 5000;
+/// Default: every this many sync cycles, one walks whole entities rather
+/// than ids.
+pub const DEFAULT_FULL_SYNC_EVERY: u32 = 10;
+/// Default of how long the changes log keeps a generation's changes.
+pub const DEFAULT_CHANGES_KEPT: Duration = crate::mirror::DEFAULT_CHANGES_KEPT;
 /// Default mass-deletion guard: the largest share of entities a sync may remove.
 pub const DEFAULT_MAX_DELETE_RATIO: f64 = 0.2;
 /// Default freshness horizon: younger data is served locally as fresh.
@@ -247,6 +255,14 @@ pub struct MirrorConfig {
     pub page_size: u32,
     /// A sync removing more than this share of entities is held.
     pub max_delete_ratio: f64,
+    /// Entities per page of an id-walk (ids and etags only).
+    pub id_page_size: u32,
+    /// Every this many cycles, a sync walks whole entities (a full walk)
+    /// rather than ids plus by-refs for what changed; 1: always.
+    pub full_sync_every: u32,
+    /// How long the changes log (the tier extension's changes feed) keeps
+    /// a generation's changes.
+    pub changes_kept: Dur,
     /// A peer sidecar's admin URL to seed an empty mirror from; empty for none.
     pub seed_from: String,
     /// File holding the peer's admin token for `seed_from`; empty: this
@@ -262,6 +278,9 @@ impl Default for MirrorConfig {
             sync_jitter: DEFAULT_SYNC_JITTER,
             page_size: DEFAULT_PAGE_SIZE,
             max_delete_ratio: DEFAULT_MAX_DELETE_RATIO,
+            id_page_size: DEFAULT_ID_PAGE_SIZE,
+            full_sync_every: DEFAULT_FULL_SYNC_EVERY,
+            changes_kept: Dur(DEFAULT_CHANGES_KEPT),
             seed_from: String::new(),
             seed_token_file: PathBuf::new(),
         }
@@ -667,6 +686,27 @@ impl Config {
                 "mirror.page_size",
                 &self.mirror.page_size,
                 "a whole number from 1 to 10000",
+            ));
+        }
+        if !(1..=10_000).contains(&self.mirror.id_page_size) {
+            return Err(invalid(
+                "mirror.id_page_size",
+                &self.mirror.id_page_size,
+                "a whole number from 1 to 10000",
+            ));
+        }
+        if !(1..=10_000).contains(&self.mirror.full_sync_every) {
+            return Err(invalid(
+                "mirror.full_sync_every",
+                &self.mirror.full_sync_every,
+                "a whole number of sync cycles from 1 (always a full walk) to 10000",
+            ));
+        }
+        if self.mirror.changes_kept.0 < Duration::from_secs(1) {
+            return Err(invalid(
+                "mirror.changes_kept",
+                &self.mirror.changes_kept,
+                "a duration of at least 1s",
             ));
         }
         if !(self.mirror.max_delete_ratio > 0.0 && self.mirror.max_delete_ratio <= 1.0) {

@@ -33,6 +33,16 @@ pub const SYNCS_TOTAL: &str = "catalog_cache_syncs_total";
 pub const SYNC_DURATION_SECONDS: &str = "catalog_cache_sync_duration_seconds";
 /// Entities a held sync would delete (0 when no deletion is held).
 pub const SYNC_HELD_DELETIONS: &str = "catalog_cache_sync_held_deletions";
+/// Counter: upstream requests the sync loop made, by kind (`id_walk`,
+/// `by_refs`, `full_page`, `changes`, `generation`, `not_modified`).
+pub const SYNC_REQUESTS_TOTAL: &str = "catalog_cache_sync_requests_total";
+/// Counter: bytes the sync loop received from the upstream (as on the
+/// wire, compressed if it was), by kind.
+pub const SYNC_BYTES_TOTAL: &str = "catalog_cache_sync_bytes_total";
+/// Gauge: 1 when the upstream is another catalog-cache tier.
+pub const UPSTREAM_TIER: &str = "catalog_cache_upstream_tier";
+/// Gauge: 1 when the upstream tier said its data was stale when last asked.
+pub const UPSTREAM_STALE: &str = "catalog_cache_upstream_stale";
 /// Entries in the hot cache.
 pub const HOT_CACHE_ENTRIES: &str = "catalog_cache_hot_cache_entries";
 /// Bytes held by the hot cache, as weighed against `hot_cache.max_bytes`.
@@ -132,6 +142,23 @@ pub fn describe() {
     );
     describe_histogram!(SYNC_DURATION_SECONDS, Unit::Seconds, "Sync duration.");
     describe_gauge!(SYNC_HELD_DELETIONS, "Entities a held sync would delete.");
+    describe_counter!(
+        SYNC_REQUESTS_TOTAL,
+        "Upstream requests of the sync loop by kind (id_walk, by_refs, full_page, changes, generation, not_modified)."
+    );
+    describe_counter!(
+        SYNC_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes the sync loop received from the upstream, as on the wire, by kind."
+    );
+    describe_gauge!(
+        UPSTREAM_TIER,
+        "1 when the upstream is another catalog-cache tier, 0 for a Backstage catalog."
+    );
+    describe_gauge!(
+        UPSTREAM_STALE,
+        "1 when the upstream tier said its data was stale when last asked."
+    );
     describe_gauge!(HOT_CACHE_ENTRIES, "Entries in the hot cache.");
     describe_gauge!(
         HOT_CACHE_BYTES,

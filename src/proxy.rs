@@ -13,6 +13,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
+use tower_http::compression::predicate::{DefaultPredicate, Predicate};
+use tower_http::compression::CompressionLayer;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -87,7 +89,38 @@ pub fn router(state: ProxyState) -> Router {
     Router::new()
         .fallback(handle)
         .layer(crate::api_error::CatchPanicLayer::new(MOUNT))
+        // Query answers, by-refs and the tier extension are compressed for
+        // clients that ask (gzip or zstd); entity hits never are.
+        .layer(CompressionLayer::new().gzip(true).zstd(true).compress_when(
+            DefaultPredicate::new().and(
+                |_: StatusCode,
+                 _: http::Version,
+                 _: &http::HeaderMap,
+                 extensions: &http::Extensions| {
+                    extensions.get::<Compressible>().is_some()
+                },
+            ),
+        ))
         .with_state(Arc::new(state))
+}
+
+/// Marks a response the compression layer may compress (set by the routes
+/// whose answers are large: queries, by-refs, the tier extension).
+#[derive(Debug, Clone, Copy)]
+struct Compressible;
+
+fn compressible(route: &Route) -> bool {
+    matches!(
+        route,
+        Route::ByRefs
+            | Route::GetEntities
+            | Route::GetByQuery
+            | Route::PostByQuery
+            | Route::GetFacets
+            | Route::PostFacets
+            | Route::TierGeneration
+            | Route::TierChanges
+    )
 }
 
 async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Response {
@@ -197,7 +230,13 @@ async fn handle(State(state): State<Arc<ProxyState>>, request: Request) -> Respo
         },
     };
     match answered {
-        Ok(answer) => render(&state, answer, label, started),
+        Ok(answer) => {
+            let mut response = render(&state, answer, label, started);
+            if compressible(&route) {
+                response.extensions_mut().insert(Compressible);
+            }
+            response
+        }
         Err(e) => render_read_error(&state, e, method, &url(), label, started),
     }
 }

@@ -87,6 +87,21 @@ pub fn next_delays(policy: &RetryPolicy) -> impl Iterator<Item = Duration> {
     std::iter::from_fn(move || backoff.next_backoff())
 }
 
+/// Like [`next_delays`], with full jitter: each delay is drawn uniformly
+/// from zero up to what the exponential schedule (without its own jitter)
+/// reaches at that step. Many sidecars failing together then spread their
+/// next attempts over the whole window instead of coming back in a wave.
+pub fn next_delays_full_jitter(policy: &RetryPolicy) -> impl Iterator<Item = Duration> {
+    let ceilings = next_delays(&RetryPolicy {
+        randomization: 0.0,
+        ..policy.clone()
+    });
+    ceilings.map(|ceiling| {
+        use rand::Rng;
+        ceiling.mul_f64(rand::rng().random_range(0.0..=1.0))
+    })
+}
+
 /// `backoff`'s clock, read from tokio so that paused time counts.
 #[derive(Debug, Clone, Copy, Default)]
 struct TokioClock;

@@ -92,6 +92,7 @@ impl Sidecar {
                 "the mirror database was corrupt: moved it aside and starting empty; the next sync refills it"
             );
         }
+        mirror.keep_changes_for(config.mirror.changes_kept.get());
         let mirror = Arc::new(mirror);
         let started = std::time::Instant::now();
         let loaded = mirror.load()?;

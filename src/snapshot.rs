@@ -110,7 +110,13 @@ pub fn import_into(
         synced_at = now;
     }
     let diff = Diff::between(previous, &snapshot.entities);
-    mirror.apply(&diff, synced_at, source)
+    let applied = mirror.apply(&diff, synced_at, source)?;
+    // The imported generation has no history a downstream tier could
+    // follow, and what this mirror followed of its own upstream no longer
+    // describes it: both start over.
+    mirror.start_new_epoch()?;
+    mirror.set_note(crate::sync::TIER_POSITION_NOTE, None)?;
+    Ok(applied)
 }
 
 /// Applies a snapshot file as a running sidecar's next generation and

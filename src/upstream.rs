@@ -181,6 +181,12 @@ impl UpstreamError {
     pub fn retryable(&self) -> bool {
         match self {
             Self::Rejected(_) | Self::Saturated(_) | Self::TierStale(_) => false,
+            // An upstream that says when to come back is not retried
+            // within the call: the sync loop waits what it asked.
+            Self::Status {
+                retry_after: Some(_),
+                ..
+            } => false,
             Self::Status { status, .. } => *status != StatusCode::NOT_IMPLEMENTED,
             _ => true,
         }
@@ -335,6 +341,7 @@ impl Upstream {
         };
         let label = match &result {
             Ok(r) if r.status == StatusCode::NOT_FOUND => "not_found",
+            Ok(r) if r.status == StatusCode::NOT_MODIFIED => "not_modified",
             Ok(_) => "ok",
             Err(e) => e.label(),
         };
@@ -353,7 +360,13 @@ impl Upstream {
             // What answers a client's pass-through write says nothing the
             // breaker should act on, either way.
             _ if op == Operation::PassThrough => drop(permit),
-            Ok(r) if r.status.is_success() || r.status == StatusCode::NOT_FOUND => permit.success(),
+            Ok(r)
+                if r.status.is_success()
+                    || r.status == StatusCode::NOT_FOUND
+                    || r.status == StatusCode::NOT_MODIFIED =>
+            {
+                permit.success()
+            }
             // Another 4xx: the client's request was wrong, not the upstream.
             Ok(_) => drop(permit),
             Err(_) => permit.failure(),

@@ -426,6 +426,25 @@ impl FakeCatalogHandle {
         self.shared.store.add(entities);
     }
 
+    /// One step of churn: `change` random entities get a new etag,
+    /// `delete` are removed and `add` new ones appear, in one atomic swap.
+    /// Returns how many were changed, added and deleted.
+    pub fn churn(&self, change: usize, add: usize, delete: usize) -> (usize, usize, usize) {
+        use rand::Rng;
+        let churned = self.shared.store.churn(change, add, delete, |n| {
+            self.shared
+                .rng
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .random_range(0..n)
+        });
+        (
+            churned.changed.len(),
+            churned.added.len(),
+            churned.deleted.len(),
+        )
+    }
+
     /// Replaces the whole catalog.
     pub fn replace_all(&self, entities: Vec<Value>) {
         self.shared.store.replace_all(entities);

@@ -10,7 +10,8 @@
 //! Invariant: a path with an empty segment, a dot segment (`.` or `..`,
 //! literal or percent-encoded in any case) or an encoded `/` is never a
 //! route, even when it would normalise to one; the routes are Backstage's
-//! catalog routes under [`crate::fake::MOUNT`], each with its methods.
+//! catalog routes under [`crate::fake::MOUNT`], each with its methods, and
+//! the tier probe `GET /.catalog-cache/v1/generation` a sidecar sends.
 
 use axum::http::Method;
 
@@ -47,6 +48,10 @@ pub fn is_catalog_route(method: &Method, path: &str) -> bool {
         ["locations", "by-entity", _, _, _] => get,
         ["locations", _] => get || delete,
         ["refresh"] | ["analyze-location"] | ["validate-entity"] => post,
+        // Not Backstage's, and answered 404 like any unknown path: the probe
+        // a sidecar makes to learn whether its upstream is another
+        // catalog-cache tier. It is expected traffic, not a stray request.
+        [".catalog-cache", "v1", "generation"] => get,
         _ => false,
     }
 }

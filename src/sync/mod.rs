@@ -1,8 +1,28 @@
-//! The sync loop ([`Syncer`]): pages through the upstream catalog and
-//! applies the whole result as one new mirror generation.
+//! The sync loop ([`Syncer`]): reads what changed at the upstream catalog
+//! and applies the whole result as one new mirror generation.
+//!
+//! How a cycle reads the upstream depends on what it is:
+//!
+//! - **A Backstage catalog** ([`walk`]): an *id-walk* pages through
+//!   `by-query` asking only for each entity's kind, namespace, name, uid and
+//!   etag (`mirror.id_page_size` a page), then fetches what is new or
+//!   changed with `by-refs` (at most 1,000 a request). Absence from the
+//!   complete walk makes an entity a deletion candidate. Every
+//!   `mirror.full_sync_every` cycles, on the first sync, and after anything
+//!   inconsistent (a `null` from by-refs for a listed entity, a count that
+//!   changes, a page that fails), a *full walk* reads whole entities
+//!   (`mirror.page_size` a page).
+//! - **Another catalog-cache** ([`tier`]): it asks for the tier's
+//!   generation with `If-None-Match` (a 304 confirms the mirror as it is),
+//!   else reads the tier's changes feed since the generation it follows;
+//!   a 410 (outside the feed's window, a new epoch) makes it walk as above.
+//!   Which one the upstream is, is found by probing and re-checked on full
+//!   cycles.
 //!
 //! A sync that fails on any page, or receives malformed data, applies
-//! nothing ([`SyncError`] says why). Unchanged entities (same
+//! nothing ([`SyncError`] says why). The first sync after a start with a
+//! loaded mirror runs at a random phase of the interval; failures back off
+//! with full jitter, and an upstream's `Retry-After` (429, 503) is waited. Unchanged entities (same
 //! `metadata.etag`) are not rewritten and keep their hot-cache entries. A
 //! sync that would remove more than `mirror.max_delete_ratio` of the mirror
 //! (or empty it) is held until an operator accepts it. Syncs run every
@@ -12,11 +32,14 @@
 //! What the rest of the sidecar may know of and ask of the loop is
 //! [`SyncStatus`]: the last report, held deletions, "sync soon".
 
+pub mod tier;
+pub mod walk;
+
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -33,11 +56,14 @@ use crate::metrics as m;
 use crate::mirror::{rfc3339, ApplyStats, AuditRecord, Diff, Mirror, MirrorError};
 use crate::provenance::Confirmation;
 use crate::retry::{self, RetryPolicy};
-use crate::route::encode_component;
-use crate::upstream::{Expect, Operation, Upstream, UpstreamError, UpstreamRequest};
+use crate::upstream::{Upstream, UpstreamError};
 
-/// Most pages one sync reads before it gives up (a cursor loop guard).
-const MAX_PAGES: usize = 100_000;
+pub use tier::TIER_POSITION_NOTE;
+use tier::{Follow, Position, Probe};
+use walk::Reader;
+
+/// Longest an upstream's `Retry-After` holds the next sync back.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// The result of one sync, as `status` and `catalog-cache sync` show it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -60,6 +86,12 @@ pub struct SyncReport {
     pub generation: Option<u64>,
     /// What went wrong, for `failed` and `held`.
     pub error: Option<String>,
+    /// How the upstream was read (absent for a failed sync).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<SyncMethod>,
+    /// How long the upstream asked this sidecar to wait (`Retry-After`).
+    #[serde(skip)]
+    pub retry_after: Option<Duration>,
 }
 
 /// The outcome of a sync.
@@ -99,22 +131,6 @@ pub struct HeldDeletions {
     pub ratio: f64,
     /// Since when (RFC 3339).
     pub since: String,
-}
-
-#[derive(Deserialize)]
-struct Page<'a> {
-    #[serde(borrow)]
-    items: Vec<&'a serde_json::value::RawValue>,
-    #[serde(rename = "pageInfo", default)]
-    page_info: PageInfo,
-    #[serde(rename = "totalItems")]
-    total_items: Option<usize>,
-}
-
-#[derive(Deserialize, Default)]
-struct PageInfo {
-    #[serde(rename = "nextCursor")]
-    next_cursor: Option<String>,
 }
 
 /// Why a sync applied nothing.
@@ -179,12 +195,58 @@ pub enum SyncError {
     /// The walk did not end (a cursor loop guard).
     #[error("gave up after {0} pages")]
     TooManyPages(usize),
+    /// The upstream's answers contradict each other (an id-walk lists an
+    /// entity by-refs then cannot find, a changes feed that moves): the
+    /// sync fails and the next one walks whole entities.
+    #[error("the upstream's answers are inconsistent: {0}")]
+    Inconsistent(String),
     /// The mirror could not store the generation.
     #[error(transparent)]
     Mirror(#[from] MirrorError),
     /// The blocking task that applies a generation failed.
     #[error("applying the generation failed: {0}")]
     Internal(String),
+}
+
+impl SyncError {
+    /// Whether the upstream contradicted itself (walked whole at once).
+    pub fn is_inconsistency(&self) -> bool {
+        matches!(
+            self,
+            Self::Inconsistent(_)
+                | Self::CountChanged { .. }
+                | Self::ShortWalk { .. }
+                | Self::RepeatedCursor { .. }
+                | Self::NotAPage { .. }
+                | Self::BadEntity { .. }
+        )
+    }
+
+    /// Whether the next cycle must read whole entities: after any failure
+    /// to read the upstream (not after a rejection by this sidecar's own
+    /// breaker, which sent nothing, or a mirror failure).
+    pub fn calls_for_full_walk(&self) -> bool {
+        !matches!(
+            self,
+            Self::Page {
+                source: UpstreamError::Rejected(_) | UpstreamError::Saturated(_),
+                ..
+            } | Self::Mirror(_)
+                | Self::Internal(_)
+        )
+    }
+
+    /// How long the upstream asked to be left alone (`Retry-After` on a
+    /// 429 or 503), at most [`MAX_RETRY_AFTER`].
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Page {
+                source: source @ UpstreamError::Status { .. },
+                ..
+            } => source.retry_after().map(|d| d.min(MAX_RETRY_AFTER)),
+            _ => None,
+        }
+    }
 }
 
 /// What the rest of the sidecar may know of and ask of the sync loop: the
@@ -252,6 +314,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct SyncSettings {
     /// `mirror.page_size`.
     pub page_size: u32,
+    /// `mirror.id_page_size`.
+    pub id_page_size: u32,
+    /// `mirror.full_sync_every`.
+    pub full_sync_every: u32,
     /// `mirror.max_delete_ratio`.
     pub max_delete_ratio: f64,
     /// `mirror.sync_interval`.
@@ -269,6 +335,8 @@ impl SyncSettings {
     pub fn from_config(config: &Config) -> Self {
         Self {
             page_size: config.mirror.page_size,
+            id_page_size: config.mirror.id_page_size,
+            full_sync_every: config.mirror.full_sync_every,
             max_delete_ratio: config.mirror.max_delete_ratio,
             interval: config.mirror.sync_interval.get(),
             jitter: config.mirror.sync_jitter,
@@ -292,6 +360,60 @@ pub struct Syncer {
     history: Arc<History>,
     /// One sync at a time.
     one_at_a_time: tokio::sync::Mutex<()>,
+    /// Cycles since the last full walk; the next is full at
+    /// `mirror.full_sync_every`.
+    since_full: AtomicU32,
+    /// What the upstream is, as far as known.
+    upstream_kind: Mutex<UpstreamKind>,
+}
+
+/// What the upstream is, as the probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamKind {
+    /// Not probed yet.
+    Unknown,
+    /// A Backstage catalog (no tier extension).
+    Backstage,
+    /// Another catalog-cache.
+    Tier,
+}
+
+impl UpstreamKind {
+    /// As `/status` names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Backstage => "backstage",
+            Self::Tier => "catalog-cache",
+        }
+    }
+}
+
+/// How one cycle read the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMethod {
+    /// Whole entities, page by page.
+    FullWalk,
+    /// Ids and etags, then by-refs for what changed.
+    IdWalk,
+    /// An upstream tier's changes feed.
+    Changes,
+    /// An upstream tier's 304: nothing moved.
+    NotModified,
+}
+
+/// What a cycle read: the next generation's entities, or the upstream's
+/// word that the mirror is as it is.
+enum Fetched {
+    Catalog {
+        entities: Vec<Arc<Entity>>,
+        confirmed: Confirmation,
+        method: SyncMethod,
+        /// The upstream tier's position the entities reflect.
+        position: Option<Position>,
+    },
+    NotModified(Confirmation),
 }
 
 impl Syncer {
@@ -319,6 +441,8 @@ impl Syncer {
             status,
             history,
             one_at_a_time: tokio::sync::Mutex::new(()),
+            since_full: AtomicU32::new(0),
+            upstream_kind: Mutex::new(UpstreamKind::Unknown),
         }
     }
 
@@ -327,109 +451,52 @@ impl Syncer {
         &self.status
     }
 
-    /// Reads the whole catalog from the upstream, page by page, and how the
-    /// origin confirmed it (as old as the oldest page says).
-    async fn fetch_catalog(&self) -> Result<(Vec<Entity>, Confirmation), SyncError> {
-        let policy = RetryPolicy {
-            initial: Duration::from_millis(100),
-            max_interval: Duration::from_secs(1),
-            max_elapsed: Some(self.settings.upstream_timeout * 2),
-            ..RetryPolicy::default()
-        };
-        let page_size = self.settings.page_size;
-        let mut entities: Vec<Entity> = Vec::new();
-        let mut cursor: Option<String> = None;
-        let mut expected: Option<usize> = None;
-        let mut confirmed: Option<Confirmation> = None;
-        for page in 1..=MAX_PAGES {
-            let path = match &cursor {
-                None => format!("/entities/by-query?limit={page_size}"),
-                Some(c) => format!(
-                    "/entities/by-query?limit={page_size}&cursor={}",
-                    encode_component(c)
-                ),
-            };
-            let response = self
-                .upstream
-                .call(
-                    Operation::SyncPage,
-                    &UpstreamRequest::get(path),
-                    Expect::Json,
-                    Some(&policy),
-                )
-                .await
-                .map_err(|source| SyncError::Page { page, source })?;
-            if !response.status.is_success() {
-                return Err(SyncError::Status {
-                    page,
-                    status: response.status,
-                });
-            }
-            let this = Confirmation::received(&response.provenance, self.clock.now());
-            match &mut confirmed {
-                Some(c) => c.merge(this),
-                None => confirmed = Some(this),
-            }
-            let parsed: Page<'_> =
-                serde_json::from_slice(&response.body).map_err(|e| SyncError::NotAPage {
-                    page,
-                    reason: e.to_string(),
-                })?;
-            // Backstage repeats page 1's totalItems on every page. A page that
-            // disagrees, or a walk that ends short of it, means the catalog
-            // changed under the walk or a page was cut short: applying it
-            // could drop entities that exist, so the sync fails instead.
-            match (expected, parsed.total_items) {
-                (None, Some(total)) => expected = Some(total),
-                (Some(first), Some(total)) if total != first => {
-                    return Err(SyncError::CountChanged { page, total, first })
-                }
-                _ => {}
-            }
-            for raw in parsed.items {
-                let entity = Entity::from_json(Bytes::copy_from_slice(raw.get().as_bytes()))
-                    .map_err(|source| SyncError::BadEntity { page, source })?;
-                entities.push(entity);
-            }
-            match parsed.page_info.next_cursor {
-                Some(next) if Some(&next) == cursor.as_ref() => {
-                    return Err(SyncError::RepeatedCursor { page })
-                }
-                Some(next) => cursor = Some(next),
-                None => {
-                    return match expected {
-                        Some(total) if total != entities.len() => Err(SyncError::ShortWalk {
-                            got: entities.len(),
-                            total,
-                        }),
-                        _ => Ok((
-                            entities,
-                            confirmed.unwrap_or_else(|| self.clock.now().into()),
-                        )),
-                    }
-                }
-            }
-        }
-        Err(SyncError::TooManyPages(MAX_PAGES))
-    }
-
     /// Runs one sync now (waiting for one in progress to end first).
     pub async fn sync_once(&self, accept_deletions: bool) -> SyncReport {
         let _one_at_a_time = self.one_at_a_time.lock().await;
         let started = Instant::now();
-        let fetched = self.fetch_catalog().await;
-        let report = match fetched {
-            Ok((entities, confirmed)) => {
-                self.apply_catalog(entities, confirmed, accept_deletions, started)
-                    .await
+        let fetched = self.fetch().await;
+        let mut report = match fetched {
+            Ok(Fetched::Catalog {
+                entities,
+                confirmed,
+                method,
+                position,
+            }) => {
+                let mut report = self
+                    .apply_catalog(entities, confirmed, accept_deletions, started)
+                    .await;
+                report.method = Some(method);
+                if matches!(report.result, SyncResult::Applied | SyncResult::Unchanged) {
+                    self.remember_position(position.as_ref());
+                }
+                report
             }
-            Err(error) => self.report(
-                SyncResult::Failed,
-                started,
-                ApplyStats::default(),
-                Some(error),
-            ),
+            Ok(Fetched::NotModified(confirmed)) => {
+                let mut report = self.confirm_unchanged(confirmed, started).await;
+                report.method = Some(SyncMethod::NotModified);
+                report
+            }
+            Err(error) => {
+                if error.calls_for_full_walk() {
+                    // The next cycle reads whole entities.
+                    self.since_full
+                        .store(self.settings.full_sync_every, Ordering::Relaxed);
+                }
+                let retry_after = error.retry_after();
+                let mut report = self.report(
+                    SyncResult::Failed,
+                    started,
+                    ApplyStats::default(),
+                    Some(error),
+                );
+                report.retry_after = retry_after;
+                report
+            }
         };
+        if report.result == SyncResult::Failed {
+            report.method = None;
+        }
         metrics::counter!(m::SYNCS_TOTAL, "result" => report.result.as_str()).increment(1);
         metrics::histogram!(m::SYNC_DURATION_SECONDS).record(report.duration_seconds);
         self.history.sync_done(
@@ -459,6 +526,197 @@ impl Syncer {
         report
     }
 
+    /// What the upstream is, as far as known.
+    pub fn upstream_kind(&self) -> UpstreamKind {
+        *lock(&self.upstream_kind)
+    }
+
+    fn set_upstream_kind(&self, kind: UpstreamKind) {
+        let mut slot = lock(&self.upstream_kind);
+        if *slot != kind {
+            tracing::info!(upstream = kind.as_str(), "upstream identified");
+        }
+        *slot = kind;
+        metrics::gauge!(m::UPSTREAM_TIER).set(if kind == UpstreamKind::Tier { 1.0 } else { 0.0 });
+    }
+
+    fn reader(&self) -> Reader<'_> {
+        Reader {
+            upstream: &self.upstream,
+            clock: &self.clock,
+            policy: RetryPolicy {
+                initial: Duration::from_millis(100),
+                max_interval: Duration::from_secs(1),
+                max_elapsed: Some(self.settings.upstream_timeout * 2),
+                ..RetryPolicy::default()
+            },
+        }
+    }
+
+    fn position(&self) -> Option<Position> {
+        self.mirror
+            .note(TIER_POSITION_NOTE)
+            .ok()
+            .flatten()
+            .and_then(|text| serde_json::from_str(&text).ok())
+    }
+
+    fn remember_position(&self, position: Option<&Position>) {
+        let text = position.and_then(|p| serde_json::to_string(p).ok());
+        if let Err(e) = self.mirror.set_note(TIER_POSITION_NOTE, text.as_deref()) {
+            tracing::warn!(error = %e, "cannot persist the upstream tier's position");
+        }
+    }
+
+    /// Reads what this cycle needs from the upstream (see the module docs).
+    async fn fetch(&self) -> Result<Fetched, SyncError> {
+        let reader = self.reader();
+        let current = self.generations.current();
+        let cycle = self.since_full.load(Ordering::Relaxed);
+        let full_due = current.is_none() || cycle + 1 >= self.settings.full_sync_every;
+        let mut position = None;
+        // A known Backstage is probed again only on full cycles, so that an
+        // upstream replaced by a tier (or the other way round) is noticed.
+        if self.upstream_kind() != UpstreamKind::Backstage || full_due {
+            let known = current.as_ref().and(self.position());
+            match tier::probe(&reader, known.as_ref()).await? {
+                Probe::Backstage => self.set_upstream_kind(UpstreamKind::Backstage),
+                Probe::Unchanged(confirmed) => {
+                    self.set_upstream_kind(UpstreamKind::Tier);
+                    self.since_full.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Fetched::NotModified(confirmed));
+                }
+                Probe::Tier(info, confirmed) => {
+                    self.set_upstream_kind(UpstreamKind::Tier);
+                    if let (Some(current), Some(from)) = (&current, &known) {
+                        if from.epoch == info.epoch && !full_due {
+                            match tier::follow(&reader, from, &info, current.index.entities())
+                                .await?
+                            {
+                                Follow::Next(entities, mut changes_confirmed) => {
+                                    changes_confirmed.merge(confirmed);
+                                    self.since_full.fetch_add(1, Ordering::Relaxed);
+                                    return Ok(Fetched::Catalog {
+                                        entities,
+                                        confirmed: changes_confirmed,
+                                        method: SyncMethod::Changes,
+                                        position: Some(Position::from(&info)),
+                                    });
+                                }
+                                Follow::Gone => tracing::info!(
+                                    epoch = %from.epoch,
+                                    since = from.generation,
+                                    "the upstream tier's changes feed no longer covers this mirror; walking it"
+                                ),
+                            }
+                        }
+                    }
+                    position = Some(Position::from(&info));
+                }
+            }
+        }
+        if !full_due {
+            match self.id_walk(&reader, current.as_deref()).await {
+                Ok((entities, confirmed)) => {
+                    self.since_full.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Fetched::Catalog {
+                        entities,
+                        confirmed,
+                        method: SyncMethod::IdWalk,
+                        position,
+                    });
+                }
+                // An upstream that contradicts itself is walked whole at
+                // once; one that fails is walked whole next cycle.
+                Err(e) if e.is_inconsistency() => {
+                    tracing::info!(error = %e, "the id-walk was inconsistent; walking whole entities");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (entities, confirmed) = reader.full_walk(self.settings.page_size).await?;
+        self.since_full.store(0, Ordering::Relaxed);
+        Ok(Fetched::Catalog {
+            entities,
+            confirmed,
+            method: SyncMethod::FullWalk,
+            position,
+        })
+    }
+
+    /// An id-walk, then by-refs for what is new or changed since `current`.
+    async fn id_walk(
+        &self,
+        reader: &Reader<'_>,
+        current: Option<&Generation>,
+    ) -> Result<(Vec<Arc<Entity>>, Confirmation), SyncError> {
+        let (listed, mut confirmed) = reader.id_walk(self.settings.id_page_size).await?;
+        let mut entities = Vec::with_capacity(listed.len());
+        let mut wanted = Vec::new();
+        for item in &listed {
+            match current.and_then(|g| g.index.by_uid(&item.uid)) {
+                Some(old) if old.etag == item.etag => entities.push(old.clone()),
+                _ => wanted.push(item),
+            }
+        }
+        if !wanted.is_empty() {
+            let (fetched, fetched_confirmed) = reader.by_refs(&wanted).await?;
+            entities.extend(fetched);
+            if let Some(c) = fetched_confirmed {
+                confirmed.merge(c);
+            }
+        }
+        Ok((entities, confirmed))
+    }
+
+    /// The upstream tier confirmed the mirror as it is (a 304).
+    async fn confirm_unchanged(&self, confirmed: Confirmation, started: Instant) -> SyncReport {
+        let Some(current) = self.generations.current() else {
+            return self.report(
+                SyncResult::Failed,
+                started,
+                ApplyStats::default(),
+                Some(SyncError::Inconsistent(
+                    "the upstream tier answered 304 to a mirror with no generation".into(),
+                )),
+            );
+        };
+        let keep: HashSet<Arc<str>> = current.index.entities().map(|e| e.uid.clone()).collect();
+        let stats = ApplyStats {
+            unchanged: keep.len(),
+            ..ApplyStats::default()
+        };
+        match self.confirm(&current, confirmed, keep).await {
+            Ok(()) => {
+                self.clear_held(false);
+                self.report(SyncResult::Unchanged, started, stats, None)
+            }
+            Err(e) => self.report(SyncResult::Failed, started, stats, Some(e)),
+        }
+    }
+
+    /// Marks `current` as confirmed again and installs it so.
+    async fn confirm(
+        &self,
+        current: &Generation,
+        confirmed: Confirmation,
+        keep: HashSet<Arc<str>>,
+    ) -> Result<(), SyncError> {
+        let mirror = self.mirror.clone();
+        let done = tokio::task::spawn_blocking(move || mirror.confirm(confirmed, &keep))
+            .await
+            .map_err(|e| SyncError::Internal(e.to_string()))?;
+        if let Some(meta) = done? {
+            metrics::gauge!(m::UPSTREAM_STALE).set(if meta.upstream_stale { 1.0 } else { 0.0 });
+            self.generations.install(Generation {
+                index: current.index.clone(),
+                meta,
+                confirmed: current.confirmed.clone(),
+            });
+        }
+        Ok(())
+    }
+
     fn report(
         &self,
         result: SyncResult,
@@ -476,6 +734,8 @@ impl Syncer {
             unchanged: stats.unchanged,
             generation: self.generations.current().map(|g| g.meta.id),
             error: error.map(|e| e.to_string()),
+            method: None,
+            retry_after: None,
         }
     }
 
@@ -490,7 +750,7 @@ impl Syncer {
 
     async fn apply_catalog(
         &self,
-        entities: Vec<Entity>,
+        entities: Vec<Arc<Entity>>,
         confirmed: Confirmation,
         accept_deletions: bool,
         started: Instant,
@@ -507,7 +767,7 @@ impl Syncer {
             }
             match current.as_ref().and_then(|g| g.index.by_uid(&entity.uid)) {
                 Some(old) if old.etag == entity.etag => next.push(old.clone()),
-                _ => next.push(Arc::new(entity)),
+                _ => next.push(entity),
             }
         }
         drop(seen);
@@ -529,26 +789,14 @@ impl Syncer {
         let now = self.clock.now();
         if diff.is_empty() {
             if let Some(current) = &current {
-                let mirror = self.mirror.clone();
                 let keep = diff.members.clone();
-                let confirmation = confirmed.clone();
-                let confirmed =
-                    tokio::task::spawn_blocking(move || mirror.confirm(confirmation, &keep)).await;
-                match confirmed {
-                    Ok(Ok(Some(meta))) => {
-                        self.generations.install(Generation {
-                            index: current.index.clone(),
-                            meta,
-                            confirmed: current.confirmed.clone(),
-                        });
+                return match self.confirm(current, confirmed, keep).await {
+                    Ok(()) => {
                         self.clear_held(accept_deletions);
-                        return self.report(SyncResult::Unchanged, started, stats, None);
+                        self.report(SyncResult::Unchanged, started, stats, None)
                     }
-                    Ok(Err(e)) => {
-                        return self.report(SyncResult::Failed, started, stats, Some(e.into()))
-                    }
-                    _ => {}
-                }
+                    Err(e) => self.report(SyncResult::Failed, started, stats, Some(e)),
+                };
             }
         }
         let mirror = self.mirror.clone();
@@ -593,6 +841,7 @@ impl Syncer {
                 }
             }
         }
+        metrics::gauge!(m::UPSTREAM_STALE).set(if meta.upstream_stale { 1.0 } else { 0.0 });
         self.generations.install(Generation::new(index, meta));
         if accept_deletions && stats.removed > 0 {
             let to = format!("{} removed", stats.removed);
@@ -664,10 +913,14 @@ impl Syncer {
     }
 
     /// The loop: sync, then wait for the interval (± jitter), a trigger,
-    /// or — after a failure — the backoff delay or the breaker's probe time.
+    /// or — after a failure — the backoff delay (full jitter), the
+    /// upstream's `Retry-After`, or the breaker's probe time.
+    ///
+    /// With a mirror already loaded, the first sync waits a random share of
+    /// the interval, so a fleet restarted together does not sync in step.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let backoff = || {
-            retry::next_delays(&RetryPolicy {
+            retry::next_delays_full_jitter(&RetryPolicy {
                 initial: Duration::from_secs(1),
                 max_interval: self.settings.interval,
                 max_elapsed: None,
@@ -676,17 +929,35 @@ impl Syncer {
         };
         let mut failures = backoff();
         let mut transitions = self.breaker.subscribe();
+        if self.generations.current().is_some() {
+            let phase = self.first_phase();
+            tracing::debug!(
+                phase_seconds = phase.as_secs_f64(),
+                "first sync at a random phase of the interval"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(phase) => {}
+                _ = self.status.trigger.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
         loop {
             let report = self.sync_once(false).await;
             let wait = match report.result {
                 SyncResult::Failed => {
-                    let delay = failures.next().unwrap_or(self.settings.interval);
-                    match self.breaker.next_probe_at() {
-                        Some(at) => at
+                    // Full jitter can draw a near-zero delay; a floor keeps
+                    // a failing upstream from being hammered.
+                    let delay = failures
+                        .next()
+                        .unwrap_or(self.settings.interval)
+                        .max(Duration::from_millis(100));
+                    match (report.retry_after, self.breaker.next_probe_at()) {
+                        (Some(asked), _) => asked.max(delay),
+                        (None, Some(at)) => at
                             .saturating_duration_since(tokio::time::Instant::now())
                             .max(Duration::from_millis(50))
                             .min(delay.max(Duration::from_millis(50))),
-                        None => delay,
+                        (None, None) => delay,
                     }
                 }
                 _ => {
@@ -725,6 +996,24 @@ impl Syncer {
                 return;
             }
         }
+    }
+
+    /// When the first sync after a start runs: a uniformly random point of
+    /// the interval, but no later than one interval after the mirror was
+    /// last checked (a sidecar keeps roughly the phase it had; one whose
+    /// mirror is older syncs at once).
+    fn first_phase(&self) -> Duration {
+        let random = self
+            .settings
+            .interval
+            .mul_f64(rand::rng().random_range(0.0..1.0));
+        let since_checked = self
+            .generations
+            .current()
+            .map_or(self.settings.interval, |g| {
+                self.clock.since(g.meta.checked_at)
+            });
+        random.min(self.settings.interval.saturating_sub(since_checked))
     }
 
     fn jittered_interval(&self) -> Duration {
