@@ -262,6 +262,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn full_jitter_spreads_each_delay_over_zero_to_its_ceiling() {
+        let ms = |n| Duration::from_millis(n);
+        let mut firsts = Vec::new();
+        for _ in 0..200 {
+            let delays: Vec<_> = next_delays_full_jitter(&policy()).take(8).collect();
+            let ceilings = [100, 200, 400, 800, 1600, 2000, 2000, 2000];
+            for (d, c) in delays.iter().zip(ceilings) {
+                assert!(*d <= ms(c), "{delays:?}");
+            }
+            firsts.push(delays[5]);
+        }
+        // Spread over the whole window, not bunched at its ceiling.
+        assert!(firsts.iter().any(|d| *d < ms(500)), "{firsts:?}");
+        assert!(firsts.iter().any(|d| *d > ms(1500)), "{firsts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn next_delays_end_after_max_elapsed() {
         let mut delays = next_delays(&RetryPolicy {
             max_elapsed: Some(Duration::from_secs(1)),

@@ -1027,3 +1027,54 @@ impl Syncer {
         Duration::from_secs_f64(interval * factor)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    fn status(code: u16, retry_after: Option<u64>) -> SyncError {
+        SyncError::Page {
+            page: 1,
+            source: UpstreamError::Status {
+                status: StatusCode::from_u16(code).unwrap(),
+                retry_after: retry_after.map(Duration::from_secs),
+            },
+        }
+    }
+
+    #[test]
+    fn an_upstream_s_retry_after_is_waited_and_capped() {
+        assert_eq!(
+            status(429, Some(30)).retry_after(),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            status(503, Some(86_400)).retry_after(),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(status(503, None).retry_after(), None);
+        // Asked to wait, the call is not retried within the cycle.
+        let SyncError::Page { source, .. } = status(429, Some(5)) else {
+            unreachable!()
+        };
+        assert!(!source.retryable());
+        let SyncError::Page { source, .. } = status(503, None) else {
+            unreachable!()
+        };
+        assert!(source.retryable());
+    }
+
+    #[test]
+    fn what_makes_the_next_cycle_a_full_walk() {
+        assert!(status(500, None).calls_for_full_walk());
+        assert!(SyncError::Inconsistent("x".into()).calls_for_full_walk());
+        assert!(SyncError::Inconsistent("x".into()).is_inconsistency());
+        assert!(!status(500, None).is_inconsistency());
+        let saturated = SyncError::Page {
+            page: 1,
+            source: UpstreamError::Saturated(3),
+        };
+        assert!(!saturated.calls_for_full_walk(), "nothing was sent");
+    }
+}

@@ -167,6 +167,9 @@ impl Builder {
         c.mirror.sync_interval = Dur(self.sync_interval);
         c.mirror.sync_jitter = 0.0;
         c.mirror.page_size = self.page_size;
+        // Id-walks page as small as full walks, so that every sync reads
+        // several pages whichever way it walks.
+        c.mirror.id_page_size = self.page_size;
         c.mirror.max_delete_ratio = self.max_delete_ratio;
         c.freshness.fresh_for = Dur(self.fresh_for);
         c.freshness.revalidate_budget = Dur(self.budget);
