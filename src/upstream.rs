@@ -161,9 +161,15 @@ pub enum UpstreamError {
     /// 503 then says.
     #[error("the upstream tier serves stale data (the origin catalog confirmed it {} ago)", humantime::format_duration(Duration::from_secs(.0.as_secs())))]
     TierStale(Duration),
-    /// The upstream's answer was not what a catalog sends (bad JSON, wrong type, cut short).
+    /// The upstream's answer was not what a catalog sends (cut short, too
+    /// large, undecodable).
     #[error("the upstream catalog sent a malformed answer: {0}")]
     Malformed(String),
+    /// A complete answer, but not JSON (a wrong content type, an HTML
+    /// sign-in page, invalid JSON). On a read-through route this says the
+    /// route is broken, not the upstream: the breaker does not count it.
+    #[error("the upstream catalog sent a malformed answer: {0}")]
+    NotJson(String),
 }
 
 impl UpstreamError {
@@ -369,6 +375,11 @@ impl Upstream {
             }
             // Another 4xx: the client's request was wrong, not the upstream.
             Ok(_) => drop(permit),
+            // One read-through route answering a sign-in page (a proxy in
+            // front of the catalog, a misrouted path) must not open the
+            // breaker for everyone: sync pages and entity reads, which
+            // every catalog answers in JSON, still judge the upstream.
+            Err(UpstreamError::NotJson(_)) if op == Operation::ReadThrough => drop(permit),
             Err(_) => permit.failure(),
         }
         result
@@ -474,12 +485,12 @@ impl Upstream {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             if !content_type.is_empty() && !content_type.contains("json") {
-                return Err(UpstreamError::Malformed(format!(
+                return Err(UpstreamError::NotJson(format!(
                     "expected JSON, got content type {content_type}"
                 )));
             }
             if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&response.body) {
-                return Err(UpstreamError::Malformed(format!("invalid JSON: {e}")));
+                return Err(UpstreamError::NotJson(format!("invalid JSON: {e}")));
             }
         }
         Ok(response)

@@ -242,6 +242,9 @@ impl Timings {
             ),
             ("CATALOG_CACHE_BREAKER_OPEN_FOR", ms(self.open_for)),
             ("CATALOG_CACHE_BREAKER_MAX_OPEN", ms(self.max_open)),
+            // Id-walks page like full walks (500 a page), so that every
+            // sync reads several pages whichever way it walks.
+            ("CATALOG_CACHE_MIRROR_ID_PAGE_SIZE", "500".to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

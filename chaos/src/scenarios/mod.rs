@@ -87,8 +87,11 @@ pub const WEAKENINGS: &[Weakening] = &[
     },
     Weakening {
         name: "one-page",
-        about: "mirror.page_size = 10000: the whole catalog is one page, so the failing third page is never asked for and the sync applies",
-        env: &[("CATALOG_CACHE_MIRROR_PAGE_SIZE", "10000")],
+        about: "mirror.page_size = mirror.id_page_size = 10000: the whole catalog is one page, so the failing third page is never asked for and the sync applies",
+        env: &[
+            ("CATALOG_CACHE_MIRROR_PAGE_SIZE", "10000"),
+            ("CATALOG_CACHE_MIRROR_ID_PAGE_SIZE", "10000"),
+        ],
         breaks: &["fail-page"],
         action: None,
     },
