@@ -580,6 +580,14 @@ fn router(app: App) -> Router {
     Router::new()
         .nest(MOUNT, routes)
         .fallback(not_found)
+        // Backstage's backend compresses answers over 1 KB for clients that
+        // ask (the `compression` middleware): sync traffic is measured as a
+        // real catalog would send it. Faults act on the bytes as sent.
+        .layer(
+            tower_http::compression::CompressionLayer::new()
+                .gzip(true)
+                .compress_when(tower_http::compression::predicate::SizeAbove::new(1024)),
+        )
         .layer(middleware::from_fn_with_state(app.clone(), auth))
         .layer(middleware::from_fn(render_errors))
         .layer(middleware::from_fn_with_state(app.clone(), apply_faults))
