@@ -2,7 +2,7 @@
 //!
 //! - `GET /livez` — 200 while the process serves.
 //! - `GET /readyz` — 200 when reads can be served (independent of the upstream), else 503 with the reason.
-//! - `GET /status` — JSON: breaker, stale policy, mirror, last sync, held deletions, upstream error, audit.
+//! - `GET /status` — JSON: breaker, stale policy, freshness, mirror, last sync, held deletions, upstream error, audit.
 //! - `GET /history` — JSON: the last hour, second by second (reads by outcome, data age, breaker
 //!   state) and its syncs; what the status page charts.
 //! - `GET /` — the status page (self-contained HTML).
@@ -203,6 +203,7 @@ struct Status {
     ready_reason: String,
     breaker: BreakerView,
     stale: StaleView,
+    freshness: FreshnessView,
     mirror: Option<MirrorView>,
     last_sync: Option<crate::sync::SyncReport>,
     held_deletions: Option<crate::sync::HeldDeletions>,
@@ -227,6 +228,13 @@ struct StaleView {
     max_stale_seconds: u64,
     set_by: String,
     reason: Option<String>,
+}
+
+/// Data younger than `fresh_for` is served as fresh; older data is
+/// revalidated, and served stale when the upstream cannot answer.
+#[derive(Serialize)]
+struct FreshnessView {
+    fresh_for_seconds: f64,
 }
 
 #[derive(Serialize)]
@@ -313,6 +321,9 @@ async fn status(State(state): State<AdminState>) -> Response {
         ready_reason: readiness.reason,
         breaker: breaker_view(&state),
         stale: stale_view(&state),
+        freshness: FreshnessView {
+            fresh_for_seconds: state.fresh_for.as_secs_f64(),
+        },
         mirror,
         last_sync: sync.last_sync(),
         held_deletions: sync.held_deletions(),

@@ -49,6 +49,9 @@ async fn the_hour_of_reads_adds_up_to_the_request_metrics() {
     // Let the next second close.
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let history = ts.admin_get("/history").await.json();
+    // The status page marks fresh_for on its data-age chart.
+    let status = ts.admin_get("/status").await.json();
+    assert_eq!(status["freshness"]["fresh_for_seconds"], 90.0);
     let metrics = String::from_utf8_lossy(&ts.admin_get("/metrics").await.body).into_owned();
     for outcome in ["hit", "stale", "refused", "error"] {
         let in_history: u64 = history["reads"][outcome]

@@ -1,8 +1,10 @@
 // A stand-in for catalog-cache's admin listener, just enough for the status
-// page: GET / (the real src/status_page.html), GET /status, GET/PUT
+// page: GET / (the real src/status_page.html), GET /status, GET /history (an
+// hour that ends in an upstream outage, see mockHistory), GET/PUT
 // /admin/breaker and /admin/stale with the bearer-token check and the
 // Backstage-shaped 401. It lets the page be developed and tested without a
-// build of the sidecar. Run alone: `node mock_admin.mjs` (PORT, ADMIN_TOKEN).
+// build of the sidecar. Run alone: `node mock_admin.mjs` (PORT, ADMIN_TOKEN,
+// MOCK_SCENARIO=outage).
 import http from 'node:http';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -43,6 +45,86 @@ export function outage(state) {
   state.audit.push({ at: ago(420), actor: 'breaker', subject: 'breaker_state', from: 'closed', to: 'open', reason: '5 consecutive failures' });
 }
 
+const OUTCOMES = ['hit', 'miss', 'stale', 'refused', 'error', 'bypass'];
+/** The outage in mockHistory starts this long before the mock did, as in outage(). */
+export const OUTAGE_SECONDS = 420;
+const FRESH_FOR = 90;
+
+// A repeatable pseudo-random number in [0, 1) for second t and stream k.
+function rnd(t, k) {
+  const x = Math.sin(t * 12.9898 + k * 78.233) * 43758.5453;
+  return x - Math.floor(x);
+}
+
+/**
+ * GET /history as the sidecar answers it: the hour of seconds ending at
+ * `end` (Unix seconds), each a pure function of its second. The sidecar
+ * started an hour before `start` (the first seconds have no generation yet).
+ * Until `start - OUTAGE_SECONDS` the upstream is fine: mostly fresh reads,
+ * some revalidated, a rare client error and write, a sync a minute (a few
+ * held deletions on the way). Then it refuses connections: reads stay fresh
+ * until the data is older than fresh_for, then turn stale, the odd one
+ * refused (no local copy); the breaker is open with a half-open probe a
+ * minute; every sync fails.
+ */
+export function mockHistory(start, end = start, seconds = 3600) {
+  const born = start - 3600 + 3;
+  const outageFrom = start - OUTAGE_SECONDS;
+  const syncEnds = (t) => t % 60 === 7; // a sync ends at :07 of each minute
+  let lastConfirmed = null;
+  // Replay from the sidecar's start so data age is continuous.
+  const at = [];
+  const reads = Object.fromEntries(OUTCOMES.map((o) => [o, []]));
+  const dataAge = [];
+  const breaker = [];
+  const syncs = [];
+  const totals = Object.fromEntries(OUTCOMES.map((o) => [o, 0]));
+  const first = end - seconds + 1;
+  for (let t = Math.min(born, first); t <= end; t += 1) {
+    const up = t < outageFrom;
+    let sync = null;
+    if (t >= born && syncEnds(t)) {
+      if (!up) sync = { at: t, result: 'failed', duration_seconds: rnd(t, 9) < 0.5 ? 2.0 : 0.01 + rnd(t, 8) * 0.02 };
+      else if (t > start - 1800 && t < start - 1560) sync = { at: t, result: 'held', duration_seconds: 0.6 + rnd(t, 8) * 0.3 };
+      else sync = { at: t, result: rnd(t, 7) < 0.25 ? 'applied' : 'unchanged', duration_seconds: 0.3 + rnd(t, 8) * 0.35 };
+      if (sync.result !== 'failed') lastConfirmed = t;
+    } else if (t === born) {
+      sync = { at: t, result: 'applied', duration_seconds: 1.4 };
+      lastConfirmed = t;
+    }
+    const age = lastConfirmed == null ? null : t - lastConfirmed + 0.25;
+    const open = !up && (t - outageFrom) >= 3;
+    const load = t < born ? 0 : Math.round(14 + 8 * Math.sin(t / 300) + rnd(t, 1) * 6);
+    const row = { hit: 0, miss: 0, stale: 0, refused: 0, error: 0, bypass: 0 };
+    if (age == null) row.refused = load ? 1 : 0;
+    else if (age < FRESH_FOR) {
+      row.hit = load;
+      if (up && rnd(t, 2) < 0.3) row.miss = 1 + Math.floor(rnd(t, 3) * 3); // uncached queries
+    } else if (up) {
+      row.miss = load;
+    } else {
+      row.stale = load;
+      if (rnd(t, 4) < 0.2) row.refused = 1 + Math.floor(rnd(t, 5) * 2);
+    }
+    if (t >= born && rnd(t, 6) < 0.02) row.error = 1;
+    if (t >= born && rnd(t, 10) < 0.03) row.bypass = 1;
+    for (const o of OUTCOMES) totals[o] += row[o]; // since the start, as /metrics counts
+    if (t < first) continue;
+    if (sync) syncs.push(sync);
+    at.push(t);
+    dataAge.push(age);
+    breaker.push(t < born ? null : !open ? 'closed' : (t - outageFrom) % 60 === 59 ? 'half_open' : 'open');
+    for (const o of OUTCOMES) reads[o].push(row[o]);
+  }
+  return { at, reads, data_age_seconds: dataAge, breaker, syncs, totals };
+}
+
+/** An answer with no seconds yet, as right after the sidecar started. */
+export function emptyHistory() {
+  return { at: [], reads: Object.fromEntries(OUTCOMES.map((o) => [o, []])), data_age_seconds: [], breaker: [], syncs: [],
+    totals: Object.fromEntries(OUTCOMES.map((o) => [o, 0])) };
+}
+
 /** Starts the mock on 127.0.0.1; resolves to { url, server, state, close() }. */
 export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
   const now = () => new Date().toISOString().replace(/\.\d+Z$/, 'Z');
@@ -53,12 +135,18 @@ export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
     ready_reason: 'mirror generation 3 loaded',
     breaker: { state: 'closed', mode: 'auto', reason: null, since: now(), mode_expires_at: null, consecutive_failures: 0 },
     stale: { policy: 'serve', max_stale_seconds: 86400 },
+    freshness: { fresh_for_seconds: FRESH_FOR },
     mirror: { generation: 3, entities: 5000, synced_at: now(), data_age_seconds: 12.3 },
     last_sync: { result: 'applied', at: now(), duration_seconds: 0.41, added: 0, changed: 3, removed: 0, unchanged: 4997, error: null },
     held_deletions: null,
     upstream: { url: 'http://127.0.0.1:7007/api/catalog', last_error: null },
     audit: [{ at: now(), actor: 'config', subject: 'stale_policy', from: 'serve', to: 'serve', reason: 'loaded from config/catalog-cache.toml' }],
+    // What GET /history answers: 'hour' (mockHistory), 'empty', 'truncated'
+    // (a 200 whose JSON is cut off), 'malformed' (columns of unequal length)
+    // or 'error' (a 500).
+    history: 'hour',
   };
+  const startSec = Math.floor(startedAt / 1000);
 
   // Like the sidecar: the actor header names the CLI or the status page.
   const audit = (subject, from, to, reason, actor = 'admin-token') => {
@@ -94,6 +182,15 @@ export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
     try {
       if (req.method === 'GET' && url.pathname === '/') return send(res, 200, readFileSync(PAGE, 'utf8'), 'text/html; charset=utf-8');
       if (req.method === 'GET' && url.pathname === '/status') return send(res, 200, { ...state, audit: [...state.audit].reverse() }); // newest first, as the sidecar sends it
+      if (req.method === 'GET' && url.pathname === '/history') {
+        const h = state.history;
+        if (h === 'empty') return send(res, 200, emptyHistory());
+        if (h === 'error') return send(res, 500, backstageError(req, 500, 'Error', 'history is broken on purpose'));
+        const body = mockHistory(startSec, Math.floor(Date.now() / 1000));
+        if (h === 'malformed') { body.reads.stale = body.reads.stale.slice(1); return send(res, 200, body); }
+        if (h === 'truncated') return send(res, 200, JSON.stringify(body).slice(0, 1000), 'application/json; charset=utf-8');
+        return send(res, 200, body);
+      }
       if (req.method === 'GET' && url.pathname === '/livez') return send(res, 200, { status: 'ok' });
       if (req.method === 'GET' && url.pathname === '/readyz') return send(res, 200, { ready: true, reason: state.ready_reason });
       if (req.method === 'GET' && url.pathname === '/admin/breaker') return send(res, 200, state.breaker);
