@@ -4,7 +4,7 @@
 // /admin/breaker and /admin/stale with the bearer-token check and the
 // Backstage-shaped 401. It lets the page be developed and tested without a
 // build of the sidecar. Run alone: `node mock_admin.mjs` (PORT, ADMIN_TOKEN,
-// MOCK_SCENARIO=outage).
+// MOCK_SCENARIO=outage, MOCK_HISTORY=hour|empty|short).
 import http from 'node:http';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -125,6 +125,19 @@ export function emptyHistory() {
     totals: Object.fromEntries(OUTCOMES.map((o) => [o, 0])) };
 }
 
+/**
+ * A history only a few seconds long, as a few seconds after the sidecar
+ * started: no generation in the first second (no data age), one sync, a
+ * handful of reads, the breaker closed.
+ */
+export function shortHistory(end) {
+  const at = [end - 3, end - 2, end - 1, end];
+  const reads = { hit: [0, 2, 3, 1], miss: [0, 1, 0, 0], stale: [0, 0, 0, 0], refused: [1, 0, 0, 0], error: [0, 0, 0, 0], bypass: [0, 0, 0, 0] };
+  const totals = Object.fromEntries(OUTCOMES.map((o) => [o, reads[o].reduce((a, b) => a + b, 0)]));
+  return { at, reads, data_age_seconds: [null, 0.2, 1.2, 2.2], breaker: ['closed', 'closed', 'closed', 'closed'],
+    syncs: [{ at: end - 2, result: 'applied', duration_seconds: 0.8 }], totals };
+}
+
 /** Starts the mock on 127.0.0.1; resolves to { url, server, state, close() }. */
 export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
   const now = () => new Date().toISOString().replace(/\.\d+Z$/, 'Z');
@@ -141,9 +154,10 @@ export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
     held_deletions: null,
     upstream: { url: 'http://127.0.0.1:7007/api/catalog', last_error: null },
     audit: [{ at: now(), actor: 'config', subject: 'stale_policy', from: 'serve', to: 'serve', reason: 'loaded from config/catalog-cache.toml' }],
-    // What GET /history answers: 'hour' (mockHistory), 'empty', 'truncated'
-    // (a 200 whose JSON is cut off), 'malformed' (columns of unequal length)
-    // or 'error' (a 500).
+    // What GET /history answers: 'hour' (mockHistory), 'empty', 'short'
+    // (shortHistory), 'truncated' (a 200 whose JSON is cut off), 'malformed'
+    // (columns of unequal length), 'error' (a 500) or 'hang' (no answer for
+    // 30 s).
     history: 'hour',
   };
   const startSec = Math.floor(startedAt / 1000);
@@ -185,7 +199,9 @@ export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
       if (req.method === 'GET' && url.pathname === '/history') {
         const h = state.history;
         if (h === 'empty') return send(res, 200, emptyHistory());
+        if (h === 'short') return send(res, 200, shortHistory(Math.floor(Date.now() / 1000)));
         if (h === 'error') return send(res, 500, backstageError(req, 500, 'Error', 'history is broken on purpose'));
+        if (h === 'hang') { setTimeout(() => res.destroyed || send(res, 200, emptyHistory()), 30_000).unref(); return undefined; }
         const body = mockHistory(startSec, Math.floor(Date.now() / 1000));
         if (h === 'malformed') { body.reads.stale = body.reads.stale.slice(1); return send(res, 200, body); }
         if (h === 'truncated') return send(res, 200, JSON.stringify(body).slice(0, 1000), 'application/json; charset=utf-8');
@@ -235,7 +251,8 @@ export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
     server.once('error', reject);
     server.listen(port, '127.0.0.1', () => {
       const { port: p } = server.address();
-      resolve({ url: `http://127.0.0.1:${p}`, server, state, close: () => new Promise((r) => server.close(r)) });
+      resolve({ url: `http://127.0.0.1:${p}`, server, state,
+        close: () => new Promise((r) => { server.close(r); server.closeAllConnections(); }) });
     });
   });
 }
@@ -244,5 +261,6 @@ if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.me
   const token = process.env.ADMIN_TOKEN || 'test-admin-token';
   const m = await startMock({ port: Number(process.env.PORT || 7071), token });
   if (process.env.MOCK_SCENARIO === 'outage') outage(m.state);
+  if (process.env.MOCK_HISTORY) m.state.history = process.env.MOCK_HISTORY;
   console.log(`mock admin listener on ${m.url} (token: ${token})`);
 }

@@ -17,6 +17,9 @@
 //     PROXY_URL=http://127.0.0.1:7070/api/catalog node outage_screenshot.mjs
 //
 // (fresh_for shorter than the sync interval, so some reads are revalidated.)
+// Or, with the same URLs, the demo (fresh_for 15s, a sync every 10s):
+//
+//   target/debug/catalog-cache demo --entities 500 --data-dir /tmp/shot &
 //
 //   OUT                 the PNG (default docs/status-page-outage.png)
 //   NORMAL_S, OUTAGE_S  seconds of each phase (default 75 and 75)

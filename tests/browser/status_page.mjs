@@ -4,9 +4,12 @@
 // flips the stale policy to refuse and back, and checks that a wrong token is
 // reported as a 401. The charts of the last hour (GET history): each is an
 // SVG with its series, and the totals each draws equal the sums of the
-// columns of the very history answer it drew. Against the mock: "no data
-// yet" before the first sample, an hour ending in an outage, and broken
-// history answers that leave the rest of the page working. Against a real
+// columns of the very history answer it drew, no coordinate is NaN, and the
+// charts are redrawn as new seconds arrive. Against the mock: "no data yet"
+// before the first sample, a history of a few seconds, an hour ending in an
+// outage (drawn where it happened: the breaker band turns open and the reads
+// turn stale at the right end, after the fresh reads), and broken history
+// answers that leave the rest of the page working. Against a real
 // sidecar with CONTROL_URL and PROXY_URL: the upstream refuses connections
 // while the test reads, and the charts then show stale reads and the breaker
 // open (the fault is cleared at the end). Exits non-zero on the first failure.
@@ -69,7 +72,7 @@ const assert = (cond, msg) => { if (!cond) throw new Error(msg); };
 
 // Waits until the element's text satisfies pred(text, arg), so the 2 s poll
 // cannot race the check. pred runs in the page: it sees only its arguments.
-async function waitText(page, selector, pred, what, arg = null) {
+async function waitText(page, selector, pred, what, arg = null, timeout = TIMEOUT_MS) {
   try {
     await page.waitForFunction(
       ([sel, src, a]) => {
@@ -78,7 +81,7 @@ async function waitText(page, selector, pred, what, arg = null) {
         return el && new Function('t', 'a', `return (${src})(t, a)`)(el.textContent.trim(), a);
       },
       [selector, pred.toString(), arg],
-      { timeout: TIMEOUT_MS },
+      { timeout },
     );
   } catch {
     const actual = await page.locator(selector).textContent().catch(() => '<missing>');
@@ -130,6 +133,47 @@ function drawnCharts(page) {
       note: document.getElementById('history-note').textContent,
     };
   }, [CHARTS]);
+}
+
+// Attributes of the charts' SVG that hold NaN, Infinity or undefined: a
+// drawing bug that the browser would silently not draw.
+function badAttributes(page) {
+  return page.evaluate(() => {
+    const bad = [];
+    for (const el of document.querySelectorAll('#history svg, #history svg *')) {
+      for (const a of el.attributes) {
+        if (/NaN|Infinity|undefined/.test(a.value)) bad.push(`<${el.tagName} ${a.name}="${a.value.slice(0, 60)}">`);
+      }
+    }
+    return bad.slice(0, 5);
+  });
+}
+
+// Where the hour's outage is drawn, in the SVG's pixels: the plot's left and
+// right (the reads chart's base line), the breaker's closed and open runs,
+// and the x columns (every 2 px) where the reads chart fills each outcome.
+function outagePlacement(page) {
+  return page.evaluate(() => {
+    const base = document.querySelector('#chart-reads svg line.base');
+    const left = Number(base.getAttribute('x1'));
+    const right = Number(base.getAttribute('x2'));
+    const runs = (state) => [...document.querySelectorAll(`#chart-breaker svg g[data-series="${state}"] rect`)]
+      .map((r) => [Number(r.getAttribute('x')), Number(r.getAttribute('x')) + Number(r.getAttribute('width'))]);
+    const top = Number(document.querySelector('#chart-reads svg line.grid[y1]')?.getAttribute('y1') || 0);
+    const bottom = Number(base.getAttribute('y1'));
+    const filled = (series) => {
+      const path = document.querySelector(`#chart-reads svg path[data-series="${series}"]`);
+      const xs = [];
+      for (let x = left + 1; x < right; x += 2) {
+        for (let y = top; y <= bottom; y += 1) {
+          if (path.isPointInFill(new DOMPoint(x, y))) { xs.push(x); break; }
+        }
+      }
+      return xs;
+    };
+    return { left, right, closed: runs('closed'), open: runs('open'), half: runs('half_open'),
+      hit: filled('hit'), stale: filled('stale') };
+  });
 }
 
 function compareCharts(drawn, want) {
@@ -228,12 +272,28 @@ try {
         assert(label && label.endsWith('no data yet'), `${c}: aria-label ${JSON.stringify(label)}`);
         assert(await page.locator(`#${c} svg [data-series]`).count() === 0, `${c} draws a series without data`);
       }
+      mock.state.history = 'short';
+    });
+
+    await step('mock, a few seconds after the start: every chart draws them on a minute-wide axis', async () => {
+      const { drawn, body } = await chartsAgree(page, historyBodies, (b) => b.at.length < 10, HISTORY_TIMEOUT_MS, 'a short history');
+      assert(body.at.length === 4, `the short history has ${body.at.length} seconds`);
+      assert(drawn.age && drawn.age.points === 3, `data age drew ${JSON.stringify(drawn.age)}, want 3 points (the first second has none)`);
+      assert(drawn.syncDots === 1 && drawn.syncs.applied === 1, `sync dots: ${drawn.syncDots}`);
+      assert(drawn.breaker.closed === 4, `breaker closed for ${drawn.breaker.closed} s, want 4`);
+      await waitText(page, '#history-span', (t) => t.endsWith('(1m)'), 'a span of one minute');
+      const ticks = await page.locator('#chart-reads svg text').allTextContents();
+      assert(ticks.filter((t) => /^\d\d:\d\d:\d\d$/.test(t)).length >= 3, `the time axis has too few ticks: ${JSON.stringify(ticks)}`);
+      const bad = await badAttributes(page);
+      assert(bad.length === 0, `NaN in the SVG: ${bad.join(' ')}`);
       mock.state.history = 'hour';
     });
   }
 
   await step('the charts of the last hour draw every series, and their totals are the sums of GET history', async () => {
-    const { drawn, body } = await chartsAgree(page, historyBodies);
+    // Against the mock, the hour (not the short history drawn before it).
+    const { drawn, body } = await chartsAgree(page, historyBodies, (b) => !mock || b.at.length === 3600,
+      HISTORY_TIMEOUT_MS, mock ? "the mock's hour" : 'a history answer');
     for (const o of READ_OUTCOMES) {
       assert(await page.locator(`#chart-reads svg path[data-series="${o}"]`).count() === 1, `no reads series ${o}`);
       assert(await page.locator(`#chart-reads .legend [data-legend="${o}"]`).count() === 1, `no legend entry for ${o}`);
@@ -254,14 +314,50 @@ try {
       assert(drawn.freshFor === 90, `fresh_for marked at ${drawn.freshFor}, want 90`);
       assert(sec === 3600, `the mock's hour has ${sec} seconds`);
     }
+    const bad = await badAttributes(page);
+    assert(bad.length === 0, `NaN in the SVG: ${bad.join(' ')}`);
+    for (const c of ['chart-reads', 'chart-age', 'chart-syncs']) {
+      const labels = await page.locator(`#${c} svg text.ymax, #${c} svg text.ymid`).allTextContents();
+      assert(labels.length === 2 && labels.every((t) => /\d/.test(t)), `${c}: y-axis labels ${JSON.stringify(labels)}`);
+    }
+  });
+
+  if (mock) {
+    await step('mock: the outage is drawn where it happened, at the end of the hour', async () => {
+      const p = await outagePlacement(page);
+      const width = p.right - p.left;
+      assert(p.open.length > 0 && p.closed.length > 0, `breaker runs: ${p.open.length} open, ${p.closed.length} closed`);
+      const openFrom = Math.min(...p.open.map((r) => r[0]));
+      const closedTo = Math.max(...p.closed.map((r) => r[1]));
+      // The mock's outage is the last OUTAGE_SECONDS (7 min) of the hour.
+      assert(openFrom > p.left + 0.85 * width && openFrom < p.left + 0.93 * width,
+        `the breaker opens at x ${openFrom}, not near 7 min before the end (${p.left}–${p.right})`);
+      assert(closedTo <= openFrom + 1, `the breaker is drawn closed (to x ${closedTo}) after it opened (x ${openFrom})`);
+      assert(p.stale.length > 0, 'no stale reads are filled in the reads chart');
+      assert(Math.min(...p.stale) >= openFrom - 2, `stale reads drawn from x ${Math.min(...p.stale)}, before the breaker opened (x ${openFrom})`);
+      assert(Math.max(...p.stale) >= p.right - 4, `stale reads end at x ${Math.max(...p.stale)}, not at the end of the hour (${p.right})`);
+      assert(Math.min(...p.hit) < p.left + 5 && p.hit.some((x) => x < openFrom - 10), 'no fresh reads before the outage');
+      console.log(`     breaker open from x ${openFrom} of ${p.left}–${p.right}; stale reads from x ${Math.min(...p.stale)}`);
+    });
+  }
+
+  await step('the charts are redrawn as new seconds arrive', async () => {
+    const before = Number(await page.evaluate(() => document.getElementById('history').dataset.at));
+    try {
+      await page.waitForFunction((b) => Number(document.getElementById('history').dataset.at) > b, before, { timeout: HISTORY_TIMEOUT_MS });
+    } catch {
+      throw new Error(`the charts still end at ${before} after ${HISTORY_TIMEOUT_MS / 1000}s`);
+    }
+    await chartsAgree(page, historyBodies, (b) => b.at[b.at.length - 1] > before);
   });
 
   if (mock) {
     await step('mock: a broken GET history is reported beside the charts and the rest of the page keeps working', async () => {
-      for (const [mode, expect] of [['truncated', 'JSON'], ['malformed', 'values for'], ['error', '500']]) {
+      for (const [mode, expect] of [['truncated', 'JSON'], ['malformed', 'values for'], ['error', '500'], ['hang', 'no answer within']]) {
         mock.state.history = mode;
+        // A hung request is given up after 10 s, one poll (5 s) after the last.
         await waitText(page, '#history-note', (t, e) => t.startsWith('history unavailable') && t.includes(e),
-          `"history unavailable" naming ${expect}`, expect);
+          `"history unavailable" naming ${expect}`, expect, mode === 'hang' ? 25_000 : TIMEOUT_MS);
         assert(await page.locator('#history.outdated').count() === 1, `${mode}: the last good charts are not marked outdated`);
         for (const c of CHARTS) assert(await page.locator(`#${c} svg [data-series]`).count() > 0, `${mode}: ${c} lost its drawing`);
       }
