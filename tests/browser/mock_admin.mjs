@@ -42,6 +42,7 @@ export function outage(state) {
     error: 'upstream timed out after 2s (GET /entities/by-query)' };
   state.held_deletions = { would_remove: 4000, of: 5000, ratio: 0.8, since: ago(3600) };
   state.upstream.last_error = { message: 'connect to 127.0.0.1:7007 refused', at: ago(5) };
+  state.upstream.stale = true;
   state.audit.push({ at: ago(420), actor: 'breaker', subject: 'breaker_state', from: 'closed', to: 'open', reason: '5 consecutive failures' });
 }
 
@@ -152,7 +153,7 @@ export function startMock({ port = 0, token = 'test-admin-token' } = {}) {
     mirror: { generation: 3, entities: 5000, synced_at: now(), data_age_seconds: 12.3 },
     last_sync: { result: 'applied', at: now(), duration_seconds: 0.41, added: 0, changed: 3, removed: 0, unchanged: 4997, error: null },
     held_deletions: null,
-    upstream: { url: 'http://127.0.0.1:7007/api/catalog', last_error: null },
+    upstream: { url: 'http://127.0.0.1:7007/api/catalog', kind: 'catalog-cache', stale: false, cache_status: 'tier-eu; hit', last_error: null },
     audit: [{ at: now(), actor: 'config', subject: 'stale_policy', from: 'serve', to: 'serve', reason: 'loaded from config/catalog-cache.toml' }],
     // What GET /history answers: 'hour' (mockHistory), 'empty', 'short'
     // (shortHistory), 'truncated' (a 200 whose JSON is cut off), 'malformed'

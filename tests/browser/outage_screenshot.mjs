@@ -1,4 +1,4 @@
-// Makes docs/status-page-outage.png: the status page of a real sidecar whose
+// Makes tests/browser/status-page-outage.png: the status page of a real sidecar whose
 // history holds a few minutes that end in an upstream outage. It reads
 // through the sidecar for NORMAL_S seconds (mostly known entities, some
 // locations, which are read through and not mirrored, the odd malformed
@@ -21,7 +21,7 @@
 //
 //   target/debug/catalog-cache demo --entities 500 --data-dir /tmp/shot &
 //
-//   OUT                 the PNG (default docs/status-page-outage.png)
+//   OUT                 the PNG (default tests/browser/status-page-outage.png)
 //   NORMAL_S, OUTAGE_S  seconds of each phase (default 75 and 75)
 //   CHROMIUM            browser binary (default /usr/bin/chromium)
 import path from 'node:path';
@@ -37,7 +37,7 @@ const need = (name) => {
 const adminUrl = need('ADMIN_URL');
 const controlUrl = need('CONTROL_URL');
 const proxyUrl = need('PROXY_URL');
-const out = process.env.OUT || path.join(here, '..', '..', 'docs', 'status-page-outage.png');
+const out = process.env.OUT || path.join(here, 'status-page-outage.png');
 const normalS = Number(process.env.NORMAL_S || 75);
 const outageS = Number(process.env.OUTAGE_S || 75);
 

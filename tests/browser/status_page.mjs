@@ -444,6 +444,7 @@ try {
       await waitText(page, '#last-sync', (t) => t === 'failed', 'failed');
       await waitText(page, '#held-deletions', (t) => t === '4,000 of 5,000 (80%)', '4,000 of 5,000 (80%)');
       await waitText(page, '#upstream-error', (t) => t.includes('refused'), 'the last upstream error');
+      await waitText(page, '#upstream-chain', (t) => t.includes('catalog-cache tier that calls its data STALE') && t.includes('tier-eu; hit'), 'the tier chain, stale');
       await waitText(page, '#audit', (t) => t.includes('5 consecutive failures'), 'the breaker transition in the audit');
       assert(await page.locator('#held-deletions.bad').count() === 1, 'held deletions not styled as an error');
       await page.screenshot({ path: screenshot.replace(/(\.png)?$/, '-outage.png'), fullPage: true });
