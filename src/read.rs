@@ -618,7 +618,56 @@ pub struct ReadPath {
     /// this many at once, never on the async workers.
     queries: Arc<tokio::sync::Semaphore>,
     /// What writes passed through since the data was confirmed.
-    writes: WriteMarks,
+    writes: Arc<WriteMarks>,
+}
+
+/// The entity a lookup names, from the hot cache or the generation
+/// (whichever was confirmed later), with the marks of writes since.
+fn find_in(
+    generations: &Generations,
+    hot_cache: &HotCache,
+    writes: &WriteMarks,
+    lookup: &Lookup,
+) -> Option<(Arc<Entity>, Confirmation)> {
+    let generation = generations.current();
+    let hot = !hot_cache.is_empty();
+    let (hot_key, from_generation) = match lookup {
+        Lookup::ByName(r) => {
+            let canonical = r.canonical();
+            let found = generation
+                .as_ref()
+                .and_then(|g| g.by_ref(&canonical).map(|(e, at)| (e.clone(), at)));
+            (hot.then(|| HotKey::Ref(canonical.into())), found)
+        }
+        Lookup::ByUid(uid) => {
+            let found = generation
+                .as_ref()
+                .and_then(|g| g.by_uid(uid).map(|(e, at)| (e.clone(), at)));
+            (hot.then(|| HotKey::Uid(uid.as_str().into())), found)
+        }
+    };
+    let from_hot = match hot_key.and_then(|k| hot_cache.get(&k)) {
+        Some(HotEntry::Entity { entity, confirmed }) => Some((entity, confirmed)),
+        _ => None,
+    };
+    let mut found = match (from_hot, from_generation) {
+        (Some(h), Some(g)) => Some(if h.1.checked_at > g.1.checked_at {
+            h
+        } else {
+            g
+        }),
+        (h, g) => h.or(g),
+    };
+    if writes.any() {
+        if let Some(g) = &generation {
+            writes.forget_before(g.meta.synced_at);
+        }
+        if let Some((entity, confirmed)) = &mut found {
+            confirmed.written_since =
+                writes.entity_written_since(&entity.uid, &entity.entity_ref, confirmed.origin_at);
+        }
+    }
+    found
 }
 
 fn json_headers() -> HeaderMap {
@@ -659,7 +708,7 @@ impl ReadPath {
             clock,
             inflight: Arc::default(),
             queries: Arc::new(tokio::sync::Semaphore::new(settings.query_threads.max(1))),
-            writes: WriteMarks::default(),
+            writes: Arc::new(WriteMarks::default()),
         }
     }
 
@@ -802,48 +851,7 @@ impl ReadPath {
     /// revalidated copy in the hot cache when the origin confirmed it later
     /// than the generation, else the generation's.
     fn find_entity(&self, lookup: &Lookup) -> Option<(Arc<Entity>, Confirmation)> {
-        let generation = self.generations.current();
-        let hot = !self.hot.is_empty();
-        let (hot_key, from_generation) = match lookup {
-            Lookup::ByName(r) => {
-                let canonical = r.canonical();
-                let found = generation
-                    .as_ref()
-                    .and_then(|g| g.by_ref(&canonical).map(|(e, at)| (e.clone(), at)));
-                (hot.then(|| HotKey::Ref(canonical.into())), found)
-            }
-            Lookup::ByUid(uid) => {
-                let found = generation
-                    .as_ref()
-                    .and_then(|g| g.by_uid(uid).map(|(e, at)| (e.clone(), at)));
-                (hot.then(|| HotKey::Uid(uid.as_str().into())), found)
-            }
-        };
-        let from_hot = match hot_key.and_then(|k| self.hot.get(&k)) {
-            Some(HotEntry::Entity { entity, confirmed }) => Some((entity, confirmed)),
-            _ => None,
-        };
-        let mut found = match (from_hot, from_generation) {
-            (Some(h), Some(g)) => Some(if h.1.checked_at > g.1.checked_at {
-                h
-            } else {
-                g
-            }),
-            (h, g) => h.or(g),
-        };
-        if self.writes.any() {
-            if let Some(g) = &generation {
-                self.writes.forget_before(g.meta.synced_at);
-            }
-            if let Some((entity, confirmed)) = &mut found {
-                confirmed.written_since = self.writes.entity_written_since(
-                    &entity.uid,
-                    &entity.entity_ref,
-                    confirmed.origin_at,
-                );
-            }
-        }
-        found
+        find_in(&self.generations, &self.hot, &self.writes, lookup)
     }
 
     fn entity_answer(&self, body: &Bytes, confirmed: &Confirmation) -> Answer {
@@ -860,58 +868,71 @@ impl ReadPath {
 
     /// `POST /entities/by-refs`.
     pub async fn read_by_refs(&self, req: &Incoming<'_>) -> Result<Answer, ReadError> {
-        // Parsing up to proxy.max_request_body of JSON, and the filter below,
-        // run on the query pool within the budget, never on this worker.
+        // Parsing up to proxy.max_request_body of JSON, looking up every ref
+        // (tens of thousands of them) and the filter below all run on the
+        // query pool within the budget, never on this worker.
         let (query_string, body) = (req.query.to_string(), req.body.clone());
-        let (parsed, spent) = self
+        let (generations, hot, writes) = (
+            self.generations.clone(),
+            self.hot.clone(),
+            self.writes.clone(),
+        );
+        let ((parsed, found, oldest, unknown), spent) = self
             .evaluate(Duration::ZERO, move |budget| {
-                query::parse_by_refs(&query_string, &body, budget)
+                let parsed = query::parse_by_refs(&query_string, &body, budget)?;
+                let mut found = Vec::with_capacity(parsed.entity_refs.len());
+                let mut oldest: Option<Confirmation> = None;
+                let mut unknown = false;
+                for (n, text) in parsed.entity_refs.iter().enumerate() {
+                    if n % 1024 == 0 {
+                        budget.check()?;
+                    }
+                    // Backstage compares the ref as written with the lower-cased
+                    // stored ref, so only an already lower-case ref can match.
+                    let written = EntityRef::parse(text).ok();
+                    let canonical = written.as_ref().map(|r| {
+                        let as_written = format!("{}:{}/{}", r.kind, r.namespace, r.name);
+                        let canonical = r.canonical();
+                        (as_written == canonical, r)
+                    });
+                    let entity = match &canonical {
+                        Some((true, r)) => {
+                            find_in(&generations, &hot, &writes, &Lookup::ByName((*r).clone()))
+                        }
+                        _ => None,
+                    };
+                    match entity {
+                        Some((e, confirmed)) => {
+                            match &mut oldest {
+                                Some(o) => o.merge(confirmed),
+                                None => oldest = Some(confirmed),
+                            }
+                            found.push(Some(e));
+                        }
+                        None => {
+                            // An upper-case ref never matches (above): its null is
+                            // the answer, not something to ask the upstream about.
+                            let can_match = canonical.as_ref().is_none_or(|(lower, _)| *lower);
+                            let negative = canonical.as_ref().is_some_and(|(_, r)| {
+                                let key =
+                                    by_name_path(&r.kind, &r.namespace, &r.name).to_lowercase();
+                                matches!(
+                                    hot.get(&HotKey::Path(key.into())),
+                                    Some(HotEntry::Missing { .. })
+                                )
+                            });
+                            if can_match && !negative {
+                                unknown = true;
+                            }
+                            found.push(None);
+                        }
+                    }
+                }
+                Ok((parsed, found, oldest, unknown))
             })
             .await?;
         let parsed = Arc::new(parsed);
         let generation = self.generations.current();
-        let mut found = Vec::with_capacity(parsed.entity_refs.len());
-        let mut oldest: Option<Confirmation> = None;
-        let mut unknown = false;
-        for text in &parsed.entity_refs {
-            // Backstage compares the ref as written with the lower-cased
-            // stored ref, so only an already lower-case ref can match.
-            let written = EntityRef::parse(text).ok();
-            let canonical = written.as_ref().map(|r| {
-                let as_written = format!("{}:{}/{}", r.kind, r.namespace, r.name);
-                let canonical = r.canonical();
-                (as_written == canonical, r)
-            });
-            let entity = match &canonical {
-                Some((true, r)) => self.find_entity(&Lookup::ByName((*r).clone())),
-                _ => None,
-            };
-            match entity {
-                Some((e, confirmed)) => {
-                    match &mut oldest {
-                        Some(o) => o.merge(confirmed),
-                        None => oldest = Some(confirmed),
-                    }
-                    found.push(Some(e));
-                }
-                None => {
-                    // An upper-case ref never matches (above): its null is
-                    // the answer, not something to ask the upstream about.
-                    let can_match = canonical.as_ref().is_none_or(|(lower, _)| *lower);
-                    let negative = canonical.as_ref().is_some_and(|(_, r)| {
-                        let key = by_name_path(&r.kind, &r.namespace, &r.name).to_lowercase();
-                        matches!(
-                            self.hot.get(&HotKey::Path(key.into())),
-                            Some(HotEntry::Missing { .. })
-                        )
-                    });
-                    if can_match && !negative {
-                        unknown = true;
-                    }
-                    found.push(None);
-                }
-            }
-        }
         let index = generation.as_ref().map(|g| g.index.clone());
         let (rendered, spent) = self
             .evaluate(spent, move |budget| {
