@@ -338,7 +338,14 @@ async fn connection(client: TcpStream, shared: Arc<Shared>, number: u64) {
         dead.clone(),
         number,
     );
-    let down = pump(up_r, client_w, Direction::Down, shared.clone(), dead, number);
+    let down = pump(
+        up_r,
+        client_w,
+        Direction::Down,
+        shared.clone(),
+        dead,
+        number,
+    );
     tokio::pin!(up, down);
     // Whichever direction ends first ends the connection; dropping the
     // other closes its sockets (after a reset, the client's socket closes
@@ -441,8 +448,7 @@ async fn pump(
                     let mut rto = Duration::from_millis(loss.rto_ms);
                     let mut stall = Duration::ZERO;
                     let mut tries = 0;
-                    while tries < MAX_RETRIES && rng.random_bool(loss.probability.clamp(0.0, 1.0))
-                    {
+                    while tries < MAX_RETRIES && rng.random_bool(loss.probability.clamp(0.0, 1.0)) {
                         stall += rto;
                         rto *= 2;
                         tries += 1;
@@ -474,6 +480,11 @@ async fn pump(
                 dst.forget();
                 return Ending::Reset;
             }
+        }
+        if direction == Direction::Down && dead.load(Ordering::Relaxed) {
+            // The upstream closed a connection that went silent: the client
+            // must not see it close; it is held until the client gives up.
+            std::future::pending::<()>().await;
         }
         Ending::Eof
     };
@@ -574,7 +585,8 @@ mod tests {
                         }
                     }
                     let mut answer =
-                        format!("HTTP/1.1 200 OK\r\nContent-Length: {body_len}\r\n\r\n").into_bytes();
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {body_len}\r\n\r\n")
+                            .into_bytes();
                     answer.extend(std::iter::repeat_n(b'x', body_len));
                     let _ = s.write_all(&answer).await;
                     let _ = s.flush().await;
@@ -711,11 +723,42 @@ mod tests {
         old.write_all(b"anyone?").await.unwrap();
         let silent = tokio::time::timeout(Duration::from_millis(400), old.read(&mut buf)).await;
         assert!(silent.is_err(), "an established connection still answered");
-        assert_eq!(accepted.load(Ordering::Relaxed), 1, "never connected upstream");
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            1,
+            "never connected upstream"
+        );
         proxy.clear();
         let mut fresh = TcpStream::connect(proxy.addr()).await.unwrap();
         round_trip(&mut fresh, b"after").await;
         assert_eq!(proxy.stats().silenced, 2);
+    }
+
+    #[tokio::test]
+    async fn a_silenced_connection_stays_open_when_the_upstream_closes_it() {
+        // An upstream that closes every connection 200 ms after it began.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    drop(s);
+                });
+            }
+        });
+        let proxy = proxy_to(upstream).await;
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        // Connected upstream before the fault; silenced by the first bytes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        proxy.set(NetFaults {
+            half_open: true,
+            ..NetFaults::default()
+        });
+        s.write_all(b"hello?").await.unwrap();
+        let mut buf = [0u8; 16];
+        let silent = tokio::time::timeout(Duration::from_millis(600), s.read(&mut buf)).await;
+        assert!(silent.is_err(), "the client saw {silent:?}, not silence");
     }
 
     #[tokio::test]
@@ -767,7 +810,11 @@ mod tests {
                 .is_err(),
             "a byte crossed the partition"
         );
-        assert_eq!(accepted.load(Ordering::Relaxed), 1, "connected through the partition");
+        assert_eq!(
+            accepted.load(Ordering::Relaxed),
+            1,
+            "connected through the partition"
+        );
         proxy.clear();
         // What was held is delivered once it heals.
         for (s, want) in [(&mut old, b"old"), (&mut fresh, b"new")] {

@@ -284,7 +284,10 @@ async fn main() -> ExitCode {
                 serde_json::to_string(&faults).unwrap_or_default()
             );
             until_signal(std::future::pending::<()>()).await;
-            println!("{}", serde_json::to_string(&proxy.stats()).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string(&proxy.stats()).unwrap_or_default()
+            );
             ExitCode::SUCCESS
         }
         Command::FakeCatalog {

@@ -652,6 +652,19 @@ impl Upstream {
         Ok(fingerprint(pairs))
     }
 
+    /// Edits `count` random entities in one step (`POST /churn`): a single
+    /// new catalog state, however many entities, and quick on a large
+    /// catalog where `mutate` edits one entity at a time.
+    pub async fn edit_at_once(&self, count: usize) -> Result<(), HarnessError> {
+        self.control(
+            reqwest::Method::POST,
+            "/churn",
+            Some(json!({ "change": count })),
+        )
+        .await
+        .map(drop)
+    }
+
     /// Every entity's identity, read directly from the demo catalog.
     pub async fn targets(&self) -> Result<Vec<Target>, HarnessError> {
         let url = format!(
@@ -997,17 +1010,18 @@ impl Lab {
         .await?;
         // The proxy connects upstream per connection, so it may start
         // before the demo catalog is up; the sidecar is given its address.
-        let net = if fault_proxy {
-            let to: std::net::SocketAddr = upstream.listen.parse().map_err(|e| {
-                HarnessError::Http(format!("demo catalog address {}: {e}", upstream.listen))
-            })?;
-            let any: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
-            Some(FaultProxy::start(any, to, seed).await.map_err(|e| {
-                HarnessError::Http(format!("cannot start the fault proxy: {e}"))
-            })?)
-        } else {
-            None
-        };
+        let net =
+            if fault_proxy {
+                let to: std::net::SocketAddr = upstream.listen.parse().map_err(|e| {
+                    HarnessError::Http(format!("demo catalog address {}: {e}", upstream.listen))
+                })?;
+                let any: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+                Some(FaultProxy::start(any, to, seed).await.map_err(|e| {
+                    HarnessError::Http(format!("cannot start the fault proxy: {e}"))
+                })?)
+            } else {
+                None
+            };
         let upstream_url = match &net {
             Some(p) => format!("http://{}{}", p.addr(), catalog_fake::fake::MOUNT),
             None => upstream.url(),
@@ -2028,7 +2042,10 @@ mod tests {
 
     #[test]
     fn a_fingerprint_ignores_order_and_sees_one_changed_etag() {
-        let a = vec![("u1".to_string(), "e1".to_string()), ("u2".into(), "e2".into())];
+        let a = vec![
+            ("u1".to_string(), "e1".to_string()),
+            ("u2".into(), "e2".into()),
+        ];
         let mut b = a.clone();
         b.reverse();
         assert_eq!(fingerprint(a.clone()), fingerprint(b));

@@ -233,13 +233,30 @@ impl NetNs {
         let mut host = own(&["tc", "qdisc", "add", "dev", &self.host_if, "root"]);
         host.extend(own(kind));
         let mut inner = own(&[
-            "ip", "netns", "exec", &self.name, "tc", "qdisc", "add", "dev", &self.ns_if, "root",
+            "ip",
+            "netns",
+            "exec",
+            &self.name,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            &self.ns_if,
+            "root",
         ]);
         inner.extend(own(kind));
         let undo = vec![
             own(&["tc", "qdisc", "del", "dev", &self.host_if, "root"]),
             own(&[
-                "ip", "netns", "exec", &self.name, "tc", "qdisc", "del", "dev", &self.ns_if,
+                "ip",
+                "netns",
+                "exec",
+                &self.name,
+                "tc",
+                "qdisc",
+                "del",
+                "dev",
+                &self.ns_if,
                 "root",
             ]),
         ];
@@ -254,7 +271,15 @@ impl NetNs {
         let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
         let set = |state: &str| {
             own(&[
-                "ip", "netns", "exec", &self.name, "ip", "link", "set", &self.ns_if, state,
+                "ip",
+                "netns",
+                "exec",
+                &self.name,
+                "ip",
+                "link",
+                "set",
+                &self.ns_if,
+                state,
             ])
         };
         (vec![set("down")], vec![set("up")])
@@ -550,7 +575,8 @@ pub async fn run(
         }
     }
     if let Some(why) = passed_over {
-        plan.about.push(format!("mechanism {}: {why}", mechanism.as_str()));
+        plan.about
+            .push(format!("mechanism {}: {why}", mechanism.as_str()));
     }
     let mut lab = Lab::start_opts(&opts.sidecar, options).await?;
     let outcome = drive(&plan, &mut lab, tuning, None).await;
@@ -598,7 +624,8 @@ mod tests {
 
     #[test]
     fn a_sync_page_fits_the_timeout_at_the_bandwidth_limit() {
-        let page = Duration::from_secs_f64((PAGE_SIZE * ENTITY_WIRE_BYTES) as f64 / BANDWIDTH as f64);
+        let page =
+            Duration::from_secs_f64((PAGE_SIZE * ENTITY_WIRE_BYTES) as f64 / BANDWIDTH as f64);
         assert!(page * 2 < Timings::BASE.upstream_timeout, "{page:?}");
     }
 }
