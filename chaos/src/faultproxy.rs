@@ -649,8 +649,9 @@ mod tests {
             assert!(took < Duration::from_millis(1500), "{took:?}");
         }
         proxy.clear();
+        // Under the 200 ms the fault could not go below.
         let took = round_trip(&mut s, b"fast").await;
-        assert!(took < Duration::from_millis(100), "{took:?}");
+        assert!(took < Duration::from_millis(200), "{took:?}");
     }
 
     #[tokio::test]
@@ -786,8 +787,9 @@ mod tests {
             }),
             ..NetFaults::default()
         });
+        // Well under the 600 ms of a stall each way.
         let took = round_trip(&mut s, b"y").await;
-        assert!(took < Duration::from_millis(200), "{took:?}");
+        assert!(took < Duration::from_millis(300), "{took:?}");
     }
 
     #[tokio::test]

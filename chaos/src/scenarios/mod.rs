@@ -893,6 +893,38 @@ async fn drive(
     Ok(c.outcome)
 }
 
+/// Waits until the running sidecar process has finished a sync (its
+/// `catalog_cache_syncs_total`, summed over results, is 1 or more).
+async fn wait_first_sync(lab: &Lab, within: Duration) -> Result<(), HarnessError> {
+    let deadline = Instant::now() + within;
+    let http = reqwest::Client::new();
+    loop {
+        let text = match http
+            .get(format!("http://{}/metrics", lab.sidecar.admin))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let syncs: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("catalog_cache_syncs_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if syncs >= 1.0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(HarnessError::Timeout(format!(
+                "the restarted sidecar finished no sync within {within:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// `POST /admin/sync`, waited for: the report's `result` and
 /// `duration_seconds`.
 async fn admin_sync(lab: &Lab) -> Result<(String, f64), HarnessError> {
@@ -1217,9 +1249,15 @@ async fn kill_sidecar(
     let mut current = lab.upstream.fingerprint().await?;
     let mut rounds = 0usize;
     for round in 1..=tuning.kills {
-        // Waits for the sync a (re)started sidecar begins with, then syncs
-        // once more: when it answers no sync runs, and the mirror holds the
-        // catalog as it is now. Its duration sizes the kill window.
+        // Waits for the sync a (re)started sidecar begins with (counted in
+        // its metrics: a sync asked for first would let that one start
+        // later, under the edits), then syncs once more: when it answers no
+        // sync runs, none will, and the mirror holds the catalog as it is
+        // now. Its duration sizes the kill window.
+        if let Err(e) = wait_first_sync(&lab, Duration::from_secs(60)).await {
+            problems.push(format!("round {round}: {e}"));
+            break;
+        }
         let settle = admin_sync(&lab).await?;
         if settle.0 != "applied" && settle.0 != "unchanged" {
             problems.push(format!(
