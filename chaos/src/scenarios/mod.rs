@@ -123,8 +123,8 @@ pub const WEAKENINGS: &[Weakening] = &[
     },
     Weakening {
         name: "short-timeout",
-        about: "upstream.timeout = 400ms: over a thin link a sync page (0.7 MB) takes longer, so no sync gets through",
-        env: &[("CATALOG_CACHE_UPSTREAM_TIMEOUT", "400ms")],
+        about: "upstream.timeout = 250ms: over the 2 MiB/s link a sync page (0.77 MB) takes longer even alone, so no sync gets through",
+        env: &[("CATALOG_CACHE_UPSTREAM_TIMEOUT", "250ms")],
         breaks: &["net-bandwidth"],
         action: None,
     },
@@ -219,6 +219,9 @@ struct Plan {
     sync_during: bool,
     /// Facts of the plan (how its fault was sized), printed as notes.
     about: Vec<String>,
+    /// `CATALOG_CACHE_*` settings of its own, on top of [`Timings`] (a
+    /// weakening's still come after them).
+    env: Vec<(String, String)>,
     /// The sidecar settings this scenario runs with.
     timings: Timings,
 }
@@ -238,6 +241,7 @@ impl Plan {
             stays_closed: false,
             sync_during: false,
             about: Vec::new(),
+            env: Vec::new(),
             timings: Timings::BASE,
         }
     }

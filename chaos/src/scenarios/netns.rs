@@ -51,8 +51,11 @@ const LATENCY: Latency = Latency {
     ms: 300,
     jitter_ms: 200,
 };
-/// `net-bandwidth`'s limit, each direction: 1 MiB/s.
-const BANDWIDTH: u64 = 1024 * 1024;
+/// `net-bandwidth`'s limit, each direction: 2 MiB/s.
+const BANDWIDTH: u64 = 2 * 1024 * 1024;
+/// `net-bandwidth`'s `upstream.max_in_flight`: the reads' upstream calls
+/// at once, which share the link with the sync.
+const BANDWIDTH_MAX_IN_FLIGHT: u64 = 2;
 /// The demo catalog's entities average about 1.4 KB of JSON; with 10 % to
 /// spare, the bytes one entity takes on the wire in a sync page.
 const ENTITY_WIRE_BYTES: u64 = 1540;
@@ -448,12 +451,14 @@ fn plan_for(name: &'static str, tuning: &Tuning, mechanism: Mechanism) -> (Plan,
         }
         "net-bandwidth" => {
             let page = PAGE_SIZE * ENTITY_WIRE_BYTES;
-            let page_time = Duration::from_secs_f64(page as f64 / BANDWIDTH as f64);
+            let share = BANDWIDTH / (BANDWIDTH_MAX_IN_FLIGHT + 1);
+            let page_time = Duration::from_secs_f64(page as f64 / share as f64);
             let catalog = tuning.entities as u64 * ENTITY_WIRE_BYTES;
             // The readers' revalidations (one entity each, once the data
-            // is older than fresh_for) share the link with the sync; it
-            // gets half of it at least.
-            let sync_time = Duration::from_secs_f64(catalog as f64 / (BANDWIDTH / 2) as f64);
+            // is older than fresh_for) share the link with the sync: at
+            // most upstream.max_in_flight of them at once, so the sync gets
+            // a share of 1 / (max_in_flight + 1) at least.
+            let sync_time = Duration::from_secs_f64(catalog as f64 / share as f64);
             // A sync in flight when the limit comes may still take a whole
             // catalog's time (and may miss the edits); the next one starts
             // within an interval (+ jitter) and reads the whole catalog
@@ -462,8 +467,9 @@ fn plan_for(name: &'static str, tuning: &Tuning, mechanism: Mechanism) -> (Plan,
                 + sync_time.mul_f64(2.0 * 1.25)
                 + SCHEDULING_MARGIN;
             let about = vec![format!(
-                "bandwidth {} KiB/s each way: a page of {PAGE_SIZE} entities (~{} KB) takes {}ms, under upstream.timeout {}ms; held {:.1}s = sync_interval {}ms + jitter + 2 syncs (one in flight, the next) of the catalog (~{} KB) at half the link (revalidations share it) × 1.25 ({:.1}s) + margin {}ms, so a sync must get through",
+                "bandwidth {} KiB/s each way, upstream.max_in_flight {BANDWIDTH_MAX_IN_FLIGHT}: the sync's share is 1/{} of the link at least, so a page of {PAGE_SIZE} entities (~{} KB) takes {}ms at most, under upstream.timeout {}ms; held {:.1}s = sync_interval {}ms + jitter + 2 syncs (one in flight, the next) of the catalog (~{} KB) at that share × 1.25 ({:.1}s) + margin {}ms, so a sync must get through",
                 BANDWIDTH / 1024,
+                BANDWIDTH_MAX_IN_FLIGHT + 1,
                 page / 1000,
                 page_time.as_millis(),
                 base.upstream_timeout.as_millis(),
@@ -479,6 +485,10 @@ fn plan_for(name: &'static str, tuning: &Tuning, mechanism: Mechanism) -> (Plan,
                     mutate: 100,
                     sync_during: true,
                     about,
+                    env: vec![(
+                        "CATALOG_CACHE_UPSTREAM_MAX_IN_FLIGHT".into(),
+                        BANDWIDTH_MAX_IN_FLIGHT.to_string(),
+                    )],
                     ..plan(None)
                 },
                 Fault {
@@ -487,7 +497,7 @@ fn plan_for(name: &'static str, tuning: &Tuning, mechanism: Mechanism) -> (Plan,
                         ..NetFaults::default()
                     },
                     // tc's `bps` is bytes per second; the queue holds up to
-                    // a second of data.
+                    // half a second of data.
                     qdisc: own(&[
                         "tbf",
                         "rate",
@@ -495,7 +505,7 @@ fn plan_for(name: &'static str, tuning: &Tuning, mechanism: Mechanism) -> (Plan,
                         "burst",
                         "64kb",
                         "latency",
-                        "1s",
+                        "500ms",
                     ]),
                 },
             )
@@ -540,7 +550,9 @@ pub async fn run(
     let (mechanism, passed_over) = choose(name, opts.proxy_only);
     let (mut plan, fault) = plan_for(name, tuning, mechanism);
     let mut options = LabOptions::new(tuning.entities, tuning.seed, plan.timings);
-    options.extra_env = extra.to_vec();
+    // The plan's own settings first; a weakening's come after and win.
+    options.extra_env = plan.env.clone();
+    options.extra_env.extend(extra.iter().cloned());
     let mut ns = None;
     match mechanism {
         Mechanism::FaultProxy => {
@@ -623,9 +635,16 @@ mod tests {
     }
 
     #[test]
-    fn a_sync_page_fits_the_timeout_at_the_bandwidth_limit() {
-        let page =
+    fn a_sync_page_fits_the_timeout_at_its_share_of_the_bandwidth_limit() {
+        let share = BANDWIDTH / (BANDWIDTH_MAX_IN_FLIGHT + 1);
+        let page = Duration::from_secs_f64((PAGE_SIZE * ENTITY_WIRE_BYTES) as f64 / share as f64);
+        assert!(
+            page < Timings::BASE.upstream_timeout.mul_f64(0.6),
+            "{page:?}"
+        );
+        // Alone on the link, a page takes longer than `short-timeout`'s 250 ms.
+        let alone =
             Duration::from_secs_f64((PAGE_SIZE * ENTITY_WIRE_BYTES) as f64 / BANDWIDTH as f64);
-        assert!(page * 2 < Timings::BASE.upstream_timeout, "{page:?}");
+        assert!(alone > Duration::from_millis(250), "{alone:?}");
     }
 }
