@@ -9,8 +9,11 @@
 //! each one must keep. The demo catalog itself lives in `catalog-fake`, so
 //! the sidecar's production build never links this runner. `abuse` holds
 //! the attacks of the abuse suite and the invariants each one must keep,
-//! on the same harness.
+//! on the same harness. `faultproxy` is the userspace network fault proxy
+//! the network scenarios put between the sidecar and the demo catalog
+//! where the kernel cannot make a fault.
 
 pub mod abuse;
+pub mod faultproxy;
 pub mod scenario;
 pub mod scenarios;

@@ -1,12 +1,13 @@
 //! `catalog-chaos`: the demo catalog (`fake-catalog`, served by the
-//! `catalog-fake` library), the chaos scenarios (`run`) and the abuse suite
-//! (`abuse`). Parses arguments, starts logging, runs the subcommand.
+//! `catalog-fake` library), the chaos scenarios (`run`), the abuse suite
+//! (`abuse`) and the network fault proxy (`fault-proxy`). Parses
+//! arguments, starts logging, runs the subcommand.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use catalog_chaos::{abuse, scenario, scenarios};
+use catalog_chaos::{abuse, faultproxy, scenario, scenarios};
 use catalog_fake::fake::{until_signal, DEFAULT_CONTROL, DEFAULT_ENTITIES, DEFAULT_LISTEN};
 use catalog_fake::{FakeCatalog, FakeOptions};
 use clap::{Parser, Subcommand};
@@ -42,9 +43,17 @@ enum Command {
     /// Drive the real catalog-cache binary through one fault per scenario
     /// while clients read; print a table; exit 0 only if every verdict passes.
     Run {
-        /// CI sizes: smaller catalogs, fewer readers and kills (see README).
-        #[arg(long)]
+        /// CI sizes: smaller catalogs, fewer readers and kills, and the
+        /// quick subset of the network scenarios (see README).
+        #[arg(long, conflicts_with = "full")]
         quick: bool,
+        /// The full sizes and every scenario (the default; says so).
+        #[arg(long)]
+        full: bool,
+        /// How network faults are made: `auto` (the kernel where it can,
+        /// else the fault proxy) or `fault-proxy` (always the proxy).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "fault-proxy"])]
+        net_mechanism: String,
         /// The catalog-cache binary (else CATALOG_CACHE_BIN, else next to this one).
         #[arg(long)]
         sidecar: Option<PathBuf>,
@@ -60,6 +69,24 @@ enum Command {
         list: bool,
         /// Generator seed.
         #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// A TCP proxy that injects network faults between a client and a
+    /// server (both on this machine), for trying a fault by hand.
+    FaultProxy {
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:7027")]
+        listen: SocketAddr,
+        /// Where it forwards each connection (e.g. the demo catalog).
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        upstream: SocketAddr,
+        /// The faults, as JSON, e.g. '{"latency":{"ms":300,"jitter_ms":200}}'
+        /// (fields: latency, bandwidth, reset_mid_body, half_open, loss,
+        /// partition; see chaos/README.md).
+        #[arg(long, default_value = "{}")]
+        faults: String,
+        /// Seed of the per-connection random choices.
+        #[arg(long, default_value_t = 1)]
         seed: u64,
     },
     /// Attack the real catalog-cache binary with hostile clients while a
@@ -100,6 +127,8 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Run {
             quick,
+            full: _,
+            net_mechanism,
             sidecar,
             only,
             weaken,
@@ -108,6 +137,10 @@ async fn main() -> ExitCode {
         } => {
             if list {
                 println!("scenarios: {}", scenarios::names().join(", "));
+                println!(
+                    "full run only (left out by --quick unless named with --only): {}",
+                    scenarios::full_only().join(", ")
+                );
                 for w in scenarios::WEAKENINGS {
                     println!(
                         "--weaken {}: {} (must FAIL: {})",
@@ -131,6 +164,7 @@ async fn main() -> ExitCode {
                 only,
                 weaken,
                 seed,
+                proxy_only: net_mechanism == "fault-proxy",
             };
             let started = std::time::Instant::now();
             // Ctrl-C ends the run; dropping the scenario kills its children.
@@ -194,6 +228,7 @@ async fn main() -> ExitCode {
                 only,
                 weaken,
                 seed,
+                proxy_only: false,
             };
             let started = std::time::Instant::now();
             // Ctrl-C ends the run; dropping the lab kills its children.
@@ -221,6 +256,39 @@ async fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::FaultProxy {
+            listen,
+            upstream,
+            faults,
+            seed,
+        } => {
+            let faults: faultproxy::NetFaults = match serde_json::from_str(&faults) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("catalog-chaos: --faults: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let proxy = match faultproxy::FaultProxy::start(listen, upstream, seed).await {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("catalog-chaos: cannot listen on {listen}: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            proxy.set(faults.clone());
+            println!(
+                "fault proxy: {} -> {upstream}, faults {}; Ctrl-C to stop",
+                proxy.addr(),
+                serde_json::to_string(&faults).unwrap_or_default()
+            );
+            until_signal(std::future::pending::<()>()).await;
+            println!(
+                "{}",
+                serde_json::to_string(&proxy.stats()).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
         }
         Command::FakeCatalog {
             listen,

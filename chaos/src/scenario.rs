@@ -5,7 +5,10 @@
 //! fresh data dir, the demo catalog and the real `catalog-cache` binary on
 //! free loopback ports), `Load` (concurrent readers recording every answer),
 //! `Monitor` (the sidecar's `/status` sampled over time) and `Outcome` (one
-//! table row). The abuse suite (`abuse`) adds its own pieces here too:
+//! table row, with the mechanism that made its fault). A `Lab` may put the
+//! fault proxy (`crate::faultproxy`) between the sidecar and the demo
+//! catalog; `mirror_generation` reads what a mirror file holds after a
+//! kill. The abuse suite (`abuse`) adds its own pieces here too:
 //! `LabOptions` (mirror path, umask), `Bystander` (a well-behaved client on
 //! both listeners), `RssMonitor` and `Ceiling` (the sidecar's memory against
 //! a derived bound), `raw_request` (bytes no client library normalises) and
@@ -22,6 +25,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+use crate::faultproxy::FaultProxy;
 
 /// The admin token every scenario's sidecar is started with.
 pub const ADMIN_TOKEN: &str = "chaos-admin-token";
@@ -404,7 +409,7 @@ impl Tuning {
                 quick,
                 entities: 5000,
                 kill_entities: 20_000,
-                kills: 30,
+                kills: 100,
                 clients: 8,
                 seed,
             }
@@ -610,6 +615,54 @@ impl Upstream {
             reqwest::Method::POST,
             "/mutate",
             Some(json!({ "count": count })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// The fingerprint ([`fingerprint`]) of every entity's uid and etag,
+    /// read directly from the demo catalog: one value per catalog state.
+    pub async fn fingerprint(&self) -> Result<u64, HarnessError> {
+        let url = format!(
+            "{}/entities/by-query?fields=metadata.uid,metadata.etag&limit={}",
+            self.url(),
+            self.entities + 1
+        );
+        let v: Value = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .map_err(|e| HarnessError::Http(format!("etag list: {e}")))?
+            .json()
+            .await
+            .map_err(|e| HarnessError::Http(format!("etag list: {e}")))?;
+        let pairs: Vec<(String, String)> = v["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|e| {
+                        Some((
+                            e["metadata"]["uid"].as_str()?.to_string(),
+                            e["metadata"]["etag"].as_str()?.to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(fingerprint(pairs))
+    }
+
+    /// Edits `count` random entities in one step (`POST /churn`): a single
+    /// new catalog state, however many entities, and quick on a large
+    /// catalog where `mutate` edits one entity at a time.
+    pub async fn edit_at_once(&self, count: usize) -> Result<(), HarnessError> {
+        self.control(
+            reqwest::Method::POST,
+            "/churn",
+            Some(json!({ "change": count })),
         )
         .await
         .map(drop)
@@ -840,6 +893,9 @@ pub struct Lab {
     /// How long the first sync took (the `sync` term of the bounds), at
     /// least [`MIN_SYNC_ALLOWANCE`].
     pub sync_took: Duration,
+    /// The fault proxy between the sidecar and the demo catalog, when
+    /// [`LabOptions::fault_proxy`] asked for one.
+    pub net: Option<FaultProxy>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -869,6 +925,9 @@ pub struct LabOptions {
     pub mirror: Option<PathBuf>,
     /// The sidecar's umask (e.g. `0o022`); `None` inherits this process's.
     pub umask: Option<u32>,
+    /// Put a [`FaultProxy`] (seeded with `seed`) between the sidecar and
+    /// the demo catalog: the sidecar's upstream URL names the proxy.
+    pub fault_proxy: bool,
 }
 
 impl LabOptions {
@@ -882,6 +941,7 @@ impl LabOptions {
             upstream_at: None,
             mirror: None,
             umask: None,
+            fault_proxy: false,
         }
     }
 }
@@ -926,6 +986,7 @@ impl Lab {
             upstream_at,
             mirror,
             umask,
+            fault_proxy,
         } = options;
         let timings = &timings;
         let dir = tempfile::Builder::new()
@@ -950,6 +1011,24 @@ impl Lab {
             wrapper,
         )
         .await?;
+        // The proxy connects upstream per connection, so it may start
+        // before the demo catalog is up; the sidecar is given its address.
+        let net =
+            if fault_proxy {
+                let to: std::net::SocketAddr = upstream.listen.parse().map_err(|e| {
+                    HarnessError::Http(format!("demo catalog address {}: {e}", upstream.listen))
+                })?;
+                let any: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+                Some(FaultProxy::start(any, to, seed).await.map_err(|e| {
+                    HarnessError::Http(format!("cannot start the fault proxy: {e}"))
+                })?)
+            } else {
+                None
+            };
+        let upstream_url = match &net {
+            Some(p) => format!("http://{}{}", p.addr(), catalog_fake::fake::MOUNT),
+            None => upstream.url(),
+        };
         let mut env = base_env(&path, timings);
         env.extend(extra_env.iter().cloned());
         let mut sidecar = SidecarProc {
@@ -960,7 +1039,7 @@ impl Lab {
             dir: path,
             proxy: format!("127.0.0.1:{}", free_port()?),
             admin: format!("127.0.0.1:{}", free_port()?),
-            upstream_url: upstream.url(),
+            upstream_url,
             env,
             http: http_client(),
         };
@@ -979,6 +1058,7 @@ impl Lab {
             targets,
             timings: *timings,
             sync_took: Duration::from_secs_f64(first_sync).max(MIN_SYNC_ALLOWANCE),
+            net,
             dir: Some(dir),
         })
     }
@@ -1369,6 +1449,10 @@ impl Verdict {
 pub struct Outcome {
     /// Scenario name.
     pub name: String,
+    /// What made the fault: `demo catalog` (its control API), `kill -9`,
+    /// `admin API`, `kernel link-down`, `kernel tbf`, `netem` or
+    /// `fault-proxy`; `-` when nothing ran.
+    pub mechanism: String,
     /// Reads made.
     pub reads: usize,
     /// Reads that broke the scenario's read invariant.
@@ -1394,6 +1478,7 @@ impl Outcome {
     pub fn skipped(name: &str, why: String) -> Outcome {
         Outcome {
             name: name.to_string(),
+            mechanism: "-".to_string(),
             reads: 0,
             failed: 0,
             stale: 0,
@@ -1423,6 +1508,7 @@ pub fn render_table(rows: &[Outcome]) -> String {
         |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.1}s", d.as_secs_f64()));
     let header = [
         "scenario",
+        "mechanism",
         "reads",
         "failed",
         "stale",
@@ -1437,6 +1523,7 @@ pub fn render_table(rows: &[Outcome]) -> String {
         .map(|r| {
             vec![
                 r.name.clone(),
+                r.mechanism.clone(),
                 r.reads.to_string(),
                 r.failed.to_string(),
                 r.stale.to_string(),
@@ -1854,9 +1941,142 @@ pub fn integrity_check(db: &Path) -> Result<String, String> {
     Ok(rows.join("; "))
 }
 
+/// One value for a set of `(uid, etag)` pairs, whatever their order: two
+/// catalog states share it only if they hold the same entities at the same
+/// versions.
+pub fn fingerprint(mut pairs: Vec<(String, String)>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    pairs.sort_unstable();
+    let mut h = std::hash::DefaultHasher::new();
+    pairs.hash(&mut h);
+    h.finish()
+}
+
+/// What a mirror file holds, read with SQLite after a kill: the generation
+/// in force (`meta`), the newest one recorded (`generations`) and the
+/// entity rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorGeneration {
+    /// `meta.generation`.
+    pub generation: u64,
+    /// `meta.entities`: the entities that generation holds.
+    pub entities: u64,
+    /// The newest `generations.id`.
+    pub newest_recorded: Option<u64>,
+    /// `generations.entities` of the generation in force.
+    pub recorded_entities: Option<u64>,
+    /// Rows in `entities`.
+    pub rows: u64,
+    /// [`fingerprint`] of the rows' uids and etags.
+    pub fingerprint: u64,
+}
+
+impl MirrorGeneration {
+    /// Why this is not exactly one complete generation of a catalog of
+    /// `expected` entities; `None` when it is.
+    pub fn incomplete(&self, expected: usize) -> Option<String> {
+        let g = self.generation;
+        if self.newest_recorded != Some(g) {
+            return Some(format!(
+                "meta says generation {g}, the newest recorded is {:?}",
+                self.newest_recorded
+            ));
+        }
+        if self.recorded_entities != Some(self.entities) {
+            return Some(format!(
+                "generation {g}: meta says {} entities, its record {:?}",
+                self.entities, self.recorded_entities
+            ));
+        }
+        if self.rows != self.entities || self.rows != expected as u64 {
+            return Some(format!(
+                "generation {g} should hold {} entities (the catalog has {expected}), the file has {} rows",
+                self.entities, self.rows
+            ));
+        }
+        None
+    }
+}
+
+/// Reads the generation a mirror file holds (see [`MirrorGeneration`]).
+pub fn mirror_generation(db: &Path) -> Result<MirrorGeneration, String> {
+    let conn =
+        rusqlite::Connection::open(db).map_err(|e| format!("cannot open {}: {e}", db.display()))?;
+    let err = |e: rusqlite::Error| format!("reading the generation of {}: {e}", db.display());
+    let meta = |key: &str| -> Result<u64, String> {
+        let v: String = conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .map_err(err)?;
+        v.parse()
+            .map_err(|e| format!("meta {key} = {v:?} in {}: {e}", db.display()))
+    };
+    let generation = meta("generation")?;
+    let entities = meta("entities")?;
+    let newest_recorded: Option<i64> = conn
+        .query_row("SELECT MAX(id) FROM generations", [], |r| r.get(0))
+        .map_err(err)?;
+    let recorded_entities: Option<i64> = conn
+        .query_row(
+            "SELECT entities FROM generations WHERE id = ?1",
+            [generation as i64],
+            |r| r.get(0),
+        )
+        .ok();
+    let pairs: Vec<(String, String)> = conn
+        .prepare("SELECT uid, etag FROM entities")
+        .and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()
+        })
+        .map_err(err)?;
+    Ok(MirrorGeneration {
+        generation,
+        entities,
+        newest_recorded: newest_recorded.map(|n| n as u64),
+        recorded_entities: recorded_entities.map(|n| n as u64),
+        rows: pairs.len() as u64,
+        fingerprint: fingerprint(pairs),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fingerprint_ignores_order_and_sees_one_changed_etag() {
+        let a = vec![
+            ("u1".to_string(), "e1".to_string()),
+            ("u2".into(), "e2".into()),
+        ];
+        let mut b = a.clone();
+        b.reverse();
+        assert_eq!(fingerprint(a.clone()), fingerprint(b));
+        let mut c = a.clone();
+        c[1].1 = "e3".into();
+        assert_ne!(fingerprint(a), fingerprint(c));
+    }
+
+    #[test]
+    fn a_generation_is_complete_only_when_meta_record_and_rows_agree() {
+        let g = MirrorGeneration {
+            generation: 3,
+            entities: 10,
+            newest_recorded: Some(3),
+            recorded_entities: Some(10),
+            rows: 10,
+            fingerprint: 0,
+        };
+        assert_eq!(g.incomplete(10), None);
+        assert!(g.incomplete(11).is_some());
+        let newer = MirrorGeneration {
+            newest_recorded: Some(4),
+            ..g.clone()
+        };
+        assert!(newer.incomplete(10).is_some());
+        let short = MirrorGeneration { rows: 9, ..g };
+        assert!(short.incomplete(10).is_some());
+    }
 
     #[test]
     fn table_lists_every_row_and_its_notes() {

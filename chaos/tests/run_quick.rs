@@ -2,7 +2,7 @@
 //!
 //! Ignored by default because it needs that binary built first
 //! (`cargo build --bin catalog-cache`; or set `CATALOG_CACHE_BIN`) and takes
-//! about half a minute: `cargo test -p catalog-chaos --test run_quick -- --ignored`.
+//! about a minute: `cargo test -p catalog-chaos --test run_quick -- --ignored`.
 
 use std::process::Command;
 
@@ -47,4 +47,23 @@ fn unknown_scenarios_and_weakenings_are_usage_errors() {
     let (code, text) = chaos(&["--weaken", "nope", "--sidecar", "/nonexistent"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("unknown weakening 'nope'"), "{text}");
+}
+
+#[test]
+#[ignore = "needs the catalog-cache binary; run with --ignored after cargo build --bin catalog-cache"]
+fn a_network_fault_through_the_fault_proxy_passes_and_names_its_mechanism() {
+    let (code, text) = chaos(&["--quick", "--only", "net-reset-mid-body"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("| net-reset-mid-body"), "{text}");
+    assert!(text.contains("fault-proxy"), "{text}");
+    assert!(text.contains("reset mid-body"), "{text}");
+}
+
+#[test]
+#[ignore = "needs the catalog-cache binary; run with --ignored after cargo build --bin catalog-cache"]
+fn without_upstream_timeouts_a_half_open_upstream_fails_its_scenario() {
+    let (code, text) = chaos(&["--quick", "--weaken", "no-upstream-timeout"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("net-half-open"), "{text}");
+    assert!(text.contains("the breaker never opened"), "{text}");
 }

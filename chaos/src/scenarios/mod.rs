@@ -10,6 +10,8 @@
 mod netns;
 
 use std::path::PathBuf;
+
+use crate::faultproxy::NetFaults;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -33,6 +35,9 @@ pub struct RunOptions {
     pub weaken: Option<String>,
     /// Generator seed.
     pub seed: u64,
+    /// Make every network fault with the fault proxy, even where the
+    /// kernel could (`--net-mechanism fault-proxy`).
+    pub proxy_only: bool,
 }
 
 /// A deliberately weakened sidecar configuration and the scenarios it
@@ -68,6 +73,7 @@ pub const WEAKENINGS: &[Weakening] = &[
         breaks: &[
             "refuse", "kill-upstream", "black-hole", "latency-2s", "slow-body", "errors-50pct", "flap-1s",
             "rate-limited", "malformed", "truncated", "wrong-content-type", "breaker-forced-open", "kill-sidecar",
+            "net-partition", "net-half-open", "net-reset-mid-body", "net-delay",
         ],
         action: None,
     },
@@ -75,7 +81,7 @@ pub const WEAKENINGS: &[Weakening] = &[
         name: "long-budget",
         about: "freshness.revalidate_budget = 30s: reads wait on the upstream up to its 2s timeout",
         env: &[("CATALOG_CACHE_FRESHNESS_REVALIDATE_BUDGET", "30s")],
-        breaks: &["black-hole", "latency-2s", "slow-body"],
+        breaks: &["black-hole", "latency-2s", "slow-body", "net-latency", "net-delay", "net-loss"],
         action: None,
     },
     Weakening {
@@ -102,7 +108,27 @@ pub const WEAKENINGS: &[Weakening] = &[
             ("CATALOG_CACHE_BREAKER_CONSECUTIVE_FAILURES", "100000"),
             ("CATALOG_CACHE_BREAKER_MIN_CALLS", "100000"),
         ],
-        breaks: &["refuse", "kill-upstream", "black-hole", "rate-limited", "malformed"],
+        breaks: &[
+            "refuse", "kill-upstream", "black-hole", "rate-limited", "malformed", "net-partition", "net-half-open",
+            "net-reset-mid-body", "net-delay",
+        ],
+        action: None,
+    },
+    Weakening {
+        name: "no-upstream-timeout",
+        about: "upstream.timeout = upstream.connect_timeout = 1h: a call to a peer that accepted and went silent never ends, so it never counts as a failure and the sync it holds never finishes (a kernel partition still fails calls by itself: the neighbour lookup gives up with EHOSTUNREACH)",
+        env: &[
+            ("CATALOG_CACHE_UPSTREAM_TIMEOUT", "1h"),
+            ("CATALOG_CACHE_UPSTREAM_CONNECT_TIMEOUT", "1h"),
+        ],
+        breaks: &["net-half-open"],
+        action: None,
+    },
+    Weakening {
+        name: "short-timeout",
+        about: "upstream.timeout = 250ms: over the 2 MiB/s link a sync page (0.77 MB) takes longer even alone, so no sync gets through",
+        env: &[("CATALOG_CACHE_UPSTREAM_TIMEOUT", "250ms")],
+        breaks: &["net-bandwidth"],
         action: None,
     },
     Weakening {
@@ -125,7 +151,23 @@ enum Inject {
     Commands {
         apply: Vec<Vec<String>>,
         undo: Vec<Vec<String>>,
+        /// The kernel mechanism they use, for the table.
+        mechanism: &'static str,
     },
+    /// Set these faults on the lab's fault proxy; cleared to none.
+    Proxy(NetFaults),
+}
+
+impl Inject {
+    /// What makes the fault, for the table's mechanism column.
+    fn mechanism(&self) -> &'static str {
+        match self {
+            Inject::Faults(_) => "demo catalog",
+            Inject::KillUpstream => "kill -9",
+            Inject::Commands { mechanism, .. } => mechanism,
+            Inject::Proxy(_) => "fault-proxy",
+        }
+    }
 }
 
 /// Runs each command; the first failure is the error.
@@ -172,6 +214,17 @@ struct Plan {
     /// Entities to edit upstream once the fault is set, so that a sync that
     /// went through would make a new generation.
     mutate: usize,
+    /// The breaker must stay closed while the fault holds (no call can
+    /// fail under it).
+    stays_closed: bool,
+    /// A sync must apply a new generation while the fault holds (the edits
+    /// of `mutate` come through it).
+    sync_during: bool,
+    /// Facts of the plan (how its fault was sized), printed as notes.
+    about: Vec<String>,
+    /// `CATALOG_CACHE_*` settings of its own, on top of [`Timings`] (a
+    /// weakening's still come after them).
+    env: Vec<(String, String)>,
     /// The sidecar settings this scenario runs with.
     timings: Timings,
 }
@@ -188,6 +241,10 @@ impl Plan {
             generation_unchanged: false,
             expect_held: false,
             mutate: 0,
+            stays_closed: false,
+            sync_during: false,
+            about: Vec::new(),
+            env: Vec::new(),
             timings: Timings::BASE,
         }
     }
@@ -281,6 +338,13 @@ pub fn names() -> Vec<&'static str> {
     v
 }
 
+/// Scenarios the quick run leaves out unless named with `--only`: the
+/// network faults that the quick ones already cover in kind (see
+/// `netns::FULL_ONLY`).
+pub fn full_only() -> &'static [&'static str] {
+    &netns::FULL_ONLY
+}
+
 /// Runs the chosen scenarios and returns one row each.
 pub async fn run(opts: &RunOptions) -> Result<Vec<Outcome>, String> {
     let weakening = match &opts.weaken {
@@ -306,6 +370,7 @@ pub async fn run(opts: &RunOptions) -> Result<Vec<Outcome>, String> {
         .iter()
         .copied()
         .filter(|n| opts.only.is_empty() || opts.only.iter().any(|o| o == n))
+        .filter(|n| !(opts.quick && opts.only.is_empty() && full_only().contains(n)))
         .filter(|n| weakening.is_none_or(|w| w.breaks.contains(n)))
         .collect();
     if chosen.is_empty() {
@@ -385,6 +450,7 @@ impl Checked {
         Checked {
             outcome: Outcome {
                 name: name.to_string(),
+                mechanism: "-".to_string(),
                 reads: samples.len(),
                 failed: 0,
                 stale: samples.iter().filter(|s| s.stale == Some(true)).count(),
@@ -673,11 +739,17 @@ async fn drive(
         Inject::Faults(v) => lab.upstream.set_faults(v.clone()).await?,
         Inject::KillUpstream => lab.upstream.kill(),
         Inject::Commands { apply, .. } => run_commands(apply)?,
+        Inject::Proxy(f) => proxy_of(lab)?.set(f.clone()),
     }
+    let proxy_before = lab.net.as_ref().map(|p| p.stats());
     if plan.mutate > 0 {
         // Let a sync that began before the fault finish first.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        if let Inject::Faults(_) = plan.inject {
+        // The demo catalog's control API is reached directly (a fault
+        // proxy is not on its path), or over the shaped link (a qdisc
+        // slows it, no plan edits through a partition); a killed one has
+        // none.
+        if !matches!(plan.inject, Inject::KillUpstream) {
             lab.upstream.mutate(plan.mutate).await?;
         }
     }
@@ -708,10 +780,12 @@ async fn drive(
             .map(|after| after.saturating_sub(before)),
         None => None,
     };
+    let proxy_during = lab.net.as_ref().map(|p| p.stats());
     match &plan.inject {
         Inject::Faults(_) => lab.upstream.clear_faults().await?,
         Inject::KillUpstream => lab.upstream.restart().await?,
         Inject::Commands { undo, .. } => run_commands(undo)?,
+        Inject::Proxy(_) => proxy_of(lab)?.clear(),
     }
     // The fault is over once the control API (or the restarted demo
     // catalog) says so.
@@ -722,9 +796,13 @@ async fn drive(
     let status = monitor.stop().await;
 
     let mut c = Checked::new(plan.name, &samples, tuning, &timings);
+    c.outcome.mechanism = plan.inject.mechanism().to_string();
     c.event("fault", fault_at);
     c.event("clearing", clearing_at);
     c.event("cleared", clear_at);
+    for line in &plan.about {
+        c.note(line.clone());
+    }
     let all: Vec<&Sample> = samples.iter().collect();
     c.reads_succeed(&all, plan.allow_404);
     c.marking(&samples, timings.fresh_for);
@@ -768,6 +846,43 @@ async fn drive(
             plan.hold.as_secs_f64()
         ));
     }
+    if plan.stays_closed {
+        if let Some(s) = during.iter().find(|s| s.breaker != "closed") {
+            c.fail(format!(
+                "the breaker was {} at {:.1}s while the fault held, though no call could fail under it",
+                s.breaker,
+                s.at.as_secs_f64()
+            ));
+        }
+    }
+    if plan.sync_during {
+        let newer = during
+            .iter()
+            .find(|s| s.generation.is_some() && s.generation > generation_at_fault);
+        match newer {
+            Some(s) => c.note(format!(
+                "generation {:?} applied at {:.1}s while the fault held (it was {generation_at_fault:?})",
+                s.generation,
+                s.at.as_secs_f64()
+            )),
+            None => c.fail(format!(
+                "no sync applied a new generation while the fault held ({:.1}s; generation stayed {generation_at_fault:?})",
+                (clear_at - fault_at).as_secs_f64()
+            )),
+        }
+    }
+    if let (Some(before), Some(during)) = (proxy_before, proxy_during) {
+        c.note(format!(
+            "fault proxy while the fault held: {} connections, {} reset mid-body, {} silenced, {} segments stalled, {} chunks held, {} B up, {} B down",
+            during.connections - before.connections,
+            during.resets - before.resets,
+            during.silenced - before.silenced,
+            during.stalls - before.stalls,
+            during.held - before.held,
+            during.bytes_up - before.bytes_up,
+            during.bytes_down - before.bytes_down
+        ));
+    }
     if plan.expect_held && !during.iter().any(|s| s.held) {
         c.fail(
             "held_deletions was never reported while the upstream served an empty catalog".into(),
@@ -783,6 +898,65 @@ async fn drive(
     }
     keep_on_failure(&mut c, lab, &status);
     Ok(c.outcome)
+}
+
+/// Waits until the running sidecar process has finished a sync (its
+/// `catalog_cache_syncs_total`, summed over results, is 1 or more).
+async fn wait_first_sync(lab: &Lab, within: Duration) -> Result<(), HarnessError> {
+    let deadline = Instant::now() + within;
+    let http = reqwest::Client::new();
+    loop {
+        let text = match http
+            .get(format!("http://{}/metrics", lab.sidecar.admin))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let syncs: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("catalog_cache_syncs_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if syncs >= 1.0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(HarnessError::Timeout(format!(
+                "the restarted sidecar finished no sync within {within:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `POST /admin/sync`, waited for: the report's `result` and
+/// `duration_seconds`.
+async fn admin_sync(lab: &Lab) -> Result<(String, f64), HarnessError> {
+    let report: Value = reqwest::Client::new()
+        .post(format!("http://{}/admin/sync", lab.sidecar.admin))
+        .bearer_auth(crate::scenario::ADMIN_TOKEN)
+        .json(&json!({}))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .map_err(|e| HarnessError::Http(format!("/admin/sync: {e}")))?
+        .json()
+        .await
+        .map_err(|e| HarnessError::Http(format!("/admin/sync: {e}")))?;
+    Ok((
+        report["result"].as_str().unwrap_or("?").to_string(),
+        report["duration_seconds"].as_f64().unwrap_or(0.0),
+    ))
+}
+
+/// The lab's fault proxy, which a proxy fault needs.
+fn proxy_of(lab: &Lab) -> Result<&crate::faultproxy::FaultProxy, HarnessError> {
+    lab.net
+        .as_ref()
+        .ok_or_else(|| HarnessError::Http("a fault-proxy fault in a lab without the proxy".into()))
 }
 
 /// Ends a scenario's checks: the replay and bounds lines go under the
@@ -861,6 +1035,7 @@ async fn breaker_forced_open(
     let status = monitor.stop().await;
 
     let mut c = Checked::new("breaker-forced-open", &samples, tuning, &timings);
+    c.outcome.mechanism = "admin API".into();
     c.event("open asked", asked_at);
     c.event("open acknowledged", acked_at);
     c.event("auto asked", open_until);
@@ -973,6 +1148,7 @@ async fn stale_policy_flip(
     let status = monitor.stop().await;
 
     let mut c = Checked::new("stale-policy-flip", &samples, tuning, &timings);
+    c.outcome.mechanism = "demo catalog + admin API".into();
     c.event("fault", fault_at);
     c.event("refuse sent", refuse_sent);
     c.event("refuse acknowledged", refuse_acked);
@@ -1035,15 +1211,25 @@ async fn stale_policy_flip(
     Ok(c.outcome)
 }
 
-/// SIGKILL the sidecar during syncs, repeatedly: the mirror passes
-/// `integrity_check` after every kill and reopens with the full catalog;
-/// restarted while the upstream is down it is ready from disk at once.
+/// SIGKILL the sidecar during syncs, repeatedly: after every kill the
+/// mirror passes `integrity_check` and holds exactly one complete
+/// generation (the catalog before the round's edits or after them, whole),
+/// and it reopens with the full catalog; restarted while the upstream is
+/// down it is ready from disk at once.
+///
+/// The sidecar's own sync interval is an hour here, so every sync is one
+/// this scenario asks for (or the one each start begins with) and the
+/// catalog never changes under a sync: a generation is then one catalog
+/// state, and anything else in the file is a partial one.
 async fn kill_sidecar(
     opts: &RunOptions,
     tuning: &Tuning,
     extra: &[(String, String)],
 ) -> Result<Outcome, HarnessError> {
-    let timings = Timings::BASE;
+    let timings = Timings {
+        sync_interval: Duration::from_secs(3600),
+        ..Timings::BASE
+    };
     // The sidecar is ready from its mirror file, before any sync: the bound
     // covers starting the process and loading the mirror (5,000 entities in
     // the debug build CI uses, 20,000 in a release build for the full run),
@@ -1059,20 +1245,38 @@ async fn kill_sidecar(
     .await?;
     let mut notes = Vec::new();
     let mut problems = Vec::new();
-    let first = lab.sidecar.status().await?;
-    let sync_ms = (first["last_sync"]["duration_seconds"]
-        .as_f64()
-        .unwrap_or(0.5)
-        * 1000.0)
-        .max(50.0) as u64;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(tuning.seed);
     let mut worst_ready = Duration::ZERO;
     // Kills before the sync's commit keep the old generation, kills after
     // it find the new one: both must happen for the scenario to mean much.
     let (mut kept_old, mut found_new) = (0usize, 0usize);
+    let (mut shortest, mut longest) = (u64::MAX, 0u64);
+    let mut delays = Vec::new();
+    // The catalog as the mirror holds it after the first sync.
+    let mut current = lab.upstream.fingerprint().await?;
+    let mut rounds = 0usize;
     for round in 1..=tuning.kills {
-        let generation_before = lab.sidecar.status().await?["mirror"]["generation"].as_u64();
-        lab.upstream.mutate(200).await?;
+        // Waits for the sync a (re)started sidecar begins with (counted in
+        // its metrics: a sync asked for first would let that one start
+        // later, under the edits), then syncs once more: when it answers no
+        // sync runs, none will, and the mirror holds the catalog as it is
+        // now. Its duration sizes the kill window.
+        if let Err(e) = wait_first_sync(&lab, Duration::from_secs(60)).await {
+            problems.push(format!("round {round}: {e}"));
+            break;
+        }
+        let settle = admin_sync(&lab).await?;
+        if settle.0 != "applied" && settle.0 != "unchanged" {
+            problems.push(format!(
+                "round {round}: the sync before the edits said {}",
+                settle.0
+            ));
+            break;
+        }
+        let sync_ms = (settle.1 * 1000.0).max(50.0) as u64;
+        shortest = shortest.min(sync_ms);
+        longest = longest.max(sync_ms);
+        lab.upstream.edit_at_once(200).await?;
         let admin = lab.sidecar.admin.clone();
         // The sync this request starts is what the kill interrupts.
         let sync = tokio::spawn(async move {
@@ -1080,50 +1284,78 @@ async fn kill_sidecar(
                 .post(format!("http://{admin}/admin/sync"))
                 .bearer_auth(crate::scenario::ADMIN_TOKEN)
                 .json(&json!({}))
-                .timeout(Duration::from_secs(30))
+                .timeout(Duration::from_secs(60))
                 .send()
                 .await;
         });
         let delay = rand::Rng::random_range(&mut rng, 0..=sync_ms * 6 / 5 + 30);
+        delays.push(delay);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         lab.sidecar.kill();
         sync.abort();
+        rounds = round;
         let db = lab.sidecar.db();
-        match tokio::task::spawn_blocking(move || integrity_check(&db)).await {
-            Ok(Ok(s)) if s == "ok" => {}
-            Ok(Ok(s)) => problems.push(format!(
-                "kill {round} (at {delay}ms): integrity_check said {s}"
+        let expected = lab.entities;
+        // The catalog after the edits is read while the file is checked:
+        // nothing changes it until the next round.
+        let (checked, edited) = tokio::join!(
+            tokio::task::spawn_blocking(move || {
+                let integrity = integrity_check(&db)?;
+                let generation = crate::scenario::mirror_generation(&db)?;
+                Ok::<_, String>((integrity, generation))
+            }),
+            lab.upstream.fingerprint()
+        );
+        let edited = edited?;
+        let checked = checked.map_err(|e| e.to_string()).and_then(|r| r);
+        match checked {
+            Ok((integrity, _)) if integrity != "ok" => problems.push(format!(
+                "kill {round} (at {delay}ms): integrity_check said {integrity}"
             )),
-            Ok(Err(e)) => problems.push(format!("kill {round}: {e}")),
-            Err(e) => problems.push(format!("kill {round}: {e}")),
+            Ok((_, g)) => {
+                if let Some(why) = g.incomplete(expected) {
+                    problems.push(format!("kill {round} (at {delay}ms): {why}"));
+                } else if g.fingerprint == current {
+                    kept_old += 1;
+                } else if g.fingerprint == edited {
+                    found_new += 1;
+                } else {
+                    problems.push(format!(
+                        "kill {round} (at {delay}ms): generation {} holds {} entities that are neither the catalog before the round's 200 edits nor after them (a partial generation)",
+                        g.generation, g.rows
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("kill {round} (at {delay}ms): {e}")),
         }
+        current = edited;
         lab.sidecar.start()?;
         match lab
             .sidecar
             .wait_ready(lab.entities, Duration::from_secs(60))
             .await
         {
-            Ok(t) => {
-                worst_ready = worst_ready.max(t);
-                let after = lab.sidecar.status().await?["mirror"]["generation"].as_u64();
-                if after == generation_before {
-                    kept_old += 1;
-                } else {
-                    found_new += 1;
-                }
-            }
+            Ok(t) => worst_ready = worst_ready.max(t),
             Err(e) => {
                 problems.push(format!("kill {round}: {e}"));
                 break;
             }
         }
     }
+    let mean = delays.iter().sum::<u64>() / (delays.len().max(1) as u64);
     notes.push(format!(
-        "{} kills during syncs of {} entities (a sync took ~{sync_ms}ms): {kept_old} reopened with the old generation, {found_new} with the new; slowest restart to ready {}ms",
-        tuning.kills,
+        "{rounds} kills during syncs of {} entities (a sync took {shortest}..{longest}ms; killed {}..{}ms after it was asked for, mean {mean}ms): integrity_check ok and exactly one complete generation after each; {kept_old} kept the generation before the edits, {found_new} held the new one; slowest restart to ready {}ms",
         lab.entities,
+        delays.iter().min().copied().unwrap_or(0),
+        delays.iter().max().copied().unwrap_or(0),
         worst_ready.as_millis()
     ));
+    if kept_old == 0 || found_new == 0 {
+        notes.push(
+            "the kills did not fall on both sides of a commit this time (a different --seed spreads them)"
+                .into(),
+        );
+    }
     // Cold start during an outage.
     lab.upstream.set_faults(json!({"refuse": true})).await?;
     lab.sidecar.kill();
@@ -1154,6 +1386,7 @@ async fn kill_sidecar(
         .ok()
         .and_then(|v| v["mirror"]["entities"].as_u64());
     let mut c = Checked::new("kill-sidecar", &samples, tuning, &timings);
+    c.outcome.mechanism = "kill -9".into();
     c.outcome.notes = notes;
     c.event("restarted in the outage", Duration::ZERO);
     for p in problems {
