@@ -9,8 +9,11 @@
 //! each one must keep. The demo catalog itself lives in `catalog-fake`, so
 //! the sidecar's production build never links this runner. `abuse` holds
 //! the attacks of the abuse suite and the invariants each one must keep,
-//! on the same harness.
+//! on the same harness. `fleet` runs many sidecars at once, behind
+//! `catalog-chaos fleet`: direct against tiered, full walk against
+//! id-walk, outages and a restart storm, and a model of a larger fleet.
 
 pub mod abuse;
+pub mod fleet;
 pub mod scenario;
 pub mod scenarios;
