@@ -147,6 +147,8 @@ for path in sys.argv[1:]:
         docs.setdefault(doc["kind"], []).append(doc)
 cm = docs["ConfigMap"][0]
 cfg = tomllib.loads(cm["data"]["catalog-cache.toml"])
+for other in docs["ConfigMap"][1:]:
+    tomllib.loads(other["data"]["catalog-cache.toml"])
 assert cfg["listen"]["proxy"].startswith("127.0.0.1:"), "proxy must stay on the pod's loopback"
 pod = docs["Deployment"][0]["spec"]["template"]["spec"]
 side = [c for c in pod["initContainers"] if c["name"] == "catalog-cache"][0]
@@ -160,7 +162,8 @@ print("kinds:", ", ".join(f"{k}×{len(v)}" for k, v in sorted(docs.items())))
 EOF
   "$VENV/bin/kubernetes-validate" --strict --quiet -k 1.29.0 \
     config/kubernetes/configmap.yaml config/kubernetes/deployment.yaml \
-    config/kubernetes/service.yaml config/kubernetes/secrets.example.yaml
+    config/kubernetes/service.yaml config/kubernetes/secrets.example.yaml \
+    config/kubernetes/tier.yaml
 }
 check "kubernetes manifests" k8s_ok
 

@@ -11,9 +11,13 @@
 //! the attacks of the abuse suite and the invariants each one must keep,
 //! on the same harness. `faultproxy` is the userspace network fault proxy
 //! the network scenarios put between the sidecar and the demo catalog
-//! where the kernel cannot make a fault.
+//! where the kernel cannot make a fault. `fleet` runs many sidecars at
+//! once, behind `catalog-chaos fleet`: direct against tiered, full walk
+//! against id-walk, outages and a restart storm, and a model of a larger
+//! fleet.
 
 pub mod abuse;
 pub mod faultproxy;
+pub mod fleet;
 pub mod scenario;
 pub mod scenarios;

@@ -1,13 +1,15 @@
 //! `catalog-chaos`: the demo catalog (`fake-catalog`, served by the
 //! `catalog-fake` library), the chaos scenarios (`run`), the abuse suite
-//! (`abuse`) and the network fault proxy (`fault-proxy`). Parses
-//! arguments, starts logging, runs the subcommand.
+//! (`abuse`), the network fault proxy (`fault-proxy`) and the fleet
+//! simulation (`fleet`). Parses arguments, starts logging, runs the
+//! subcommand.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use catalog_chaos::{abuse, faultproxy, scenario, scenarios};
+use catalog_chaos::{abuse, faultproxy, fleet, scenario, scenarios};
 use catalog_fake::fake::{until_signal, DEFAULT_CONTROL, DEFAULT_ENTITIES, DEFAULT_LISTEN};
 use catalog_fake::{FakeCatalog, FakeOptions};
 use clap::{Parser, Subcommand};
@@ -112,6 +114,97 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Run a fleet of real catalog-cache processes on loopback (a demo
+    /// catalog with churn, regional tiers, leaf sidecars), direct against
+    /// tiered and full walk against id-walk, through a catalog outage, a
+    /// tier outage and a restart storm; print what was measured and a
+    /// MODEL of a larger fleet; exit 1 if a leaf answered fresh data older
+    /// than fresh_for or failed a read of an entity the catalog holds.
+    Fleet(FleetArgs),
+}
+
+/// `catalog-chaos fleet`'s options. Unset sizes and timings take the
+/// defaults of the full run (shown) or, with `--quick`, smaller ones.
+#[derive(Debug, clap::Args)]
+struct FleetArgs {
+    /// CI sizes, about a minute and a half in all: 1,000 entities, windows
+    /// of 8s, sync_interval 2s, fresh_for 5s, churn 6%/min in 1s steps,
+    /// outages of 7s (20 leaves and 2 tiers as in the full run).
+    #[arg(long)]
+    quick: bool,
+    /// The catalog-cache binary (else CATALOG_CACHE_BIN, else next to this one).
+    #[arg(long)]
+    sidecar: Option<PathBuf>,
+    /// Entities in the demo catalog [default: 5000].
+    #[arg(long)]
+    entities: Option<usize>,
+    /// Leaf sidecars [default: 20].
+    #[arg(long)]
+    leaves: Option<usize>,
+    /// Regional tiers; leaves are spread over them in turn [default: 2].
+    #[arg(long)]
+    tiers: Option<usize>,
+    /// Length of each measured window, one per configuration (direct
+    /// id-walk, direct full walk, tiered) [default: 3m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// mirror.sync_interval of every sidecar [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    sync_interval: Option<Duration>,
+    /// mirror.sync_jitter of every sidecar [default: 0.1].
+    #[arg(long)]
+    sync_jitter: Option<f64>,
+    /// freshness.fresh_for of every sidecar [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    fresh_for: Option<Duration>,
+    /// Share of the catalog changed a minute (80% new etags, 10% added,
+    /// 10% deleted) [default: 0.01].
+    #[arg(long)]
+    churn: Option<f64>,
+    /// How often a churn step is applied [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    churn_step: Option<Duration>,
+    /// How long the catalog outage and the tier outage last; longer than
+    /// fresh_for [default: 45s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    outage: Option<Duration>,
+    /// Generator seed.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// MODEL: leaf sidecars.
+    #[arg(long, default_value_t = 1000)]
+    model_sidecars: u64,
+    /// MODEL: entities in the catalog.
+    #[arg(long, default_value_t = 100_000)]
+    model_entities: u64,
+    /// MODEL: regional tiers.
+    #[arg(long, default_value_t = 10)]
+    model_tiers: u64,
+    /// MODEL: mirror.sync_interval.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    model_interval: Duration,
+}
+
+impl FleetArgs {
+    fn options(self, sidecar: PathBuf) -> fleet::FleetOptions {
+        let mut o = fleet::FleetOptions::new(self.quick, sidecar);
+        o.entities = self.entities.unwrap_or(o.entities);
+        o.leaves = self.leaves.unwrap_or(o.leaves);
+        o.tiers = self.tiers.unwrap_or(o.tiers);
+        o.duration = self.duration.unwrap_or(o.duration);
+        o.sync_interval = self.sync_interval.unwrap_or(o.sync_interval);
+        o.sync_jitter = self.sync_jitter.unwrap_or(o.sync_jitter);
+        o.fresh_for = self.fresh_for.unwrap_or(o.fresh_for);
+        o.churn_per_minute = self.churn.unwrap_or(o.churn_per_minute);
+        o.churn_step = self.churn_step.unwrap_or(o.churn_step);
+        o.outage = self.outage.unwrap_or(o.outage);
+        o.seed = self.seed;
+        o.scale.sidecars = self.model_sidecars;
+        o.scale.entities = self.model_entities;
+        o.scale.tiers = self.model_tiers;
+        o.scale.interval = self.model_interval;
+        o
+    }
 }
 
 #[tokio::main]
@@ -125,6 +218,44 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Fleet(args) => {
+            let sidecar = match scenario::find_sidecar(args.sidecar.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("catalog-chaos: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let opts = args.options(sidecar);
+            if let Err(e) = opts.validate() {
+                eprintln!("catalog-chaos: {e}");
+                return ExitCode::from(2);
+            }
+            // Ctrl-C ends the run; dropping the fleet kills every child by
+            // its PID and removes the data dir.
+            let report = tokio::select! {
+                r = fleet::run(&opts) => r,
+                _ = tokio::signal::ctrl_c() => {
+                    eprintln!("catalog-chaos: interrupted");
+                    return ExitCode::from(2);
+                }
+            };
+            match report {
+                Ok(report) => {
+                    print!("{}", fleet::render(&report));
+                    if report.passed() {
+                        ExitCode::SUCCESS
+                    } else {
+                        println!("an invariant broke");
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("catalog-chaos: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Run {
             quick,
             full: _,
