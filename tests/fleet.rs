@@ -344,3 +344,34 @@ async fn a_leaf_asks_for_compressed_answers_and_a_tier_gives_them() {
         "entity hits are served as stored"
     );
 }
+
+#[tokio::test]
+async fn a_leaf_s_periodic_check_of_its_tier_is_an_id_walk() {
+    let (a, b) = chain().await;
+    // Every second cycle is the periodic check.
+    let b = {
+        let mut b = b;
+        b.stop().await;
+        let dir = b.dir.clone();
+        let mut config = b.config.clone();
+        config.mirror.full_sync_every = 2;
+        drop(b);
+        let b = a.sibling(dir, config, Clock::system()).await;
+        b.wait_for_first_sync().await;
+        b
+    };
+    let mut methods = Vec::new();
+    for i in 0..4 {
+        let entity = a.upstream_entities()[40 + i].clone();
+        a.fake.touch(&uid(&entity)).expect("the entity exists");
+        a.sidecar.syncer.sync_once(false).await;
+        methods.push(b.sidecar.syncer.sync_once(false).await.method);
+        assert_eq!(mirror_of(&b), mirror_of(&a), "cycle {i}");
+    }
+    assert!(
+        !methods.contains(&Some(SyncMethod::FullWalk)),
+        "{methods:?}"
+    );
+    assert!(methods.contains(&Some(SyncMethod::IdWalk)), "{methods:?}");
+    assert!(methods.contains(&Some(SyncMethod::Changes)), "{methods:?}");
+}

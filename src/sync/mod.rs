@@ -16,6 +16,8 @@
 //!   generation with `If-None-Match` (a 304 confirms the mirror as it is),
 //!   else reads the tier's changes feed since the generation it follows;
 //!   a 410 (outside the feed's window, a new epoch) makes it walk as above.
+//!   Its periodic check (every `mirror.full_sync_every` cycles) is an
+//!   id-walk of the tier rather than a full walk.
 //!   Which one the upstream is, is found by probing and re-checked on full
 //!   cycles.
 //!
@@ -363,6 +365,8 @@ pub struct Syncer {
     /// Cycles since the last full walk; the next is full at
     /// `mirror.full_sync_every`.
     since_full: AtomicU32,
+    /// The next cycle must read whole entities (after a failure).
+    force_full: std::sync::atomic::AtomicBool,
     /// What the upstream is, as far as known.
     upstream_kind: Mutex<UpstreamKind>,
 }
@@ -442,6 +446,7 @@ impl Syncer {
             history,
             one_at_a_time: tokio::sync::Mutex::new(()),
             since_full: AtomicU32::new(0),
+            force_full: std::sync::atomic::AtomicBool::new(false),
             upstream_kind: Mutex::new(UpstreamKind::Unknown),
         }
     }
@@ -480,8 +485,7 @@ impl Syncer {
             Err(error) => {
                 if error.calls_for_full_walk() {
                     // The next cycle reads whole entities.
-                    self.since_full
-                        .store(self.settings.full_sync_every, Ordering::Relaxed);
+                    self.force_full.store(true, Ordering::Relaxed);
                 }
                 let retry_after = error.retry_after();
                 let mut report = self.report(
@@ -573,7 +577,9 @@ impl Syncer {
         let reader = self.reader();
         let current = self.generations.current();
         let cycle = self.since_full.load(Ordering::Relaxed);
-        let full_due = current.is_none() || cycle + 1 >= self.settings.full_sync_every;
+        let forced = self.force_full.swap(false, Ordering::Relaxed) || current.is_none();
+        let periodic = cycle + 1 >= self.settings.full_sync_every;
+        let full_due = forced || periodic;
         let mut position = None;
         // A known Backstage is probed again only on full cycles, so that an
         // upstream replaced by a tier (or the other way round) is noticed.
@@ -615,10 +621,18 @@ impl Syncer {
                 }
             }
         }
-        if !full_due {
+        // Against a tier, the periodic check is an id-walk: it finds any
+        // drift from the tier as surely as a full walk, at a tenth of the
+        // bytes; a full walk is kept for what forced one.
+        let tier_check = periodic && !forced && self.upstream_kind() == UpstreamKind::Tier;
+        if !full_due || tier_check {
             match self.id_walk(&reader, current.as_deref()).await {
                 Ok((entities, confirmed)) => {
-                    self.since_full.fetch_add(1, Ordering::Relaxed);
+                    if tier_check {
+                        self.since_full.store(0, Ordering::Relaxed);
+                    } else {
+                        self.since_full.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Ok(Fetched::Catalog {
                         entities,
                         confirmed,
