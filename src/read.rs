@@ -1347,6 +1347,13 @@ impl ReadPath {
         match outcome {
             Ok(response) => {
                 let had_local = matches!(held, Held::Copy { .. });
+                // The upstream says a mirrored entity is gone: a sync soon
+                // either takes the deletion into the mirror or, if the
+                // catalog emptied, holds it and makes the upstream suspect
+                // (after which such answers are doubted).
+                if had_local && response.status == StatusCode::NOT_FOUND {
+                    self.sync.sync_soon();
+                }
                 let status = response.status.as_u16();
                 let cache = match (had_local, response.status) {
                     (true, _) => CacheStatus::Revalidated { status },

@@ -928,6 +928,43 @@ async fn an_entity_deleted_upstream_answers_404_without_a_miss_storm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_404_for_a_mirrored_entity_asks_for_a_sync_at_once() {
+    // The sync interval is an hour: only the 404 can bring a sync this soon.
+    let ts = TestSidecar::builder().start().await;
+    let e = ts.upstream_entities()[17].clone();
+    let gone = uid(&e);
+    ts.fake
+        .remove_entities(|v| v["metadata"]["uid"].as_str() == Some(gone.as_str()));
+    ts.age_past_fresh(Duration::from_secs(1));
+    ts.fake.reset_stats();
+    assert_eq!(ts.get(&by_name_path(&e)).await.status, 404);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while ts.fake.stats().by_query == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sync followed the upstream's 404 for a mirrored entity"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // That sync takes the deletion into the mirror: the entity is gone
+    // locally too, without asking the upstream again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while ts
+        .sidecar
+        .syncer
+        .status()
+        .last_sync()
+        .is_none_or(|r| r.removed == 0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deletion was not synced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upper_case_ref_is_answered_null_locally() {
     let ts = TestSidecar::builder().start().await;
     let entities = ts.upstream_entities();

@@ -328,6 +328,25 @@ impl Timings {
         }
     }
 
+    /// How soon after an upstream empties its catalog the sidecar can know:
+    /// a sync that began before the fault finishes with the old catalog
+    /// (`sync_took`), the next one starts within `sync_interval` plus
+    /// jitter (sooner when a read's 404 asks for it) and takes `sync_took`
+    /// to see the empty catalog and hold it.
+    pub fn notice_bound(&self, sync_took: Duration) -> Bound {
+        let next = self.sync_interval.mul_f64(1.0 + self.sync_jitter);
+        Bound {
+            limit: sync_took + next + sync_took + SCHEDULING_MARGIN,
+            why: format!(
+                "sync {} + sync_interval {} + jitter + sync {} + margin {}",
+                ms(sync_took),
+                ms(self.sync_interval),
+                ms(sync_took),
+                ms(SCHEDULING_MARGIN)
+            ),
+        }
+    }
+
     /// A slow-body fault under which every answer the sidecar can ask for,
     /// down to a 227-byte 404, takes longer than `upstream.timeout`: 16
     /// bytes per chunk, chunks spaced so that 200 bytes already take 1.5
@@ -1724,11 +1743,14 @@ pub struct Probe {
 /// proxy listener (200 with that entity's uid, or it failed), one of
 /// `GET /livez` on the admin listener (200 `ok`), each pausing
 /// [`BYSTANDER_PAUSE`] between requests, each on its own keep-alive client.
+///
+/// Both loops run on a thread and a runtime of their own, so that what the
+/// harness does meanwhile (an attack that parses ten 37 MB answers, say)
+/// cannot delay a probe and be blamed on the sidecar.
 pub struct Bystander {
     stop: Arc<AtomicBool>,
     proxy_paused: Arc<AtomicBool>,
-    proxy: JoinHandle<Vec<Probe>>,
-    admin: JoinHandle<Vec<Probe>>,
+    thread: std::thread::JoinHandle<(Vec<Probe>, Vec<Probe>)>,
 }
 
 impl Bystander {
@@ -1742,81 +1764,27 @@ impl Bystander {
     ) -> Bystander {
         let stop = Arc::new(AtomicBool::new(false));
         let proxy_paused = Arc::new(AtomicBool::new(false));
-        let (flag, paused, http) = (stop.clone(), proxy_paused.clone(), http_client());
-        let proxy = tokio::spawn(async move {
-            let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(7919));
-            let mut out = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
-                if paused.load(Ordering::Relaxed) {
-                    tokio::time::sleep(BYSTANDER_PAUSE).await;
-                    continue;
-                }
-                let t = &targets[rng.random_range(0..targets.len())];
-                let url = format!(
-                    "{catalog_url}/entities/by-name/{}/{}/{}",
-                    encode_segment(&t.kind),
-                    encode_segment(&t.namespace),
-                    encode_segment(&t.name)
-                );
-                let at = origin.elapsed();
-                let started = Instant::now();
-                let failure = match http.get(url).send().await {
-                    Err(e) => Some(format!("by-name: no answer: {}", client_error(e))),
-                    Ok(resp) => {
-                        let status = resp.status().as_u16();
-                        let body = resp.bytes().await.unwrap_or_default();
-                        let uid = serde_json::from_slice::<Value>(&body)
-                            .ok()
-                            .and_then(|v| uid_of(&v).map(str::to_string));
-                        if status != 200 {
-                            Some(format!("by-name answered {status}"))
-                        } else if uid.as_deref() != Some(t.uid.as_str()) {
-                            Some(format!("by-name answered 200 without entity {}", t.uid))
-                        } else {
-                            None
-                        }
-                    }
-                };
-                out.push(Probe {
-                    at,
-                    latency: started.elapsed(),
-                    failure,
-                });
-                tokio::time::sleep(BYSTANDER_PAUSE).await;
-            }
-            out
-        });
-        let (flag, http) = (stop.clone(), http_client());
-        let admin = tokio::spawn(async move {
-            let mut out = Vec::new();
-            while !flag.load(Ordering::Relaxed) {
-                let at = origin.elapsed();
-                let started = Instant::now();
-                let failure = match http.get(format!("http://{admin}/livez")).send().await {
-                    Err(e) => Some(format!("/livez: no answer: {}", client_error(e))),
-                    Ok(resp) if resp.status() != 200 => {
-                        Some(format!("/livez answered {}", resp.status().as_u16()))
-                    }
-                    Ok(resp) => match resp.text().await {
-                        Ok(t) if t.trim() == "ok" => None,
-                        Ok(t) => Some(format!("/livez answered 200 {t:?}")),
-                        Err(e) => Some(format!("/livez: body cut short: {}", client_error(e))),
-                    },
-                };
-                out.push(Probe {
-                    at,
-                    latency: started.elapsed(),
-                    failure,
-                });
-                tokio::time::sleep(BYSTANDER_PAUSE).await;
-            }
-            out
+        let (flag, paused) = (stop.clone(), proxy_paused.clone());
+        let thread = std::thread::spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                // No runtime, no probes: the judge reports "no request was made".
+                Err(_) => return (Vec::new(), Vec::new()),
+            };
+            runtime.block_on(async move {
+                tokio::join!(
+                    proxy_loop(catalog_url, targets, origin, seed, flag.clone(), paused),
+                    admin_loop(admin, origin, flag)
+                )
+            })
         });
         Bystander {
             stop,
             proxy_paused,
-            proxy,
-            admin,
+            thread,
         }
     }
 
@@ -1829,10 +1797,92 @@ impl Bystander {
     /// Stops both loops and returns their probes: (proxy, admin).
     pub async fn stop(self) -> (Vec<Probe>, Vec<Probe>) {
         self.stop.store(true, Ordering::Relaxed);
-        let proxy = self.proxy.await.unwrap_or_default();
-        let admin = self.admin.await.unwrap_or_default();
-        (proxy, admin)
+        let thread = self.thread;
+        tokio::task::spawn_blocking(move || thread.join().unwrap_or_default())
+            .await
+            .unwrap_or_default()
     }
+}
+
+/// The bystander's proxy loop: by-name reads of random mirrored entities.
+async fn proxy_loop(
+    catalog_url: String,
+    targets: Arc<Vec<Target>>,
+    origin: Instant,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+) -> Vec<Probe> {
+    let http = http_client();
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(7919));
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        if paused.load(Ordering::Relaxed) {
+            tokio::time::sleep(BYSTANDER_PAUSE).await;
+            continue;
+        }
+        let t = &targets[rng.random_range(0..targets.len())];
+        let url = format!(
+            "{catalog_url}/entities/by-name/{}/{}/{}",
+            encode_segment(&t.kind),
+            encode_segment(&t.namespace),
+            encode_segment(&t.name)
+        );
+        let at = origin.elapsed();
+        let started = Instant::now();
+        let failure = match http.get(url).send().await {
+            Err(e) => Some(format!("by-name: no answer: {}", client_error(e))),
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let body = resp.bytes().await.unwrap_or_default();
+                let uid = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| uid_of(&v).map(str::to_string));
+                if status != 200 {
+                    Some(format!("by-name answered {status}"))
+                } else if uid.as_deref() != Some(t.uid.as_str()) {
+                    Some(format!("by-name answered 200 without entity {}", t.uid))
+                } else {
+                    None
+                }
+            }
+        };
+        out.push(Probe {
+            at,
+            latency: started.elapsed(),
+            failure,
+        });
+        tokio::time::sleep(BYSTANDER_PAUSE).await;
+    }
+    out
+}
+
+/// The bystander's admin loop: `GET /livez`.
+async fn admin_loop(admin: String, origin: Instant, stop: Arc<AtomicBool>) -> Vec<Probe> {
+    let http = http_client();
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let at = origin.elapsed();
+        let started = Instant::now();
+        let failure = match http.get(format!("http://{admin}/livez")).send().await {
+            Err(e) => Some(format!("/livez: no answer: {}", client_error(e))),
+            Ok(resp) if resp.status() != 200 => {
+                Some(format!("/livez answered {}", resp.status().as_u16()))
+            }
+            Ok(resp) => match resp.text().await {
+                Ok(t) if t.trim() == "ok" => None,
+                Ok(t) => Some(format!("/livez answered 200 {t:?}")),
+                Err(e) => Some(format!("/livez: body cut short: {}", client_error(e))),
+            },
+        };
+        out.push(Probe {
+            at,
+            latency: started.elapsed(),
+            failure,
+        });
+        tokio::time::sleep(BYSTANDER_PAUSE).await;
+    }
+    out
 }
 
 /// A client error in words, with its causes and without the URL (an

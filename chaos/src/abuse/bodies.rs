@@ -78,9 +78,16 @@ pub(crate) async fn by_refs(x: &mut Field<'_>) -> Result<Attacked, HarnessError>
                                 Some(format!("answer cut short: {}", client_error(e))),
                             ),
                             Ok(bytes) => {
-                                let items = serde_json::from_slice::<serde_json::Value>(&bytes)
-                                    .ok()
-                                    .and_then(|v| v["items"].as_array().map(Vec::len));
+                                // A 37 MB parse is CPU work: off the async workers.
+                                let parsed = bytes.clone();
+                                let items = tokio::task::spawn_blocking(move || {
+                                    serde_json::from_slice::<serde_json::Value>(&parsed)
+                                        .ok()
+                                        .and_then(|v| v["items"].as_array().map(Vec::len))
+                                })
+                                .await
+                                .ok()
+                                .flatten();
                                 let bad = match (status, items) {
                                     (200, Some(n)) if n == count => None,
                                     (200, n) => {
