@@ -54,7 +54,17 @@ stop_busy() {
     wait "$busy_pid" 2>/dev/null || true
   fi
 }
-trap stop_busy EXIT
+# A run in progress is stopped too (SIGTERM: it kills its own children).
+run_pid=""
+stop_all() {
+  if [ -n "$run_pid" ]; then
+    kill "$run_pid" 2>/dev/null || true
+    wait "$run_pid" 2>/dev/null || true
+  fi
+  stop_busy
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
 if [ "$busy" = 1 ]; then
   busy_target="$out/busy-target"
   set -m
@@ -77,11 +87,14 @@ for i in $(seq 1 "$runs"); do
   [ -n "$only" ] && args+=(--only "$only")
   log="$out/run-$i.log"
   started=$(date +%s)
-  if "$bin/catalog-chaos" "${args[@]}" >"$log" 2>&1; then
+  "$bin/catalog-chaos" "${args[@]}" >"$log" 2>&1 &
+  run_pid=$!
+  if wait "$run_pid"; then
     passed=$((passed + 1)); verdict=PASS
   else
     failed=$((failed + 1)); verdict=FAIL
   fi
+  run_pid=""
   echo "run $i/$runs: $verdict in $(( $(date +%s) - started ))s (seed $s, log $log)"
   if [ "$verdict" = FAIL ]; then
     grep -E '\[FAIL\]' "$log" | head -5 || true

@@ -231,14 +231,11 @@ async fn main() -> ExitCode {
                 eprintln!("catalog-chaos: {e}");
                 return ExitCode::from(2);
             }
-            // Ctrl-C ends the run; dropping the fleet kills every child by
-            // its PID and removes the data dir.
-            let report = tokio::select! {
-                r = fleet::run(&opts) => r,
-                _ = tokio::signal::ctrl_c() => {
-                    eprintln!("catalog-chaos: interrupted");
-                    return ExitCode::from(2);
-                }
+            // Ctrl-C or SIGTERM ends the run; dropping the fleet kills every
+            // child by its PID and removes the data dir.
+            let Some(report) = until_signal(fleet::run(&opts)).await else {
+                eprintln!("catalog-chaos: interrupted");
+                return ExitCode::from(2);
             };
             match report {
                 Ok(report) => {
@@ -298,11 +295,11 @@ async fn main() -> ExitCode {
                 proxy_only: net_mechanism == "fault-proxy",
             };
             let started = std::time::Instant::now();
-            // Ctrl-C ends the run; dropping the scenario kills its children.
-            let rows = tokio::select! {
-                r = scenarios::run(&opts) => r,
-                _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
-            };
+            // Ctrl-C or SIGTERM ends the run; dropping the lab kills its
+            // children by their PIDs.
+            let rows = until_signal(scenarios::run(&opts))
+                .await
+                .unwrap_or_else(|| Err("interrupted".to_string()));
             match rows {
                 Ok(rows) => {
                     print!("{}", scenario::render_table(&rows));
@@ -362,11 +359,11 @@ async fn main() -> ExitCode {
                 proxy_only: false,
             };
             let started = std::time::Instant::now();
-            // Ctrl-C ends the run; dropping the lab kills its children.
-            let rows = tokio::select! {
-                r = abuse::run(&opts) => r,
-                _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
-            };
+            // Ctrl-C or SIGTERM ends the run; dropping the lab kills its
+            // children by their PIDs.
+            let rows = until_signal(abuse::run(&opts))
+                .await
+                .unwrap_or_else(|| Err("interrupted".to_string()));
             match rows {
                 Ok(rows) => {
                     print!("{}", abuse::render(&rows));
