@@ -38,6 +38,9 @@ use crate::upstream::{
 };
 use crate::writes::WriteMarks;
 
+/// Why an upstream's word that a mirrored entity is gone is not taken.
+const DOUBTED: &str = "it reports missing entities the mirror holds while a mass deletion is held";
+
 /// How an answer was obtained, as `Cache-Status` (RFC 9211) reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
@@ -795,6 +798,19 @@ impl ReadPath {
                     via: None,
                 });
             }
+            // A 404 the mirror doubts (a mass deletion is held): asking again
+            // within negative_ttl would only be doubted again, so every read
+            // of a mirrored entity would become an upstream call while the
+            // upstream is in trouble. The held copy answers meanwhile.
+            if let Some((entity, confirmed)) = &found {
+                if suspect && confirmed.origin_at <= at && !self.is_fresh(confirmed) {
+                    let held = Held::Copy {
+                        answer: self.entity_answer(&entity.body, confirmed),
+                        confirmed: confirmed.clone(),
+                    };
+                    return self.without_upstream(held, &UpstreamError::Untrusted(DOUBTED.into()));
+                }
+            }
         }
         if let Some((entity, confirmed)) = &found {
             if self.is_fresh(confirmed) {
@@ -1337,10 +1353,7 @@ impl ReadPath {
         };
         let outcome = match outcome {
             Ok(response) if self.contradicts_held_mirror(&held, &response) => {
-                Err(UpstreamError::Untrusted(
-                    "it reports missing entities the mirror holds while a mass deletion is held"
-                        .into(),
-                ))
+                Err(UpstreamError::Untrusted(DOUBTED.into()))
             }
             other => other,
         };

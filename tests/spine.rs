@@ -1186,6 +1186,34 @@ async fn while_deletions_are_held_mirrored_entities_keep_reading_stale_not_404()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_deletions_are_held_a_doubted_404_is_not_asked_again_within_negative_ttl() {
+    // Every mirrored entity is past fresh_for and the upstream is in
+    // trouble: one upstream call per entity per negative_ttl, not per read.
+    let ts = TestSidecar::builder().start().await;
+    let e = ts.upstream_entities()[8].clone();
+    ts.faults(Faults {
+        empty_catalog: true,
+        ..Faults::default()
+    })
+    .await;
+    let report = ts.sidecar.syncer.sync_once(false).await;
+    assert_eq!(report.result, SyncResult::Held, "{report:?}");
+    ts.age_past_fresh(Duration::from_secs(1));
+    ts.fake.reset_stats();
+    for _ in 0..5 {
+        let read = ts.get(&by_name_path(&e)).await;
+        assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
+        assert_eq!(read.json()["metadata"]["uid"], e["metadata"]["uid"]);
+        assert_eq!(read.stale(), "true", "{}", read.cache_status());
+    }
+    assert_eq!(
+        ts.fake.stats().by_name,
+        1,
+        "the doubted 404 is remembered for negative_ttl"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_walk_that_ends_short_of_the_announced_total_applies_nothing() {
     // An upstream whose pages disagree with their own count (the catalog
     // emptied mid-walk, a page cut short): 3 announced, 2 sent.
