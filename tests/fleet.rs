@@ -101,11 +101,69 @@ async fn every_full_sync_every_cycles_a_full_walk_runs() {
     for _ in 0..6 {
         methods.push(ts.sidecar.syncer.sync_once(false).await.method);
     }
-    // The first sync (at start) was full: two id-walks, then a full walk.
+    // The first sync (at start) was full: two id-walks (the second one all
+    // 304s, the catalog being unchanged), then a full walk.
     use SyncMethod::*;
     assert_eq!(
         methods,
-        [IdWalk, IdWalk, FullWalk, IdWalk, IdWalk, FullWalk].map(Some)
+        [IdWalk, NotModified, FullWalk, IdWalk, NotModified, FullWalk].map(Some)
+    );
+}
+
+#[tokio::test]
+async fn an_unchanged_catalog_costs_one_304_a_page() {
+    let (ids, _full) = pair(150, 0.2).await;
+    // The first id-walk keeps every page's ETag (the first sync at start
+    // was a full walk, which has none)...
+    let report = ids.sidecar.syncer.sync_once(false).await;
+    assert_eq!(report.method, Some(SyncMethod::IdWalk), "{report:?}");
+    // ...the next asks for each page with If-None-Match: five 304s.
+    ids.fake.reset_stats();
+    let report = ids.sidecar.syncer.sync_once(false).await;
+    assert_eq!(
+        (report.result, report.method),
+        (SyncResult::Unchanged, Some(SyncMethod::NotModified)),
+        "{report:?}"
+    );
+    let stats = ids.fake.stats();
+    assert_eq!((stats.by_query, stats.by_refs), (5, 0), "{stats:?}");
+
+    // A change: the pages before it answer 304, the first changed page 200,
+    // and the walk starts again without conditions (a 304 page brought no
+    // ids): at most 4 + 5 pages, one by-refs, and the mirror is the catalog.
+    let entity = ids.upstream_entities()[100].clone();
+    ids.fake.touch(&uid(&entity)).expect("the entity exists");
+    ids.fake.reset_stats();
+    let report = ids.sidecar.syncer.sync_once(false).await;
+    assert_eq!(
+        (report.result, report.method),
+        (SyncResult::Applied, Some(SyncMethod::IdWalk)),
+        "{report:?}"
+    );
+    assert_eq!((report.changed, report.added, report.removed), (1, 0, 0));
+    let stats = ids.fake.stats();
+    assert!((5..=9).contains(&stats.by_query), "{stats:?}");
+    assert_eq!(stats.by_refs, 1, "{stats:?}");
+    assert_eq!(
+        mirror_of(&ids)
+            .into_iter()
+            .map(|(u, (e, _))| (u, e))
+            .collect::<BTreeMap<_, _>>(),
+        catalog_of(&ids)
+    );
+    // The walk that took the change kept the new tags.
+    let report = ids.sidecar.syncer.sync_once(false).await;
+    assert_eq!(report.method, Some(SyncMethod::NotModified), "{report:?}");
+
+    // A deletion changes the last page's count and totalItems: caught too.
+    let gone = uid(&ids.upstream_entities()[3]);
+    ids.fake
+        .remove_entities(|v| v["metadata"]["uid"].as_str() == Some(gone.as_str()));
+    let report = ids.sidecar.syncer.sync_once(false).await;
+    assert_eq!(
+        (report.result, report.method, report.removed),
+        (SyncResult::Applied, Some(SyncMethod::IdWalk), 1),
+        "{report:?}"
     );
 }
 

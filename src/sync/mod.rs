@@ -7,7 +7,9 @@
 //!   `by-query` asking only for each entity's kind, namespace, name, uid and
 //!   etag (`mirror.id_page_size` a page), then fetches what is new or
 //!   changed with `by-refs` (at most 1,000 a request). Absence from the
-//!   complete walk makes an entity a deletion candidate. Every
+//!   complete walk makes an entity a deletion candidate. Each page's
+//!   `ETag` is kept, and the next id-walk asks for every page with
+//!   `If-None-Match`: an unchanged catalog costs one 304 a page. Every
 //!   `mirror.full_sync_every` cycles, on the first sync, and after anything
 //!   inconsistent (a `null` from by-refs for a listed entity, a count that
 //!   changes, a page that fails), a *full walk* reads whole entities
@@ -24,8 +26,8 @@
 //! A sync that fails on any page, or receives malformed data, applies
 //! nothing ([`SyncError`] says why). The first sync after a start with a
 //! loaded mirror runs at a random phase of the interval; failures back off
-//! with full jitter, and an upstream's `Retry-After` (429, 503) is waited. Unchanged entities (same
-//! `metadata.etag`) are not rewritten and keep their hot-cache entries. A
+//! with full jitter, and an upstream's `Retry-After` (429, 503) is waited.
+//! Unchanged entities (same `metadata.etag`) are not rewritten and keep their hot-cache entries. A
 //! sync that would remove more than `mirror.max_delete_ratio` of the mirror
 //! (or empty it) is held until an operator accepts it. Syncs run every
 //! `mirror.sync_interval` ± jitter; failed ones back off exponentially, and
@@ -62,7 +64,7 @@ use crate::upstream::{Upstream, UpstreamError};
 
 pub use tier::TIER_POSITION_NOTE;
 use tier::{Follow, Position, Probe};
-use walk::Reader;
+use walk::{IdWalk, PageTag, Reader};
 
 /// Longest an upstream's `Retry-After` holds the next sync back.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
@@ -369,6 +371,9 @@ pub struct Syncer {
     force_full: std::sync::atomic::AtomicBool,
     /// What the upstream is, as far as known.
     upstream_kind: Mutex<UpstreamKind>,
+    /// The page tags of the last id-walk and the generation they describe
+    /// (see [`walk::PageTag`]); used only while that generation is current.
+    page_tags: Mutex<Option<(u64, Vec<PageTag>)>>,
 }
 
 /// What the upstream is, as the probe found.
@@ -403,7 +408,8 @@ pub enum SyncMethod {
     IdWalk,
     /// An upstream tier's changes feed.
     Changes,
-    /// An upstream tier's 304: nothing moved.
+    /// A 304 from an upstream tier, or for every page of an id-walk:
+    /// nothing moved.
     NotModified,
 }
 
@@ -416,7 +422,17 @@ enum Fetched {
         method: SyncMethod,
         /// The upstream tier's position the entities reflect.
         position: Option<Position>,
+        /// An id-walk's page tags, for the next one.
+        tags: Option<Vec<PageTag>>,
     },
+    NotModified(Confirmation),
+}
+
+/// What an id-walk cycle read.
+enum IdWalked {
+    /// The next generation's entities, and the walk's page tags.
+    Catalog(Vec<Arc<Entity>>, Confirmation, Option<Vec<PageTag>>),
+    /// Every page was a 304.
     NotModified(Confirmation),
 }
 
@@ -448,6 +464,7 @@ impl Syncer {
             since_full: AtomicU32::new(0),
             force_full: std::sync::atomic::AtomicBool::new(false),
             upstream_kind: Mutex::new(UpstreamKind::Unknown),
+            page_tags: Mutex::new(None),
         }
     }
 
@@ -467,6 +484,7 @@ impl Syncer {
                 confirmed,
                 method,
                 position,
+                tags,
             }) => {
                 let mut report = self
                     .apply_catalog(entities, confirmed, accept_deletions, started)
@@ -474,12 +492,21 @@ impl Syncer {
                 report.method = Some(method);
                 if matches!(report.result, SyncResult::Applied | SyncResult::Unchanged) {
                     self.remember_position(position.as_ref());
+                    self.remember_tags(tags);
+                } else {
+                    self.remember_tags(None);
                 }
                 report
             }
             Ok(Fetched::NotModified(confirmed)) => {
                 let mut report = self.confirm_unchanged(confirmed, started).await;
                 report.method = Some(SyncMethod::NotModified);
+                // The tags (if any) still describe the mirror, whatever
+                // generation number confirming it gave.
+                let tags = lock(&self.page_tags).take().map(|(_, t)| t);
+                if report.result == SyncResult::Unchanged {
+                    self.remember_tags(tags);
+                }
                 report
             }
             Err(error) => {
@@ -572,6 +599,22 @@ impl Syncer {
         }
     }
 
+    /// Keeps an id-walk's page tags for the generation now current (or
+    /// forgets them).
+    fn remember_tags(&self, tags: Option<Vec<PageTag>>) {
+        let current = self.generations.current().map(|g| g.meta.id);
+        *lock(&self.page_tags) = tags.zip(current).map(|(t, id)| (id, t));
+    }
+
+    /// The page tags, if they describe the current generation.
+    fn tags_for(&self, current: Option<&Generation>) -> Option<Vec<PageTag>> {
+        let id = current?.meta.id;
+        lock(&self.page_tags)
+            .as_ref()
+            .filter(|(for_id, _)| *for_id == id)
+            .map(|(_, t)| t.clone())
+    }
+
     /// Reads what this cycle needs from the upstream (see the module docs).
     async fn fetch(&self) -> Result<Fetched, SyncError> {
         let reader = self.reader();
@@ -607,6 +650,7 @@ impl Syncer {
                                         confirmed: changes_confirmed,
                                         method: SyncMethod::Changes,
                                         position: Some(Position::from(&info)),
+                                        tags: None,
                                     });
                                 }
                                 Follow::Gone => tracing::info!(
@@ -626,20 +670,25 @@ impl Syncer {
         // bytes; a full walk is kept for what forced one.
         let tier_check = periodic && !forced && self.upstream_kind() == UpstreamKind::Tier;
         if !full_due || tier_check {
-            match self.id_walk(&reader, current.as_deref()).await {
-                Ok((entities, confirmed)) => {
-                    if tier_check {
-                        self.since_full.store(0, Ordering::Relaxed);
-                    } else {
-                        self.since_full.fetch_add(1, Ordering::Relaxed);
-                    }
+            let walked = self.id_walk(&reader, current.as_deref()).await;
+            if walked.is_ok() {
+                if tier_check {
+                    self.since_full.store(0, Ordering::Relaxed);
+                } else {
+                    self.since_full.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            match walked {
+                Ok(IdWalked::Catalog(entities, confirmed, tags)) => {
                     return Ok(Fetched::Catalog {
                         entities,
                         confirmed,
                         method: SyncMethod::IdWalk,
                         position,
+                        tags,
                     });
                 }
+                Ok(IdWalked::NotModified(confirmed)) => return Ok(Fetched::NotModified(confirmed)),
                 // An upstream that contradicts itself is walked whole at
                 // once; one that fails is walked whole next cycle.
                 Err(e) if e.is_inconsistency() => {
@@ -655,16 +704,25 @@ impl Syncer {
             confirmed,
             method: SyncMethod::FullWalk,
             position,
+            tags: None,
         })
     }
 
-    /// An id-walk, then by-refs for what is new or changed since `current`.
+    /// An id-walk (conditional, with the tags of the last one while they
+    /// describe `current`), then by-refs for what is new or changed.
     async fn id_walk(
         &self,
         reader: &Reader<'_>,
         current: Option<&Generation>,
-    ) -> Result<(Vec<Arc<Entity>>, Confirmation), SyncError> {
-        let (listed, mut confirmed) = reader.id_walk(self.settings.id_page_size).await?;
+    ) -> Result<IdWalked, SyncError> {
+        let tags = self.tags_for(current);
+        let (listed, mut confirmed, tags) = match reader
+            .id_walk(self.settings.id_page_size, tags.as_deref())
+            .await?
+        {
+            IdWalk::NotModified(confirmed) => return Ok(IdWalked::NotModified(confirmed)),
+            IdWalk::Listed(listed, confirmed, tags) => (listed, confirmed, tags),
+        };
         let mut entities = Vec::with_capacity(listed.len());
         let mut wanted = Vec::new();
         for item in &listed {
@@ -680,7 +738,7 @@ impl Syncer {
                 confirmed.merge(c);
             }
         }
-        Ok((entities, confirmed))
+        Ok(IdWalked::Catalog(entities, confirmed, tags))
     }
 
     /// The upstream tier confirmed the mirror as it is (a 304).

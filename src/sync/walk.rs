@@ -5,6 +5,14 @@
 //!
 //! Backstage's cursor carries the filter and the order but not `fields`
 //! (SPEC Appendix A), so an id-walk sends `fields` again on every page.
+//!
+//! With `fields`, Backstage answers a page with Express's `res.json`, which
+//! sets a weak `ETag` and answers `If-None-Match` with 304 (whole entities
+//! are streamed, with neither). An id-walk keeps each page's tag and next
+//! cursor ([`PageTag`]); the next one asks for every page conditionally, so
+//! an unchanged catalog costs one 304 a page. At the first page that did
+//! change, it walks again from the start without conditions (a 304 page
+//! brought no items).
 
 use std::sync::Arc;
 
@@ -132,6 +140,33 @@ impl IdItem {
     }
 }
 
+/// One page of an id-walk as the upstream last answered it: its `ETag`
+/// and the cursor past it, enough to ask for it again with
+/// `If-None-Match` and to go on past a 304.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageTag {
+    etag: http::HeaderValue,
+    next_cursor: Option<String>,
+}
+
+/// What a walk found.
+pub struct Walked {
+    /// How the origin confirmed it (as old as its oldest page).
+    pub confirmed: Confirmation,
+    /// Every page's tag, when every page carried one.
+    pub tags: Option<Vec<PageTag>>,
+    /// Every page answered 304: nothing changed since the tags were taken.
+    pub not_modified: bool,
+}
+
+/// What an id-walk found.
+pub enum IdWalk {
+    /// The listing, with the page tags for the next walk.
+    Listed(Vec<Listed>, Confirmation, Option<Vec<PageTag>>),
+    /// Every page answered 304 to the tags it was given.
+    NotModified(Confirmation),
+}
+
 /// Reads the upstream for one sync: the upstream, the clock that stamps
 /// confirmations, and the retry policy of each request.
 pub struct Reader<'a> {
@@ -174,77 +209,141 @@ impl Reader<'_> {
     /// Walks `by-query` page by page (`limit`, and `fields` resent on every
     /// page when given), handing each page's items to `on_page`. Checks
     /// Backstage's `totalItems` across pages and at the end, and a cursor
-    /// that repeats. Returns how the origin confirmed the walk (as old as
-    /// its oldest page).
+    /// that repeats. With `tags` (see the module docs), asks for each page
+    /// with `If-None-Match` until one has changed.
     async fn walk(
         &self,
         traffic: Traffic,
         limit: u32,
         fields: Option<&str>,
+        tags: Option<&[PageTag]>,
         mut on_page: impl FnMut(usize, &[&serde_json::value::RawValue]) -> Result<(), SyncError>,
-    ) -> Result<Confirmation, SyncError> {
-        let mut cursor: Option<String> = None;
-        let mut expected: Option<usize> = None;
-        let mut seen = 0usize;
-        let mut confirmed: Option<Confirmation> = None;
+    ) -> Result<Walked, SyncError> {
         let fields = fields.map(|f| format!("&fields={}", encode_component(f)));
-        for page in 1..=MAX_PAGES {
-            let mut path = format!(
-                "/entities/by-query?limit={limit}{}",
-                fields.as_deref().unwrap_or("")
-            );
-            if let Some(c) = &cursor {
-                path.push_str("&cursor=");
-                path.push_str(&encode_component(c));
-            }
-            let response = self
-                .call(traffic, &UpstreamRequest::get(path), page)
-                .await?;
-            if !response.status.is_success() {
-                return Err(SyncError::Status {
-                    page,
-                    status: response.status,
-                });
-            }
-            let this = self.confirmation(&response);
-            match &mut confirmed {
-                Some(c) => c.merge(this),
-                None => confirmed = Some(this),
-            }
-            let parsed: Page<'_> =
-                serde_json::from_slice(&response.body).map_err(|e| SyncError::NotAPage {
-                    page,
-                    reason: e.to_string(),
-                })?;
-            // Backstage repeats page 1's totalItems on every page. A page that
-            // disagrees, or a walk that ends short of it, means the catalog
-            // changed under the walk or a page was cut short: applying it
-            // could drop entities that exist, so the sync fails instead.
-            match (expected, parsed.total_items) {
-                (None, Some(total)) => expected = Some(total),
-                (Some(first), Some(total)) if total != first => {
-                    return Err(SyncError::CountChanged { page, total, first })
+        let mut conditional = tags.is_some();
+        'walk: loop {
+            let mut cursor: Option<String> = None;
+            let mut expected: Option<usize> = None;
+            let mut seen = 0usize;
+            let mut confirmed: Option<Confirmation> = None;
+            let mut new_tags: Option<Vec<PageTag>> = Some(Vec::new());
+            let mut skipped = 0usize;
+            for page in 1..=MAX_PAGES {
+                let mut path = format!(
+                    "/entities/by-query?limit={limit}{}",
+                    fields.as_deref().unwrap_or("")
+                );
+                if let Some(c) = &cursor {
+                    path.push_str("&cursor=");
+                    path.push_str(&encode_component(c));
                 }
-                _ => {}
-            }
-            seen += parsed.items.len();
-            on_page(page, &parsed.items)?;
-            match parsed.page_info.next_cursor {
-                Some(next) if Some(&next) == cursor.as_ref() => {
-                    return Err(SyncError::RepeatedCursor { page })
+                let mut request = UpstreamRequest::get(path);
+                let known = tags.filter(|_| conditional).and_then(|t| t.get(page - 1));
+                if let Some(k) = known {
+                    request
+                        .headers
+                        .insert(http::header::IF_NONE_MATCH, k.etag.clone());
                 }
-                Some(next) => cursor = Some(next),
-                None => {
-                    return match expected {
-                        Some(total) if total != seen => {
-                            Err(SyncError::ShortWalk { got: seen, total })
+                let response = self.call(traffic, &request, page).await?;
+                let this = self.confirmation(&response);
+                if response.status == http::StatusCode::NOT_MODIFIED {
+                    // Only a page asked for conditionally can be a 304.
+                    let Some(k) = known else {
+                        return Err(SyncError::Status {
+                            page,
+                            status: response.status,
+                        });
+                    };
+                    match &mut confirmed {
+                        Some(c) => c.merge(this),
+                        None => confirmed = Some(this),
+                    }
+                    skipped += 1;
+                    if let Some(t) = &mut new_tags {
+                        t.push(k.clone());
+                    }
+                    match &k.next_cursor {
+                        Some(next) => cursor = Some(next.clone()),
+                        // Every page so far was a 304, this last one too.
+                        None => {
+                            return Ok(Walked {
+                                confirmed: confirmed.unwrap_or_else(|| self.clock.now().into()),
+                                tags: new_tags,
+                                not_modified: true,
+                            })
                         }
-                        _ => Ok(confirmed.unwrap_or_else(|| self.clock.now().into())),
+                    }
+                    continue;
+                }
+                if !response.status.is_success() {
+                    return Err(SyncError::Status {
+                        page,
+                        status: response.status,
+                    });
+                }
+                if conditional {
+                    // This page changed: no more conditions. Pages skipped
+                    // as 304 brought no items, so walk again from the start.
+                    conditional = false;
+                    if skipped > 0 {
+                        continue 'walk;
+                    }
+                }
+                match &mut confirmed {
+                    Some(c) => c.merge(this),
+                    None => confirmed = Some(this),
+                }
+                let parsed: Page<'_> =
+                    serde_json::from_slice(&response.body).map_err(|e| SyncError::NotAPage {
+                        page,
+                        reason: e.to_string(),
+                    })?;
+                // Backstage repeats page 1's totalItems on every page. A page
+                // that disagrees, or a walk that ends short of it, means the
+                // catalog changed under the walk or a page was cut short:
+                // applying it could drop entities that exist, so the sync
+                // fails instead.
+                match (expected, parsed.total_items) {
+                    (None, Some(total)) => expected = Some(total),
+                    (Some(first), Some(total)) if total != first => {
+                        return Err(SyncError::CountChanged { page, total, first })
+                    }
+                    _ => {}
+                }
+                seen += parsed.items.len();
+                on_page(page, &parsed.items)?;
+                let etag = response.headers.get(http::header::ETAG).cloned();
+                new_tags = match (new_tags, etag) {
+                    (Some(mut t), Some(etag)) => {
+                        t.push(PageTag {
+                            etag,
+                            next_cursor: parsed.page_info.next_cursor.clone(),
+                        });
+                        Some(t)
+                    }
+                    _ => None,
+                };
+                match parsed.page_info.next_cursor {
+                    Some(next) if Some(&next) == cursor.as_ref() => {
+                        return Err(SyncError::RepeatedCursor { page })
+                    }
+                    Some(next) => cursor = Some(next),
+                    None => {
+                        return match expected {
+                            Some(total) if total != seen => {
+                                Err(SyncError::ShortWalk { got: seen, total })
+                            }
+                            _ => Ok(Walked {
+                                confirmed: confirmed.unwrap_or_else(|| self.clock.now().into()),
+                                tags: new_tags,
+                                not_modified: false,
+                            }),
+                        }
                     }
                 }
             }
+            return Err(SyncError::TooManyPages(MAX_PAGES));
         }
-        Err(SyncError::TooManyPages(MAX_PAGES))
     }
 
     /// A full walk: every entity, whole.
@@ -253,8 +352,8 @@ impl Reader<'_> {
         page_size: u32,
     ) -> Result<(Vec<Arc<Entity>>, Confirmation), SyncError> {
         let mut entities = Vec::new();
-        let confirmed = self
-            .walk(Traffic::FullPage, page_size, None, |page, items| {
+        let walked = self
+            .walk(Traffic::FullPage, page_size, None, None, |page, items| {
                 for raw in items {
                     let entity = Entity::from_json(Bytes::copy_from_slice(raw.get().as_bytes()))
                         .map_err(|source| SyncError::BadEntity { page, source })?;
@@ -263,16 +362,21 @@ impl Reader<'_> {
                 Ok(())
             })
             .await?;
-        Ok((entities, confirmed))
+        Ok((entities, walked.confirmed))
     }
 
     /// An id-walk: what identifies and versions every entity, in the
     /// upstream's order. An item without a kind, name, uid or etag makes
-    /// the walk inconsistent.
-    pub async fn id_walk(&self, page_size: u32) -> Result<(Vec<Listed>, Confirmation), SyncError> {
+    /// the walk inconsistent. With the tags of the last id-walk, asks for
+    /// each page conditionally (see the module docs).
+    pub async fn id_walk(
+        &self,
+        page_size: u32,
+        tags: Option<&[PageTag]>,
+    ) -> Result<IdWalk, SyncError> {
         let mut listed = Vec::new();
-        let confirmed = self
-            .walk(Traffic::IdWalk, page_size, Some(ID_FIELDS), |page, items| {
+        let walked = self
+            .walk(Traffic::IdWalk, page_size, Some(ID_FIELDS), tags, |page, items| {
                 for raw in items {
                     let item = serde_json::from_str::<IdItem>(raw.get())
                         .ok()
@@ -288,7 +392,11 @@ impl Reader<'_> {
                 Ok(())
             })
             .await?;
-        Ok((listed, confirmed))
+        Ok(if walked.not_modified {
+            IdWalk::NotModified(walked.confirmed)
+        } else {
+            IdWalk::Listed(listed, walked.confirmed, walked.tags)
+        })
     }
 
     /// Fetches `wanted` with `by-refs`, [`BY_REFS_CHUNK`] at a time. Each

@@ -1095,7 +1095,7 @@ async fn list_entities(
     Ok(resp)
 }
 
-fn page_response(page: catalog::QueryPage, fields: &[String]) -> Response {
+fn page_response(page: catalog::QueryPage, fields: &[String]) -> Bytes {
     let mut out =
         Vec::with_capacity(page.items.iter().map(|i| i.json.len() + 1).sum::<usize>() + 256);
     out.extend_from_slice(b"{\"items\":");
@@ -1110,21 +1110,59 @@ fn page_response(page: catalog::QueryPage, fields: &[String]) -> Response {
     }
     out.extend_from_slice(Value::Object(info).to_string().as_bytes());
     out.push(b'}');
-    json_response(StatusCode::OK, Bytes::from(out))
+    Bytes::from(out)
 }
 
+/// How Express's `res.json` answers, which Backstage uses for a page of
+/// projected entities (`fields`; whole entities are streamed, with no
+/// tag): a weak `ETag` over the body, and for a GET whose `If-None-Match`
+/// names it, a 304 with no body.
+fn express_json(body: Bytes, if_none_match: Option<&HeaderValue>) -> Response {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    body[..].hash(&mut hasher);
+    let etag = format!("W/\"{:x}-{:016x}\"", body.len(), hasher.finish());
+    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    let fresh = if_none_match
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|list| {
+            list.split(',')
+                .any(|t| t.trim() == "*" || opaque(t) == opaque(&etag))
+        });
+    let mut r = if fresh {
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        json_response(StatusCode::OK, body)
+    };
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    r
+}
+
+/// One page of by-query. With `fields`, answered as Express's `res.json`
+/// ([`express_json`]; `if_none_match` only for a GET, as Express).
 fn run_query(
     app: &App,
     start: QueryStart,
     limit: usize,
     fields: &[String],
+    if_none_match: Option<&HeaderValue>,
 ) -> Result<Response, ApiError> {
     let snap = snapshot(app);
     let page = catalog::query(&snap, start, limit);
     if limit > 0 {
         fail_page_error(app, page.page_number)?;
     }
-    Ok(page_response(page, fields))
+    let projected = !fields.is_empty();
+    let body = page_response(page, fields);
+    Ok(if projected {
+        express_json(body, if_none_match)
+    } else {
+        json_response(StatusCode::OK, body)
+    })
 }
 
 /// The OpenAPI validator's answer to an empty `after` or `cursor` (both
@@ -1135,7 +1173,11 @@ fn too_short(name: &str) -> ApiError {
     ))
 }
 
-async fn query_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+async fn query_get(
+    State(app): State<App>,
+    headers: axum::http::HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
     let params = Params::parse(raw.as_deref());
     let fields = params.fields()?;
     let limit = params.int("limit")?.unwrap_or(catalog::DEFAULT_QUERY_LIMIT);
@@ -1180,7 +1222,13 @@ async fn query_get(State(app): State<App>, RawQuery(raw): RawQuery) -> Result<Re
             }
         }
     };
-    run_query(&app, start, limit, &fields)
+    run_query(
+        &app,
+        start,
+        limit,
+        &fields,
+        headers.get(header::IF_NONE_MATCH),
+    )
 }
 
 fn body_json(body: &Bytes) -> Result<Value, ApiError> {
@@ -1290,7 +1338,7 @@ async fn query_post(State(app): State<App>, body: Bytes) -> Result<Response, Api
             }
         }
     };
-    run_query(&app, start, limit, &fields)
+    run_query(&app, start, limit, &fields, None)
 }
 
 async fn by_refs(
