@@ -3,6 +3,8 @@
 # bytes (as on the wire) and requests, for an unchanged catalog and after
 # 1 % churn, id-walk (mirror.full_sync_every large) vs full walk
 # (mirror.full_sync_every = 1), and how long the cycle took to converge.
+# An unchanged id-walk is shown twice: without page tags (the first after
+# start) and with them (every page a 304).
 # Read from the sidecar's own catalog_cache_sync_{requests,bytes}_total and
 # sync report. All on 127.0.0.1.
 # Usage: N=100000 CHURN=0.01 benches/sync-cost.sh
@@ -59,8 +61,12 @@ row() { # LABEL NAME ADMIN
   read -r req bytes secs method result a c r <<<"$(cycle "$2" "$3")"
   printf '%-10s %-10s %9s %14s %9s %-10s %-9s %s/%s/%s\n' "$1" "$2" "$req" "$bytes" "$secs" "$method" "$result" "$a" "$c" "$r"
 }
+# The sidecar's first sync (at start) is a full walk; its first id-walk
+# then takes every page's ETag, and the next one asks with If-None-Match.
+row unchanged ids 127.0.0.1:27271
 row unchanged ids 127.0.0.1:27271
 row unchanged full 127.0.0.1:27281
 curl -fs -X POST -d "{\"share\": $CHURN}" "http://$CONTROL/churn" >/dev/null
 row churned ids 127.0.0.1:27271
 row churned full 127.0.0.1:27281
+row unchanged ids 127.0.0.1:27271

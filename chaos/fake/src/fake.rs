@@ -821,6 +821,20 @@ async fn apply_faults(State(app): State<App>, req: Request, next: Next) -> Respo
     if let Some(slow) = faults.slow_body {
         let chunk = slow.bytes.max(1);
         let interval = Duration::from_millis(slow.interval_ms);
+        if bytes.is_empty() {
+            // A link that trickles bodies trickles headers too: a body-less
+            // answer (a 304, a HEAD) is held for as long as its status line
+            // and headers would take at the same rate, so it cannot slip
+            // through the fault as a quick success.
+            let head = 17
+                + parts
+                    .headers
+                    .iter()
+                    .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                    .sum::<usize>();
+            tokio::time::sleep(interval * head.div_ceil(chunk) as u32).await;
+            return Response::from_parts(parts, Body::empty());
+        }
         let stream = futures::stream::unfold(0usize, move |pos| {
             let bytes = bytes.clone();
             async move {

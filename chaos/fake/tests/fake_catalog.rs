@@ -957,6 +957,38 @@ async fn latency_and_slow_body_delay_answers() {
 }
 
 #[tokio::test]
+async fn slow_body_holds_a_bodyless_304_as_long_as_its_headers_take() {
+    let h = start(5).await;
+    let url = format!(
+        "{}/entities/by-query?limit=2&fields=metadata.uid",
+        h.base_url()
+    );
+    let r = client().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let again = || client().get(&url).header("if-none-match", etag.as_str());
+    let t = std::time::Instant::now();
+    assert_eq!(again().send().await.unwrap().status(), 304);
+    let quick = t.elapsed();
+
+    h.set_faults(Faults {
+        slow_body: Some(SlowBody {
+            bytes: 16,
+            interval_ms: 20,
+        }),
+        ..Faults::default()
+    });
+    let t = std::time::Instant::now();
+    assert_eq!(again().send().await.unwrap().status(), 304);
+    // At least the ETag header and the status line, 16 bytes every 20 ms.
+    let held = t.elapsed();
+    assert!(
+        held >= Duration::from_millis(20 * (etag.len() as u64 + 17) / 16),
+        "a 304 came through a slow link in {held:?} (unfaulted {quick:?})"
+    );
+}
+
+#[tokio::test]
 async fn flap_alternates_between_refused_and_serving() {
     let h = start(5).await;
     put_faults(&h, json!({"flap": 60})).await;
