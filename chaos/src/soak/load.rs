@@ -487,8 +487,10 @@ pub struct Load {
     shared: Arc<Shared>,
 }
 
-/// Distinct `probe` values of read-through reads: twice what the soak lets
-/// the store keep, so that the store fills to its bound and prunes.
+/// Distinct `probe` values of read-through reads (each read also picks a
+/// random entity, so keys rarely repeat): twice what the soak lets the
+/// store keep, so that even one entity's probes would overfill it and the
+/// store must prune to its bound.
 pub fn probes(max_entries: u64) -> u64 {
     max_entries * 2
 }
