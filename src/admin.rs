@@ -88,6 +88,11 @@ impl AdminState {
         self.syncer.status().publish_gauges();
         metrics::gauge!(m::HOT_CACHE_ENTRIES).set(self.hot.entry_count() as f64);
         metrics::gauge!(m::HOT_CACHE_BYTES).set(self.hot.weighted_bytes() as f64);
+        // Outside a runtime (a unit test calling this directly) there is no
+        // task count to give.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            metrics::gauge!(m::TOKIO_ALIVE_TASKS).set(rt.metrics().num_alive_tasks() as f64);
+        }
         let policy = self.flags.stale_rule().0;
         for p in [StalePolicy::Serve, StalePolicy::Refuse] {
             metrics::gauge!(m::STALE_POLICY, "policy" => p.as_str()).set(if p == policy {

@@ -47,6 +47,10 @@ pub const UPSTREAM_STALE: &str = "catalog_cache_upstream_stale";
 pub const HOT_CACHE_ENTRIES: &str = "catalog_cache_hot_cache_entries";
 /// Bytes held by the hot cache, as weighed against `hot_cache.max_bytes`.
 pub const HOT_CACHE_BYTES: &str = "catalog_cache_hot_cache_bytes";
+/// Gauge: tasks alive in the sidecar's tokio runtime (refreshed on every
+/// scrape and every second); flat under steady load, so a climb is a task
+/// leak.
+pub const TOKIO_ALIVE_TASKS: &str = "catalog_cache_tokio_alive_tasks";
 /// Always 1, labelled with the `version` of the running binary.
 pub const BUILD_INFO: &str = "catalog_cache_build_info";
 
@@ -126,6 +130,10 @@ pub fn describe() {
     describe_gauge!(BREAKER_MODE, "1 for the operator's current breaker mode.");
     describe_counter!(BREAKER_TRANSITIONS_TOTAL, "Breaker state transitions.");
     describe_gauge!(STALE_POLICY, "1 for the stale-data policy in force.");
+    describe_gauge!(
+        TOKIO_ALIVE_TASKS,
+        "Tasks alive in the sidecar's tokio runtime."
+    );
     describe_gauge!(
         MIRROR_ENTITIES,
         "Entities in the current mirror generation."

@@ -31,6 +31,17 @@ use crate::provenance::Confirmation;
 
 const SCHEMA_VERSION: i64 = 1;
 
+/// Rows of the `generations` table kept: the newest this many applied
+/// generations (their sizes and sources, for `status` and the history
+/// page); each apply prunes the older ones in its own transaction, so the
+/// table never holds more.
+pub const GENERATIONS_KEPT: u64 = 100;
+
+/// Entries of the operator audit trail (`audit`) kept: the newest this many;
+/// each new entry prunes the older ones in the same statement sequence, so
+/// the trail never holds more.
+pub const AUDIT_ENTRIES_KEPT: u64 = 10_000;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -625,7 +636,7 @@ impl Mirror {
         )?;
         tx.execute(
             "DELETE FROM generations WHERE id <= ?1",
-            [next as i64 - 100],
+            [next as i64 - GENERATIONS_KEPT as i64],
         )?;
         tx.commit()?;
         let meta = GenerationMeta {
@@ -931,8 +942,8 @@ fn insert_audit(conn: &Connection, r: &AuditRecord<'_>) -> Result<(), MirrorErro
         params![to_ms(r.at), r.actor, r.subject, r.from, r.to, r.reason],
     )?;
     conn.execute(
-        "DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - 10000",
-        [],
+        "DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?1",
+        [AUDIT_ENTRIES_KEPT as i64],
     )?;
     Ok(())
 }
@@ -1384,5 +1395,75 @@ mod tests {
         assert_eq!(snapshot.meta.unwrap().synced_at, synced);
         std::fs::write(dir.path().join("junk.db"), b"junk").unwrap();
         assert!(read_snapshot(&dir.path().join("junk.db")).is_err());
+    }
+
+    fn rows(mirror: &Mirror, table: &str) -> u64 {
+        mirror
+            .reader()
+            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap() as u64
+    }
+
+    #[test]
+    fn the_generations_table_keeps_at_most_generations_kept_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mirror, _) = Mirror::open(&dir.path().join("m.db"), &Clock::system()).unwrap();
+        let mut previous = HashMap::new();
+        for n in 0..GENERATIONS_KEPT + 5 {
+            let now = vec![entity("u1", "a", &format!("e{n}"))];
+            let (meta, _) = mirror
+                .apply(&Diff::between(&previous, &now), SystemTime::now(), "sync")
+                .unwrap();
+            assert_eq!(meta.id, n + 1);
+            previous = etags(&now);
+            assert!(rows(&mirror, "generations") <= GENERATIONS_KEPT);
+        }
+        assert_eq!(rows(&mirror, "generations"), GENERATIONS_KEPT);
+        let oldest: i64 = mirror
+            .reader()
+            .query_row("SELECT MIN(id) FROM generations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            oldest as u64, 6,
+            "the newest GENERATIONS_KEPT are the ones kept"
+        );
+    }
+
+    #[test]
+    fn the_audit_trail_keeps_at_most_audit_entries_kept_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mirror, _) = Mirror::open(&dir.path().join("m.db"), &Clock::system()).unwrap();
+        // Fill in one transaction (ten thousand single commits take seconds),
+        // then let the ordinary path add the entries that must prune.
+        {
+            let mut conn = mirror.writer();
+            let tx = conn.transaction().unwrap();
+            for _ in 0..AUDIT_ENTRIES_KEPT {
+                tx.execute(
+                    "INSERT INTO audit (at_ms, actor, subject, to_value) VALUES (0, 't', 's', 'v')",
+                    [],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        assert_eq!(rows(&mirror, "audit"), AUDIT_ENTRIES_KEPT);
+        for n in 0..3 {
+            let to = format!("v{n}");
+            mirror
+                .audit(&AuditRecord {
+                    at: SystemTime::now(),
+                    actor: "test",
+                    subject: "breaker_mode",
+                    from: None,
+                    to: &to,
+                    reason: None,
+                })
+                .unwrap();
+            assert_eq!(rows(&mirror, "audit"), AUDIT_ENTRIES_KEPT);
+        }
+        assert_eq!(mirror.recent_audit(1).unwrap()[0].to, "v2");
     }
 }

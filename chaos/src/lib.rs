@@ -14,10 +14,14 @@
 //! where the kernel cannot make a fault. `fleet` runs many sidecars at
 //! once, behind `catalog-chaos fleet`: direct against tiered, full walk
 //! against id-walk, outages and a restart storm, and a model of a larger
-//! fleet.
+//! fleet. `soak` runs one sidecar for a long time under mixed load, churn,
+//! every fault class in rotation, operator toggles and restarts, behind
+//! `catalog-chaos soak`, and checks its reads and that its resources stay
+//! flat.
 
 pub mod abuse;
 pub mod faultproxy;
 pub mod fleet;
 pub mod scenario;
 pub mod scenarios;
+pub mod soak;

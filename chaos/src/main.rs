@@ -1,7 +1,7 @@
 //! `catalog-chaos`: the demo catalog (`fake-catalog`, served by the
 //! `catalog-fake` library), the chaos scenarios (`run`), the abuse suite
-//! (`abuse`), the network fault proxy (`fault-proxy`) and the fleet
-//! simulation (`fleet`). Parses arguments, starts logging, runs the
+//! (`abuse`), the network fault proxy (`fault-proxy`), the fleet
+//! simulation (`fleet`) and the long run (`soak`). Parses arguments, starts logging, runs the
 //! subcommand.
 
 use std::net::SocketAddr;
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use catalog_chaos::{abuse, faultproxy, fleet, scenario, scenarios};
+use catalog_chaos::{abuse, faultproxy, fleet, scenario, scenarios, soak};
 use catalog_fake::fake::{until_signal, DEFAULT_CONTROL, DEFAULT_ENTITIES, DEFAULT_LISTEN};
 use catalog_fake::{FakeCatalog, FakeOptions};
 use clap::{Parser, Subcommand};
@@ -121,6 +121,47 @@ enum Command {
     /// MODEL of a larger fleet; exit 1 if a leaf answered fresh data older
     /// than fresh_for or failed a read of an entity the catalog holds.
     Fleet(FleetArgs),
+    /// Run the real catalog-cache binary for a long time under mixed load,
+    /// a churning catalog, every fault class in rotation, operator toggles
+    /// and restarts (SIGTERM, SIGKILL); write a CSV time series and print a
+    /// summary; exit 1 if a check failed (see README "Soak").
+    Soak(SoakArgs),
+}
+
+/// `catalog-chaos soak`'s options.
+#[derive(Debug, clap::Args)]
+struct SoakArgs {
+    /// How long the load and the faults run (`2m`, `30m`, `2h`).
+    #[arg(long, value_parser = humantime::parse_duration, required_unless_present = "list")]
+    duration: Option<Duration>,
+    /// The catalog-cache binary (else CATALOG_CACHE_BIN, else next to this one).
+    #[arg(long)]
+    sidecar: Option<PathBuf>,
+    /// Where the CSV (`soak.csv`) and the summary (`summary.txt`) go
+    /// [default: target/soak-<unix seconds>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Entities in the demo catalog.
+    #[arg(long, default_value_t = 2000)]
+    entities: usize,
+    /// Concurrent readers (plus one pager).
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Samples before this are not fitted [default: a quarter of the run, 20s to 5m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    warmup: Option<Duration>,
+    /// One CSV row per this [default: duration / 300, 1s to 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    interval: Option<Duration>,
+    /// Run with a weakened sidecar; the checks it names must FAIL.
+    #[arg(long)]
+    weaken: Option<String>,
+    /// List the weakenings and exit.
+    #[arg(long)]
+    list: bool,
+    /// Generator seed.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
 }
 
 /// `catalog-chaos fleet`'s options. Unset sizes and timings take the
@@ -218,6 +259,64 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Soak(args) => {
+            if args.list {
+                for w in soak::WEAKENINGS {
+                    println!(
+                        "--weaken {}: {} (must FAIL: {})",
+                        w.name,
+                        w.about,
+                        w.breaks.join(", ")
+                    );
+                }
+                return ExitCode::SUCCESS;
+            }
+            let sidecar = match scenario::find_sidecar(args.sidecar.as_deref()) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("catalog-chaos: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let out = args.out.unwrap_or_else(|| {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                PathBuf::from("target").join(format!("soak-{stamp}"))
+            });
+            let opts = soak::SoakOptions {
+                duration: args.duration.unwrap_or_default(),
+                sidecar,
+                out,
+                entities: args.entities,
+                clients: args.clients.max(1),
+                warmup: args.warmup,
+                interval: args.interval,
+                weaken: args.weaken,
+                seed: args.seed,
+            };
+            // Ctrl-C ends the run; dropping the lab kills its children by PID.
+            let report = tokio::select! {
+                r = soak::run(&opts) => r,
+                _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
+            };
+            match report {
+                Ok(report) => {
+                    print!("{}", soak::render(&report));
+                    if report.passed() {
+                        ExitCode::SUCCESS
+                    } else {
+                        println!("a soak check failed");
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("catalog-chaos: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Fleet(args) => {
             let sidecar = match scenario::find_sidecar(args.sidecar.as_deref()) {
                 Ok(p) => p,

@@ -172,7 +172,8 @@ pub fn free_port() -> Result<u16, HarnessError> {
         .map_err(|e| HarnessError::Http(format!("cannot find a free port: {e}")))
 }
 
-fn http_client() -> reqwest::Client {
+/// The harness's HTTP client: 5 s per exchange, 1 s to connect, keep-alive.
+pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .connect_timeout(Duration::from_secs(1))
@@ -685,6 +686,32 @@ impl Upstream {
         )
         .await
         .map(drop)
+    }
+
+    /// One churn step (`POST /churn`): `change` entities get new etags,
+    /// `add` are added and `delete` deleted, as one new catalog state.
+    /// Returns the uids deleted.
+    pub async fn churn(
+        &self,
+        change: usize,
+        add: usize,
+        delete: usize,
+    ) -> Result<Vec<String>, HarnessError> {
+        let v = self
+            .control(
+                reqwest::Method::POST,
+                "/churn",
+                Some(json!({ "change": change, "add": add, "delete": delete })),
+            )
+            .await?;
+        Ok(v["deleted"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|u| u.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     /// Every entity's identity, read directly from the demo catalog.
