@@ -137,10 +137,10 @@ fn bench(c: &mut Criterion) {
     let rss_before_generate = resident_bytes();
     let entities = generate(ENTITIES);
     let rss_with_bodies = resident_bytes();
-    let bodies: usize = entities.iter().map(|e| e.body.len()).sum();
+    let bodies: usize = entities.iter().map(|e| e.body_len()).sum();
     let started = Instant::now();
     for e in &entities {
-        let _: serde_json::Value = serde_json::from_slice(&e.body).expect("valid");
+        let _: serde_json::Value = serde_json::from_slice(&e.body()).expect("valid");
     }
     println!(
         "parsing every body once (single thread): {:?}",

@@ -101,7 +101,10 @@ impl HotEntry {
             // Stored under two keys, the body is shared: each key weighs it,
             // so the bound errs on the safe side.
             HotEntry::Entity { entity, .. } => {
-                entity.body.len() + entity.uid.len() + entity.entity_ref.len() + entity.etag.len()
+                entity.body_held_bytes()
+                    + entity.uid.len()
+                    + entity.entity_ref.len()
+                    + entity.etag.len()
             }
             HotEntry::Missing { body, .. } => body.len(),
             HotEntry::Answer(a) => a.body.len() + a.content_type.as_ref().map_or(0, String::len),

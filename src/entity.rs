@@ -4,11 +4,15 @@
 //! read served from the mirror is the upstream's answer, not a re-encoding.
 //! Everything else here (uid, reference, etag) is derived from that body once,
 //! when the entity enters the sidecar (sync, revalidation, snapshot import).
+//! A generation's index packs the bodies it holds (`codec`); `body()` gives
+//! the exact bytes back either way.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Deserialize;
+
+use crate::codec::{Body, BodyCodec};
 
 /// An entity of one mirror generation: the upstream's JSON plus the keys the
 /// sidecar looks it up by.
@@ -20,8 +24,8 @@ pub struct Entity {
     pub entity_ref: Arc<str>,
     /// `metadata.etag`: changes whenever the upstream changes the entity.
     pub etag: Arc<str>,
-    /// The entity exactly as the upstream serialised it.
-    pub body: Bytes,
+    /// The entity exactly as the upstream serialised it (see `body`).
+    body: Body,
 }
 
 /// Why a JSON document is not an entity the mirror can hold.
@@ -80,8 +84,45 @@ impl Entity {
             uid: uid.as_ref().into(),
             entity_ref: entity_ref.into(),
             etag: etag.as_ref().into(),
-            body: body.clone(),
+            body: Body::Plain(body.clone()),
         })
+    }
+
+    /// The entity exactly as the upstream serialised it (unpacked into a new
+    /// buffer when its generation packed it).
+    pub fn body(&self) -> Bytes {
+        self.body.bytes()
+    }
+
+    /// Length of the body, in bytes.
+    pub fn body_len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Bytes of memory the body takes (less than `body_len` when packed).
+    pub fn body_held_bytes(&self) -> usize {
+        self.body.held_bytes()
+    }
+
+    /// Whether `other` has the same body (compared as bytes, however each is
+    /// held).
+    pub fn same_body(&self, other: &Entity) -> bool {
+        self.body == other.body
+    }
+
+    /// This entity with its body packed by `codec` (or as it is, when
+    /// packing does not make it smaller).
+    pub fn packed(&self, codec: &Arc<BodyCodec>) -> Entity {
+        let body = match &self.body {
+            Body::Plain(plain) => Body::pack(plain, codec),
+            packed @ Body::Packed { .. } => packed.clone(),
+        };
+        Entity {
+            uid: self.uid.clone(),
+            entity_ref: self.entity_ref.clone(),
+            etag: self.etag.clone(),
+            body,
+        }
     }
 }
 
@@ -149,7 +190,7 @@ mod tests {
         assert_eq!(&*entity.uid, "u1");
         assert_eq!(&*entity.entity_ref, "component:default/checkout-service");
         assert_eq!(&*entity.etag, "e1");
-        assert_eq!(entity.body, body);
+        assert_eq!(entity.body(), body);
     }
 
     #[test]

@@ -190,7 +190,7 @@ impl Extension {
             let entity = match generation.index.by_uid(&uid) {
                 Some(e) => Some(
                     serde_json::value::RawValue::from_string(
-                        String::from_utf8_lossy(&e.body).into_owned(),
+                        String::from_utf8_lossy(&e.body()).into_owned(),
                     )
                     .map_err(|e| ReadError::Internal(e.to_string()))?,
                 ),

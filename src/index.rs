@@ -16,12 +16,18 @@
 //! present" bitmap, and, only for values some entity spells with other
 //! casing, the spellings (for facets; a unique value's spelling is re-read
 //! from its body). Each distinct key, and each distinct value of a key, is
-//! stored once. Sort columns (distinct values sorted once, one `u32` rank per
+//! stored once: keys in a sorted slice, a key's values end to end in one
+//! sorted string (`Values`: binary search, and a prefix is one run), so the
+//! thousands of keys and the mostly unique values of a catalog cost no hash
+//! table slack and no allocation each. Bodies are packed with a dictionary
+//! trained on the generation (`codec`), from 1.4 KB to about 200 bytes.
+//! Sort columns (distinct values sorted once, one `u32` rank per
 //! entity) are built the first time a field is ordered by and cached for the
 //! generation in a cache bounded in bytes (`IndexLimits`); a field no entity
-//! has gets no column at all (it orders as all-null). Measured on 100,000
-//! generated 1.3 KB entities: 33.7 MiB per 10,000 entities in all, of which
-//! 12.8 MiB are the bodies themselves and about 0.64 MiB each cached sort
+//! has gets no column at all (it orders as all-null). Measured on 50,000
+//! generated 1.4 KB entities: 15.9 MiB per 10,000 entities in all (33.7 MiB
+//! with bodies as sent and values in hash maps), of which 1.9 MiB are the
+//! packed bodies (13.3 MiB as sent) and about 0.64 MiB each cached sort
 //! column of a unique field (such as `metadata.name`);
 //! `approximate_memory_bytes` counts bodies, hash-table capacity, strings,
 //! bitmaps and cached columns.
@@ -32,9 +38,11 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
+use bytes::Bytes;
 use roaring::RoaringBitmap;
 use serde_json::Value;
 
+use crate::codec::{BodyCodec, PACK_MIN_ENTITIES};
 use crate::entity::Entity;
 use crate::query::budget::Budget;
 use crate::query::error::QueryError;
@@ -354,24 +362,208 @@ impl DocSet {
     }
 }
 
+/// The distinct lower-cased values of one key, in byte order, with their
+/// documents: one string holding every value end to end, the end of each,
+/// and the documents of each. About 20 bytes per value beyond its text,
+/// against about 80 for a hash map of boxed strings (a catalog's values are
+/// mostly unique: names, uids, descriptions, URLs).
+#[derive(Debug, Default)]
+pub(crate) struct Values {
+    text: Box<str>,
+    /// `ends[i]`: where value `i` ends in `text` (it starts where `i - 1`
+    /// ends).
+    ends: Box<[u32]>,
+    docs: Box<[DocSet]>,
+}
+
+impl Values {
+    /// Sorts and packs `(value, documents)` pairs with distinct values.
+    fn from_pairs(mut pairs: Vec<(Box<str>, DocSet)>) -> Values {
+        pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut text = String::with_capacity(pairs.iter().map(|(v, _)| v.len()).sum());
+        let mut ends = Vec::with_capacity(pairs.len());
+        let mut docs = Vec::with_capacity(pairs.len());
+        for (value, d) in pairs {
+            text.push_str(&value);
+            ends.push(u32::try_from(text.len()).expect("a key's values exceed 4 GiB"));
+            docs.push(d);
+        }
+        Values {
+            text: text.into_boxed_str(),
+            ends: ends.into_boxed_slice(),
+            docs: docs.into_boxed_slice(),
+        }
+    }
+
+    /// Number of distinct values.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether the key has no non-null value.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The `i`-th value in byte order.
+    pub fn value(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.text[start..self.ends[i] as usize]
+    }
+
+    /// The documents of a lower-cased value.
+    pub fn get(&self, value: &str) -> Option<&DocSet> {
+        let i = self.position(value);
+        (i < self.len() && self.value(i) == value).then(|| &self.docs[i])
+    }
+
+    /// The documents of a lower-cased value, to change.
+    fn get_mut(&mut self, value: &str) -> Option<&mut DocSet> {
+        let i = self.position(value);
+        (i < self.len() && self.value(i) == value).then(|| &mut self.docs[i])
+    }
+
+    /// These values (of earlier documents) and `later`'s, in one sorted
+    /// list; a value in both gets the documents of both.
+    fn merge(self, later: Values) -> Values {
+        let capacity = self.len() + later.len();
+        let mut text = String::with_capacity(self.text.len() + later.text.len());
+        let mut ends = Vec::with_capacity(capacity);
+        let mut docs = Vec::with_capacity(capacity);
+        let mut mine = self.into_entries().peekable();
+        let mut theirs = later.into_entries().peekable();
+        loop {
+            let order = match (mine.peek(), theirs.peek()) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((a, _)), Some((b, _))) => a.as_str().cmp(b.as_str()),
+            };
+            let entry = match order {
+                std::cmp::Ordering::Less => mine.next(),
+                std::cmp::Ordering::Greater => theirs.next(),
+                std::cmp::Ordering::Equal => match (mine.next(), theirs.next()) {
+                    (Some((value, mut d)), Some((_, other))) => {
+                        d.merge(other);
+                        Some((value, d))
+                    }
+                    (one, other) => one.or(other),
+                },
+            };
+            if let Some((value, d)) = entry {
+                text.push_str(value.as_str());
+                ends.push(u32::try_from(text.len()).expect("a key's values exceed 4 GiB"));
+                docs.push(d);
+            }
+        }
+        Values {
+            text: text.into_boxed_str(),
+            ends: ends.into_boxed_slice(),
+            docs: docs.into_boxed_slice(),
+        }
+    }
+
+    /// The values (as positions in a shared text) and their documents.
+    fn into_entries(self) -> impl Iterator<Item = (ValueAt, DocSet)> {
+        let text: Arc<str> = self.text.into();
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&e| e as usize));
+        let ranges: Vec<(usize, usize)> =
+            starts.zip(self.ends.iter().map(|&e| e as usize)).collect();
+        ranges
+            .into_iter()
+            .zip(self.docs.into_vec())
+            .map(move |((start, end), d)| {
+                (
+                    ValueAt {
+                        text: text.clone(),
+                        start,
+                        end,
+                    },
+                    d,
+                )
+            })
+    }
+
+    /// The first position whose value is not below `value`.
+    fn position(&self, value: &str) -> usize {
+        let (mut low, mut high) = (0, self.len());
+        while low < high {
+            let mid = low + (high - low) / 2;
+            if self.value(mid) < value {
+                low = mid + 1;
+            } else {
+                high = mid;
+            }
+        }
+        low
+    }
+
+    /// Every value and its documents, in byte order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &DocSet)> {
+        (0..self.len()).map(|i| (self.value(i), &self.docs[i]))
+    }
+
+    /// The values starting with `prefix` and their documents (a contiguous
+    /// run in byte order).
+    pub fn with_prefix<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a DocSet)> {
+        (self.position(prefix)..self.len())
+            .map(|i| (self.value(i), &self.docs[i]))
+            .take_while(move |(v, _)| v.starts_with(prefix))
+    }
+
+    /// Heap bytes held.
+    fn heap_bytes(&self) -> usize {
+        self.text.len()
+            + self.ends.len() * 4
+            + self.docs.len() * std::mem::size_of::<DocSet>()
+            + self.docs.iter().map(DocSet::heap_bytes).sum::<usize>()
+            + 3 * ALLOC_OVERHEAD
+    }
+}
+
+/// One value of a `Values` being merged: a range of its text.
+struct ValueAt {
+    text: Arc<str>,
+    start: usize,
+    end: usize,
+}
+
+impl ValueAt {
+    fn as_str(&self) -> &str {
+        &self.text[self.start..self.end]
+    }
+}
+
 /// Everything the index knows about one search key.
 #[derive(Debug, Default)]
 pub(crate) struct KeyPostings {
     /// Documents with any row for the key, null rows included.
     pub present: RoaringBitmap,
     /// Documents by lower-cased non-null value.
-    pub values: Map<Box<str>, DocSet>,
+    pub values: Values,
     /// For lower-cased values that some entity spells differently: the
     /// documents by original spelling (facets keep the entity's casing).
     /// Documents not listed spell the value exactly as lower-cased.
     cased: Map<Box<str>, Vec<(Box<str>, DocSet)>>,
-    /// Whether some value is not ASCII (set by `shrink`): only then can a
-    /// value compare equal, upper-cased, to an ASCII text it does not equal
-    /// lower-cased (`ß`, `ſ`, `ı`, ligatures).
+    /// Whether some value is not ASCII: only then can a value compare equal,
+    /// upper-cased, to an ASCII text it does not equal lower-cased (`ß`,
+    /// `ſ`, `ı`, ligatures).
     non_ascii: bool,
 }
 
-impl KeyPostings {
+/// A key's postings while a run of documents is indexed: values in a hash
+/// map, packed into `Values` by `finish`.
+#[derive(Debug, Default)]
+struct KeyBuilder {
+    present: RoaringBitmap,
+    values: Map<Box<str>, DocSet>,
+    cased: Map<Box<str>, Vec<(Box<str>, DocSet)>>,
+}
+
+impl KeyBuilder {
     fn add(&mut self, doc: u32, value: Option<(&str, &str)>) {
         self.present.insert(doc);
         let Some((original, low)) = value else {
@@ -396,28 +588,61 @@ impl KeyPostings {
         }
     }
 
-    fn merge(&mut self, other: KeyPostings) {
-        self.present |= other.present;
-        // Runs of documents mostly hold distinct values (names, uids): grow
-        // once rather than by doubling; `shrink` trims any excess.
-        self.values.reserve(other.values.len());
-        for (v, docs) in other.values {
-            match self.values.get_mut(&v) {
-                Some(mine) => mine.merge(docs),
-                None => {
-                    self.values.insert(v, docs);
+    /// The run's postings, values packed (spellings are folded only once
+    /// every run is merged: a value unique in one run may not be in all).
+    fn into_run(self) -> KeyPostings {
+        let mut cased = self.cased;
+        cased.shrink_to_fit();
+        KeyPostings {
+            present: self.present,
+            values: Values::from_pairs(self.values.into_iter().collect()),
+            cased,
+            non_ascii: false,
+        }
+    }
+}
+
+impl KeyPostings {
+    /// One key's postings from the postings of consecutive runs of
+    /// documents (in document order).
+    fn merge_runs(runs: Vec<KeyPostings>) -> KeyPostings {
+        let mut runs = runs.into_iter();
+        let mut merged = runs.next().unwrap_or_default();
+        for run in runs {
+            merged.present |= run.present;
+            merged.values = std::mem::take(&mut merged.values).merge(run.values);
+            for (v, variants) in run.cased {
+                let mine = merged.cased.entry(v).or_default();
+                for (o, docs) in variants {
+                    match mine.iter_mut().find(|(m, _)| *m == o) {
+                        Some((_, m)) => m.merge(docs),
+                        None => mine.push((o, docs)),
+                    }
                 }
             }
         }
-        for (v, variants) in other.cased {
-            let mine = self.cased.entry(v).or_default();
-            for (o, docs) in variants {
-                match mine.iter_mut().find(|(m, _)| *m == o) {
-                    Some((_, m)) => m.merge(docs),
-                    None => mine.push((o, docs)),
+        merged.fold_single_spellings();
+        merged.cased.shrink_to_fit();
+        merged.non_ascii = !merged.values.text.is_ascii();
+        merged
+    }
+
+    /// Turns single-document values with one other spelling into
+    /// `OneCased`, dropping their stored spelling.
+    fn fold_single_spellings(&mut self) {
+        let values = &mut self.values;
+        self.cased.retain(|low, variants| {
+            let Some(docs) = values.get_mut(low) else {
+                return true;
+            };
+            match (&*docs, variants.as_slice()) {
+                (DocSet::One(d), [(_, DocSet::One(v))]) if d == v => {
+                    *docs = DocSet::OneCased(*d);
+                    false
                 }
+                _ => true,
             }
-        }
+        });
     }
 
     /// Facet counts by original spelling, among `matched` (all if `None`).
@@ -466,12 +691,7 @@ impl KeyPostings {
     }
 
     fn heap_bytes(&self) -> usize {
-        let values: usize = map_table_bytes(&self.values)
-            + self
-                .values
-                .iter()
-                .map(|(v, d)| v.len() + ALLOC_OVERHEAD + d.heap_bytes())
-                .sum::<usize>();
+        let values = self.values.heap_bytes();
         let cased: usize = map_table_bytes(&self.cased)
             + self
                 .cased
@@ -504,30 +724,6 @@ impl KeyPostings {
         }
         Ok(out)
     }
-
-    /// Turns single-document values with one other spelling into
-    /// `OneCased`, dropping their stored spelling.
-    fn fold_single_spellings(&mut self) {
-        let values = &mut self.values;
-        self.cased.retain(|low, variants| {
-            let Some(docs) = values.get_mut(low) else {
-                return true;
-            };
-            match (&*docs, variants.as_slice()) {
-                (DocSet::One(d), [(_, DocSet::One(v))]) if d == v => {
-                    *docs = DocSet::OneCased(*d);
-                    false
-                }
-                _ => true,
-            }
-        });
-    }
-
-    fn shrink(&mut self) {
-        self.values.shrink_to_fit();
-        self.cased.shrink_to_fit();
-        self.non_ascii = self.values.keys().any(|v| !v.is_ascii());
-    }
 }
 
 /// Bytes of a hash map's table: one slot per capacity plus a control byte.
@@ -539,38 +735,47 @@ fn map_table_bytes<K, V, S: BuildHasher>(m: &HashMap<K, V, S>) -> usize {
 /// `None` if `abandoned` is set part-way. A panic in any worker propagates:
 /// a partial index is never returned.
 fn build_inverted(entities: &[Arc<Entity>], abandoned: &AtomicBool) -> Option<Inverted> {
+    build_inverted_in_runs(entities, abandoned, RUN_DOCUMENTS)
+}
+
+/// `build_inverted`, indexing `run_documents` documents at a time.
+fn build_inverted_in_runs(
+    entities: &[Arc<Entity>],
+    abandoned: &AtomicBool,
+    run_documents: usize,
+) -> Option<Inverted> {
     // Parsing and flattening dominate the build; runs of documents are
     // indexed on separate threads and merged in document order.
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, 8);
-    let chunk = entities.len().div_ceil(threads).max(1024);
-    let mut keys: Map<Box<str>, KeyPostings> = Map::default();
-    if entities.len() <= chunk {
-        keys = index_run(entities, 0, abandoned)?;
-    } else {
-        let partials: Vec<Option<Map<Box<str>, KeyPostings>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = entities
-                .chunks(chunk)
-                .enumerate()
-                .map(|(i, run)| scope.spawn(move || index_run(run, (i * chunk) as u32, abandoned)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
-        for partial in partials {
-            for (k, p) in partial? {
-                match keys.get_mut(&k) {
-                    Some(mine) => mine.merge(p),
-                    None => {
-                        keys.insert(k, p);
-                    }
-                }
+    let chunk = entities.len().div_ceil(threads).max(run_documents);
+    let parts: Vec<Option<Vec<Map<Box<str>, KeyPostings>>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = entities
+            .chunks(chunk)
+            .enumerate()
+            .map(|(i, part)| {
+                scope.spawn(move || index_part(part, i * chunk, run_documents, abandoned))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    // Every run's postings of a key, in document order, merged key by key.
+    let mut runs_by_key: Map<Box<str>, Vec<KeyPostings>> = Map::default();
+    for part in parts {
+        for run in part? {
+            for (k, p) in run {
+                runs_by_key.entry(k).or_default().push(p);
             }
         }
+    }
+    let mut finished: Vec<(Box<str>, KeyPostings)> = Vec::with_capacity(runs_by_key.len());
+    for (k, runs) in runs_by_key {
+        finished.push((k, KeyPostings::merge_runs(runs)));
     }
     let mut by_ref_order: Vec<u32> = (0..entities.len() as u32).collect();
     by_ref_order.sort_unstable_by(|&a, &b| {
@@ -584,18 +789,15 @@ fn build_inverted(entities: &[Arc<Entity>], abandoned: &AtomicBool) -> Option<In
         ref_ranks[doc as usize] = rank as u32;
     }
 
-    keys.values_mut().for_each(|p| {
-        p.fold_single_spellings();
-        p.shrink();
-    });
-    keys.shrink_to_fit();
-    let mut relation_keys: Vec<Box<str>> = keys
-        .keys()
+    finished.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let keys = Keys(finished.into_boxed_slice());
+    let relation_keys: Vec<Box<str>> = keys
+        .iter()
+        .map(|(k, _)| k)
         .filter(|k| k.starts_with("relations."))
-        .cloned()
+        .map(Box::from)
         .collect();
-    relation_keys.sort_unstable();
-    let postings_bytes = map_table_bytes(&keys)
+    let postings_bytes = keys.0.len() * std::mem::size_of::<(Box<str>, KeyPostings)>()
         + keys
             .iter()
             .map(|(k, p)| k.len() + ALLOC_OVERHEAD + p.heap_bytes())
@@ -619,20 +821,46 @@ const ABANDON_CHECK_EVERY: usize = 256;
 /// its budget.
 const BUDGET_CHECK_EVERY: usize = 256;
 
+/// Documents indexed into hash maps at a time: each run's maps are packed
+/// (`Values`) before the next run starts, so the maps of at most one run per
+/// thread exist at once. The build's peak was its hash maps, twice the
+/// finished index; runs keep it near the finished size.
+const RUN_DOCUMENTS: usize = 4096;
+
+/// Indexes a part of the entities, whose document ids start at `base`, run
+/// by run; `None` if `abandoned` is set part-way.
+fn index_part(
+    entities: &[Arc<Entity>],
+    base: usize,
+    run_documents: usize,
+    abandoned: &AtomicBool,
+) -> Option<Vec<Map<Box<str>, KeyPostings>>> {
+    let mut runs = Vec::with_capacity(entities.len().div_ceil(run_documents));
+    for (i, run) in entities.chunks(run_documents).enumerate() {
+        let keys = index_run(run, (base + i * run_documents) as u32, abandoned)?;
+        runs.push(
+            keys.into_iter()
+                .map(|(k, p)| (k, p.into_run()))
+                .collect::<Map<_, _>>(),
+        );
+    }
+    Some(runs)
+}
+
 /// Indexes a run of entities whose document ids start at `base`; `None` if
 /// `abandoned` is set part-way.
 fn index_run(
     entities: &[Arc<Entity>],
     base: u32,
     abandoned: &AtomicBool,
-) -> Option<Map<Box<str>, KeyPostings>> {
-    let mut keys: Map<Box<str>, KeyPostings> = Map::default();
+) -> Option<Map<Box<str>, KeyBuilder>> {
+    let mut keys: Map<Box<str>, KeyBuilder> = Map::default();
     for (i, entity) in entities.iter().enumerate() {
         if i % ABANDON_CHECK_EVERY == 0 && abandoned.load(AtomicOrdering::Relaxed) {
             return None;
         }
         let doc = base + i as u32;
-        let Ok(value) = serde_json::from_slice::<Value>(&entity.body) else {
+        let Ok(value) = serde_json::from_slice::<Value>(&entity.body()) else {
             continue;
         };
         for_each_row(&value, &mut |key, v| {
@@ -644,6 +872,45 @@ fn index_run(
         });
     }
     Some(keys)
+}
+
+/// The entities with their bodies packed by a codec trained on them (see
+/// `codec`), on up to as many threads as the inverted build uses; as they
+/// are when there are too few to train on.
+fn pack_bodies(entities: Vec<Arc<Entity>>) -> Vec<Arc<Entity>> {
+    if entities.len() < PACK_MIN_ENTITIES {
+        return entities;
+    }
+    let trained = {
+        let bodies: Vec<Bytes> = entities.iter().map(|e| e.body()).collect();
+        let slices: Vec<&[u8]> = bodies.iter().map(|b| &b[..]).collect();
+        BodyCodec::train(&slices)
+    };
+    let Some(codec) = trained else {
+        return entities;
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    let chunk = entities.len().div_ceil(threads).max(1024);
+    let codec = &codec;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = entities
+            .chunks(chunk)
+            .map(|run| {
+                scope.spawn(move || {
+                    run.iter()
+                        .map(|e| Arc::new(e.packed(codec)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// The order of one field's values over all documents of a generation.
@@ -677,10 +944,33 @@ impl SortColumn {
     }
 }
 
+/// The postings of every key, sorted by key: a catalog has thousands of keys
+/// (every string item of an array is a key of its own, `path.<item>`), and a
+/// sorted slice holds them without a hash table's empty slots.
+struct Keys(Box<[(Box<str>, KeyPostings)]>);
+
+impl Keys {
+    /// The postings of a lower-cased key.
+    fn get(&self, key: &str) -> Option<&KeyPostings> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &KeyPostings)> {
+        self.0.iter().map(|(k, p)| (&**k, p))
+    }
+}
+
 /// The query half of a generation: postings and the default order. Built
 /// off the serving path (see `Index::build`).
 struct Inverted {
-    keys: Map<Box<str>, KeyPostings>,
+    keys: Keys,
     /// Per document: its position in `entity_ref` order (the default order
     /// of `GET /entities`).
     ref_ranks: Vec<u32>,
@@ -802,7 +1092,7 @@ impl Index {
         }
         let mut entities: Vec<Arc<Entity>> = unique.into_values().collect();
         entities.sort_unstable_by(|a, b| a.uid.cmp(&b.uid));
-        let entities: Arc<[Arc<Entity>]> = entities.into();
+        let entities: Arc<[Arc<Entity>]> = pack_bodies(entities).into();
 
         let mut by_uid = map_with_capacity(entities.len());
         let mut by_ref = map_with_capacity(entities.len());
@@ -936,7 +1226,7 @@ impl Index {
             .entities
             .iter()
             .map(|e| {
-                e.body.len()
+                e.body_held_bytes()
                     + e.uid.len()
                     + e.entity_ref.len()
                     + e.etag.len()
@@ -983,7 +1273,7 @@ impl Index {
 
     /// How a document spells a (lower-cased) value of a key: its first row.
     fn spelling(&self, doc: u32, key: &str, low: &str) -> Option<String> {
-        let value = serde_json::from_slice::<Value>(&self.entity(doc).body).ok()?;
+        let value = serde_json::from_slice::<Value>(&self.entity(doc).body()).ok()?;
         let mut found = None;
         for_each_row(&value, &mut |k, v| {
             if found.is_none() && k == key {
@@ -1018,7 +1308,7 @@ impl Index {
     pub(crate) fn doc_of(&self, entity: &Entity) -> Option<u32> {
         let doc = *self.by_uid.get(&*entity.uid)?;
         let own = &self.entities[doc as usize];
-        (own.uid == entity.uid && own.body == entity.body).then_some(doc)
+        (own.uid == entity.uid && own.same_body(entity)).then_some(doc)
     }
 
     /// Documents whose body parsed when the index was built: every parsed
@@ -1083,8 +1373,8 @@ fn build_sort_column(
     documents: usize,
     budget: &Budget,
 ) -> Result<SortColumn, QueryError> {
-    let mut values: Vec<(&str, &DocSet)> = postings.values.iter().map(|(v, b)| (&**v, b)).collect();
-    budget.sort_by(&mut values, |a, b| a.0.cmp(b.0))?;
+    // `Values` are in byte order already.
+    let values: Vec<(&str, &DocSet)> = postings.values.iter().collect();
     let mut ranks = vec![NULL_RANK; documents];
     for (rank, (_, docs)) in values.iter().enumerate() {
         if rank % BUDGET_CHECK_EVERY == 0 {
@@ -1209,7 +1499,7 @@ mod tests {
             .collect();
         let values: Vec<Value> = entities
             .iter()
-            .map(|e| serde_json::from_slice(&e.body).unwrap())
+            .map(|e| serde_json::from_slice(&e.body()).unwrap())
             .collect();
         let index = Index::build(3, entities, &IndexLimits::default());
         let p = index.key("metadata.tags").unwrap();
@@ -1247,6 +1537,105 @@ mod tests {
                 Arc::new(Entity::from_json(bytes::Bytes::from(body.to_string())).unwrap())
             })
             .collect()
+    }
+
+    /// Everything a key's postings say, in a comparable form.
+    fn describe(inverted: &Inverted) -> Vec<String> {
+        let docs = |d: &DocSet| {
+            let kind = match d {
+                DocSet::One(_) => "one",
+                DocSet::OneCased(_) => "one-cased",
+                DocSet::Many(_) => "many",
+            };
+            format!("{kind}{:?}", d.to_bitmap().iter().collect::<Vec<_>>())
+        };
+        let mut out = Vec::new();
+        for (key, p) in inverted.keys.iter() {
+            out.push(format!(
+                "{key} present={:?} non_ascii={}",
+                p.present.iter().collect::<Vec<_>>(),
+                p.non_ascii
+            ));
+            for (value, d) in p.values.iter() {
+                out.push(format!("{key}={value}: {}", docs(d)));
+            }
+            let mut cased: Vec<String> = p
+                .cased
+                .iter()
+                .flat_map(|(low, variants)| {
+                    variants
+                        .iter()
+                        .map(move |(o, d)| format!("{key}={low} as {o}: {}", docs(d)))
+                })
+                .collect();
+            cased.sort();
+            out.extend(cased);
+        }
+        out
+    }
+
+    fn mixed(n: usize) -> Vec<Arc<Entity>> {
+        (0..n)
+            .map(|i| {
+                let name = if i % 3 == 0 { format!("Svc-{}", i / 3) } else { format!("svc-{i}") };
+                let body = json!({"kind": "Component",
+                    "metadata": {"name": name, "uid": format!("u{i:05}"), "etag": "e",
+                        "tags": [if i % 4 == 0 { "Java" } else { "java" }, format!("t{}", i % 5)],
+                        "title": if i % 7 == 0 { "Straße".to_string() } else { format!("T{}", i % 11) }},
+                    "spec": {"owner": format!("team-{}", i % 6), "lifecycle": if i % 2 == 0 { "Production" } else { "production" }}});
+                Arc::new(Entity::from_json(bytes::Bytes::from(body.to_string())).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runs_merge_into_the_postings_of_one_run() {
+        let entities = mixed(200);
+        let never = AtomicBool::new(false);
+        let whole = build_inverted_in_runs(&entities, &never, usize::MAX).unwrap();
+        for run in [1, 7, 64] {
+            let in_runs = build_inverted_in_runs(&entities, &never, run).unwrap();
+            assert_eq!(describe(&whole), describe(&in_runs), "runs of {run}");
+            assert_eq!(whole.ref_ranks, in_runs.ref_ranks);
+            assert_eq!(whole.relation_keys, in_runs.relation_keys);
+        }
+    }
+
+    #[test]
+    fn sorted_values_find_exactly_and_by_prefix() {
+        let values = Values::from_pairs(
+            ["b", "ab", "a", "abc", "c", ""]
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (Box::from(*v), DocSet::One(i as u32)))
+                .collect(),
+        );
+        let listed: Vec<&str> = values.iter().map(|(v, _)| v).collect();
+        assert_eq!(listed, ["", "a", "ab", "abc", "b", "c"]);
+        assert!(matches!(values.get("ab"), Some(DocSet::One(1))));
+        assert!(matches!(values.get(""), Some(DocSet::One(5))));
+        assert!(values.get("abd").is_none() && values.get("d").is_none());
+        let prefixed: Vec<&str> = values.with_prefix("ab").map(|(v, _)| v).collect();
+        assert_eq!(prefixed, ["ab", "abc"]);
+        assert_eq!(values.with_prefix("").count(), 6);
+        assert_eq!(values.with_prefix("x").count(), 0);
+    }
+
+    #[test]
+    fn large_generations_pack_bodies_and_serve_them_unchanged() {
+        let entities = mixed(crate::codec::PACK_MIN_ENTITIES + 10);
+        let sent: Vec<bytes::Bytes> = entities.iter().map(|e| e.body()).collect();
+        let index = Index::build(1, entities, &IndexLimits::default());
+        let held: usize = index.entities().map(|e| e.body_held_bytes()).sum();
+        let total: usize = sent.iter().map(|b| b.len()).sum();
+        assert!(held * 2 < total, "{held} of {total}");
+        let mut by_uid: Vec<&bytes::Bytes> = sent.iter().collect();
+        by_uid.sort_by_key(|b| Entity::from_json((*b).clone()).unwrap().uid);
+        for (e, b) in index.entities().zip(by_uid) {
+            assert_eq!(e.body(), *b);
+        }
+        let copy = Entity::from_json(index.entity(5).body()).unwrap();
+        assert_eq!(index.doc_of(&copy), Some(5));
     }
 
     static GATE: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
@@ -1437,9 +1826,9 @@ mod tests {
         let entities = with_fields(10, 1);
         let index = Index::build(1, entities.clone(), &IndexLimits::default());
         assert_eq!(index.doc_of(&entities[3]), Some(3));
-        let copy = Entity::from_json(entities[3].body.clone()).unwrap();
+        let copy = Entity::from_json(entities[3].body()).unwrap();
         assert_eq!(index.doc_of(&copy), Some(3));
-        let mut changed: Value = serde_json::from_slice(&entities[3].body).unwrap();
+        let mut changed: Value = serde_json::from_slice(&entities[3].body()).unwrap();
         changed["spec"]["f0"] = json!("other");
         let changed = Entity::from_json(bytes::Bytes::from(changed.to_string())).unwrap();
         assert_eq!(index.doc_of(&changed), None);

@@ -26,8 +26,8 @@
 //! - [`mirror`]: the SQLite file: generations, flags, audit, read-through store; [`snapshot`]:
 //!   export, import, seeding from a peer.
 //! - [`generation`]: the generation readers are served from, swapped atomically; [`index`]: its
-//!   in-memory query index; [`query`]: Backstage's query semantics over it (with
-//!   [`query::filter`], [`query::predicate`], [`query::cursor`]).
+//!   in-memory query index, holding the bodies packed by [`codec`]; [`query`]: Backstage's query
+//!   semantics over it (with [`query::filter`], [`query::predicate`], [`query::cursor`]).
 //! - [`sync`]: the sync loop, what a sync applies, and the mass-deletion guard.
 //! - [`read`]: the read path — `decide` is where fresh, ask, stale or refuse is decided;
 //!   [`cache`]: the hot cache of upstream answers.
@@ -44,6 +44,7 @@ pub mod breaker;
 pub mod cache;
 pub mod cli;
 pub mod clock;
+pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod entity;

@@ -588,7 +588,7 @@ impl Mirror {
                     &*entity.uid,
                     &*entity.entity_ref,
                     &*entity.etag,
-                    &entity.body[..]
+                    &entity.body()[..]
                 ])?;
             }
             let mut delete = tx.prepare_cached("DELETE FROM entities WHERE uid = ?1")?;
@@ -699,7 +699,7 @@ impl Mirror {
                 &*entity.uid,
                 &*entity.entity_ref,
                 &*entity.etag,
-                &entity.body[..],
+                &entity.body()[..],
                 to_ms(confirmed_at)
             ],
         )?;

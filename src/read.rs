@@ -760,13 +760,13 @@ impl ReadPath {
         if self.hot.is_empty() {
             if let Some((entity, confirmed)) = &found {
                 if self.is_fresh(confirmed) {
-                    return Ok(self.entity_answer(&entity.body, confirmed));
+                    return Ok(self.entity_answer(entity.body(), confirmed));
                 }
                 // The outage case, just as lean: the breaker refuses, so the
                 // local copy is all there is to decide on.
                 if let Some(refused) = self.upstream.refused_now(Operation::Revalidate) {
                     let held = Held::Copy {
-                        answer: self.entity_answer(&entity.body, confirmed),
+                        answer: self.entity_answer(entity.body(), confirmed),
                         confirmed: confirmed.clone(),
                     };
                     return self.without_upstream(held, &refused);
@@ -814,12 +814,12 @@ impl ReadPath {
         }
         if let Some((entity, confirmed)) = &found {
             if self.is_fresh(confirmed) {
-                return Ok(self.entity_answer(&entity.body, confirmed));
+                return Ok(self.entity_answer(entity.body(), confirmed));
             }
         }
         let held = match found {
             Some((entity, confirmed)) => Held::Copy {
-                answer: self.entity_answer(&entity.body, &confirmed),
+                answer: self.entity_answer(entity.body(), &confirmed),
                 confirmed,
             },
             None => match self.generations.current() {
@@ -870,11 +870,11 @@ impl ReadPath {
         find_in(&self.generations, &self.hot, &self.writes, lookup)
     }
 
-    fn entity_answer(&self, body: &Bytes, confirmed: &Confirmation) -> Answer {
+    fn entity_answer(&self, body: Bytes, confirmed: &Confirmation) -> Answer {
         Answer {
             status: StatusCode::OK,
             headers: json_headers(),
-            body: body.clone().into(),
+            body: body.into(),
             cache: CacheStatus::Hit,
             age: self.age_of(confirmed.origin_at),
             stale: false,

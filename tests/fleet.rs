@@ -23,7 +23,7 @@ fn mirror_of(ts: &TestSidecar) -> BTreeMap<String, (String, bytes::Bytes)> {
     generation
         .index
         .entities()
-        .map(|e| (e.uid.to_string(), (e.etag.to_string(), e.body.clone())))
+        .map(|e| (e.uid.to_string(), (e.etag.to_string(), e.body())))
         .collect()
 }
 

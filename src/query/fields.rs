@@ -58,7 +58,7 @@ pub(super) fn write_items(
         if i > 0 {
             out.push(b',');
         }
-        write_entity(&index.entity(doc).body, fields, out);
+        write_entity(&index.entity(doc).body(), fields, out);
     }
     out.push(b']');
     Ok(())

@@ -220,13 +220,12 @@ fn eval_field(
             let prefix = prefix.to_lowercase();
             let mut out = RoaringBitmap::new();
             if let Some(p) = postings {
-                for (i, (v, docs)) in p.values.iter().enumerate() {
+                // Values are in byte order: the prefixed ones are one run.
+                for (i, (_, docs)) in p.values.with_prefix(&prefix).enumerate() {
                     if i % CHECK_EVERY == 0 {
                         budget.check()?;
                     }
-                    if v.starts_with(&prefix) {
-                        docs.or_into(&mut out);
-                    }
+                    docs.or_into(&mut out);
                 }
             }
             out
@@ -265,7 +264,8 @@ fn eval_contains(
         if i % CHECK_EVERY == 0 {
             budget.check()?;
         }
-        let Some(items) = raw_at_path(&index.entity(doc).body, key).and_then(raw_items) else {
+        let body = index.entity(doc).body();
+        let Some(items) = raw_at_path(&body, key).and_then(raw_items) else {
             continue;
         };
         let matched = items.into_iter().any(|item| {
@@ -799,7 +799,7 @@ mod tests {
             .entities()
             .enumerate()
             .filter(|(_, e)| {
-                let v: Value = serde_json::from_slice(&e.body).unwrap();
+                let v: Value = serde_json::from_slice(&e.body()).unwrap();
                 matches!(json_at_path(&v, path), Some(Value::Array(items)) if items.iter().any(|i| matches_json(element, i)))
             })
             .map(|(d, _)| d as u32)

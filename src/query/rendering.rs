@@ -118,7 +118,7 @@ impl Rendering {
                 out.push(b',');
             }
             match &self.items[self.next] {
-                Some(entity) => write_entity(&entity.body, fields, &mut out),
+                Some(entity) => write_entity(&entity.body(), fields, &mut out),
                 None => out.extend_from_slice(b"null"),
             }
             self.next += 1;
@@ -193,7 +193,7 @@ mod tests {
                 out.push(b',');
             }
             match item {
-                Some(e) => write_entity(&e.body, fields, &mut out),
+                Some(e) => write_entity(&e.body(), fields, &mut out),
                 None => out.extend_from_slice(b"null"),
             }
         }

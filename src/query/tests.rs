@@ -326,7 +326,7 @@ fn unprojected_bodies_are_the_stored_bytes() {
     )
     .unwrap();
     let body = a.body.into_bytes().unwrap();
-    let stored = ix.by_uid("u3").unwrap().body.clone();
+    let stored = ix.by_uid("u3").unwrap().body();
     assert_eq!(&body[1..body.len() - 1], &stored[..]);
 }
 
@@ -764,7 +764,7 @@ fn by_refs_keeps_order_applies_filter_and_fields() {
 #[test]
 fn memory_estimate_counts_bodies() {
     let ix = catalog();
-    let bodies: usize = ix.entities().map(|e| e.body.len()).sum();
+    let bodies: usize = ix.entities().map(|e| e.body_held_bytes()).sum();
     assert!(ix.approximate_memory_bytes() > bodies);
     assert_eq!(ix.len(), 6);
     assert_eq!(ix.generation(), 1);
@@ -1327,7 +1327,7 @@ fn several_order_fields_sort_like_one_comparator() {
     let ix = many(500);
     let es: Vec<Value> = ix
         .entities()
-        .map(|e| serde_json::from_slice(&e.body).unwrap())
+        .map(|e| serde_json::from_slice(&e.body()).unwrap())
         .collect();
     let fields = [
         "spec.type",
@@ -1461,7 +1461,7 @@ fn by_refs_one_index_each(qs: &str, body: &[u8], found: &[Option<Arc<Entity>>]) 
                     .is_none_or(|q| q.eval(&one, &b).unwrap().contains(0))
         });
         match accepted {
-            Some(e) => super::fields::write_entity(&e.body, fields.as_deref(), &mut out),
+            Some(e) => super::fields::write_entity(&e.body(), fields.as_deref(), &mut out),
             None => out.extend_from_slice(b"null"),
         }
     }
@@ -1474,7 +1474,7 @@ fn by_refs_filters_once_against_the_generation_with_the_same_bytes() {
     let ix = many(400);
     // A revalidated copy the generation does not hold: checked on its own.
     let mut newer: Value =
-        serde_json::from_slice(&ix.by_ref("component:default/svc-5").unwrap().body).unwrap();
+        serde_json::from_slice(&ix.by_ref("component:default/svc-5").unwrap().body()).unwrap();
     newer["spec"]["type"] = json!("service");
     newer["metadata"]["tags"] = json!(["kotlin"]);
     let newer = entity(newer);

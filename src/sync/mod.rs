@@ -877,6 +877,9 @@ impl Syncer {
         let applied = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             let result = mirror.apply(&diff, confirmed, "sync")?;
+            // The diff holds the upstream's copies of changed entities:
+            // freed before the index packs its own.
+            drop(diff);
             let applied_in = t.elapsed();
             let index = Index::build(result.0.id, next, &limits);
             // Install the new generation only once it can answer queries:
@@ -887,6 +890,7 @@ impl Syncer {
                 fetch_seconds = fetched_in.as_secs_f64(),
                 apply_seconds = applied_in.as_secs_f64(),
                 index_seconds = (t.elapsed() - applied_in).as_secs_f64(),
+                index_bytes = index.approximate_memory_bytes(),
                 "sync phases"
             );
             Ok::<_, MirrorError>((result, index))
