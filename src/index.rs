@@ -738,6 +738,9 @@ fn build_inverted(entities: &[Arc<Entity>], abandoned: &AtomicBool) -> Option<In
     build_inverted_in_runs(entities, abandoned, RUN_DOCUMENTS)
 }
 
+/// One run's postings: every key its documents hold, with their postings.
+type Run = Map<Box<str>, KeyPostings>;
+
 /// `build_inverted`, indexing `run_documents` documents at a time.
 fn build_inverted_in_runs(
     entities: &[Arc<Entity>],
@@ -751,7 +754,7 @@ fn build_inverted_in_runs(
         .unwrap_or(1)
         .clamp(1, 8);
     let chunk = entities.len().div_ceil(threads).max(run_documents);
-    let parts: Vec<Option<Vec<Map<Box<str>, KeyPostings>>>> = std::thread::scope(|scope| {
+    let parts: Vec<Option<Vec<Run>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = entities
             .chunks(chunk)
             .enumerate()

@@ -805,7 +805,7 @@ impl ReadPath {
             if let Some((entity, confirmed)) = &found {
                 if suspect && confirmed.origin_at <= at && !self.is_fresh(confirmed) {
                     let held = Held::Copy {
-                        answer: self.entity_answer(&entity.body, confirmed),
+                        answer: self.entity_answer(entity.body(), confirmed),
                         confirmed: confirmed.clone(),
                     };
                     return self.without_upstream(held, &UpstreamError::Untrusted(DOUBTED.into()));
