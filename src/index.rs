@@ -837,7 +837,7 @@ fn index_part(
     base: usize,
     run_documents: usize,
     abandoned: &AtomicBool,
-) -> Option<Vec<Map<Box<str>, KeyPostings>>> {
+) -> Option<Vec<Run>> {
     let mut runs = Vec::with_capacity(entities.len().div_ceil(run_documents));
     for (i, run) in entities.chunks(run_documents).enumerate() {
         let keys = index_run(run, (base + i * run_documents) as u32, abandoned)?;
