@@ -711,8 +711,14 @@ async fn auth(State(app): State<App>, req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-async fn apply_faults(State(app): State<App>, req: Request, next: Next) -> Response {
+async fn apply_faults(State(app): State<App>, mut req: Request, next: Next) -> Response {
     let faults = app.faults.get();
+    if faults.malformed || faults.truncated {
+        // These faults break bodies, and a 304 has none: the conditional
+        // shortcut is refused while they hold, so that every answer the
+        // sidecar can ask for is broken (the chaos bounds rely on it).
+        req.headers_mut().remove(header::IF_NONE_MATCH);
+    }
     let method = req.method().clone();
     let url = relative_url(req.uri());
     let html = faults.wrong_content_type || faults.html_for(req.uri().path());

@@ -33,16 +33,18 @@ pub struct Faults {
     pub black_hole: bool,
     /// Milliseconds added before every answer.
     pub latency: Option<u64>,
-    /// Trickle bodies slowly.
+    /// Trickle bodies slowly; a body-less answer (a 304) is held for as
+    /// long as its headers would take at the same rate.
     pub slow_body: Option<SlowBody>,
     /// Fraction (0..=1) of requests answered 500 or 503, from a seeded RNG.
     pub error_rate: f64,
     /// Answer every request 429 with this `Retry-After` (seconds).
     pub too_many_requests: Option<u64>,
     /// Send bodies that are not valid JSON (with matching Content-Length).
+    /// `If-None-Match` is ignored meanwhile (no body-less 304 escapes it).
     pub malformed: bool,
     /// Announce the full Content-Length, send half the body, drop the
-    /// connection.
+    /// connection. `If-None-Match` is ignored meanwhile, as for `malformed`.
     pub truncated: bool,
     /// Answer 200 with a `text/html` page instead of JSON.
     pub wrong_content_type: bool,

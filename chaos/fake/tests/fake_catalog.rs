@@ -989,6 +989,43 @@ async fn slow_body_holds_a_bodyless_304_as_long_as_its_headers_take() {
 }
 
 #[tokio::test]
+async fn body_breaking_faults_refuse_the_304_shortcut() {
+    let h = start(5).await;
+    let url = format!(
+        "{}/entities/by-query?limit=2&fields=metadata.uid",
+        h.base_url()
+    );
+    let r = client().get(&url).send().await.unwrap();
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let again = || client().get(&url).header("if-none-match", etag.as_str());
+    assert_eq!(again().send().await.unwrap().status(), 304);
+
+    h.set_faults(Faults {
+        malformed: true,
+        ..Faults::default()
+    });
+    let r = again().send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "a 304 would slip through a malformed fault"
+    );
+    assert!(serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).is_err());
+
+    h.set_faults(Faults {
+        truncated: true,
+        ..Faults::default()
+    });
+    let r = again().send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "a 304 would slip through a truncated fault"
+    );
+    assert!(r.bytes().await.is_err(), "the body must end early");
+}
+
+#[tokio::test]
 async fn flap_alternates_between_refused_and_serving() {
     let h = start(5).await;
     put_faults(&h, json!({"flap": 60})).await;
