@@ -3,8 +3,11 @@
 //!
 //! Catalog entities repeat one another (keys, annotations, relation types,
 //! refs): one 1.4 KB body compresses to about a fifth with a dictionary, and
-//! the bodies were most of a large mirror's memory. `Index::build` trains a
-//! [`BodyCodec`] per generation and packs every body with it; reads unpack
+//! the bodies were most of a large mirror's memory. `Index::build` packs
+//! every body of a generation with one [`BodyCodec`]: the previous
+//! generation's when it still packs most of the bodies, else one trained on
+//! this generation (so a generation holds one codec, however many syncs came
+//! before it, and a sync does not pay for training); reads unpack
 //! (a few microseconds, one allocation of the exact size). Packing is
 //! lossless — a body read back is byte for byte what the upstream sent — and
 //! a body that does not shrink is kept as it is. Small generations (the
@@ -21,7 +24,7 @@ use zstd::zstd_safe::{CCtx, CDict, DCtx, DDict};
 pub const PACK_MIN_ENTITIES: usize = 1024;
 
 /// Size of the trained dictionary: large enough for a catalog's repeated
-/// structure; held once per generation.
+/// structure; held once per codec.
 const DICTIONARY_BYTES: usize = 64 * 1024;
 
 /// How many bodies (at most) the dictionary is trained on, taken evenly

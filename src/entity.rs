@@ -104,6 +104,14 @@ impl Entity {
         self.body.held_bytes()
     }
 
+    /// The codec that packs the body, if it is packed.
+    pub fn codec(&self) -> Option<&Arc<BodyCodec>> {
+        match &self.body {
+            Body::Plain(_) => None,
+            Body::Packed { codec, .. } => Some(codec),
+        }
+    }
+
     /// Whether `other` has the same body (compared as bytes, however each is
     /// held).
     pub fn same_body(&self, other: &Entity) -> bool {
@@ -111,11 +119,13 @@ impl Entity {
     }
 
     /// This entity with its body packed by `codec` (or as it is, when
-    /// packing does not make it smaller).
+    /// packing does not make it smaller). A body packed by another codec is
+    /// unpacked and packed again, so that the result holds `codec` alone.
     pub fn packed(&self, codec: &Arc<BodyCodec>) -> Entity {
         let body = match &self.body {
             Body::Plain(plain) => Body::pack(plain, codec),
-            packed @ Body::Packed { .. } => packed.clone(),
+            Body::Packed { codec: own, .. } if Arc::ptr_eq(own, codec) => self.body.clone(),
+            other @ Body::Packed { .. } => Body::pack(&other.bytes(), codec),
         };
         Entity {
             uid: self.uid.clone(),

@@ -877,20 +877,34 @@ fn index_run(
     Some(keys)
 }
 
-/// The entities with their bodies packed by a codec trained on them (see
-/// `codec`), on up to as many threads as the inverted build uses; as they
-/// are when there are too few to train on.
+/// The entities with their bodies packed by one codec, on up to as many
+/// threads as the inverted build uses; as they are when there are too few
+/// to train on.
+///
+/// The codec is the one that already packs more than half of them (the
+/// previous generation's, when a sync changed less than half the bodies):
+/// the bodies it packs are kept as they are, the rest are packed with it.
+/// Only when no codec packs most of them (the first generation after a
+/// start, or a sync that replaced most of the catalog) is a new one
+/// trained. So a generation holds exactly one codec, whatever the
+/// generations before it held: training one per generation and keeping
+/// unchanged bodies as they were packed left every past generation's codec
+/// alive (about 0.5 MiB each) in the bodies it had packed, and memory grew
+/// with every sync.
 fn pack_bodies(entities: Vec<Arc<Entity>>) -> Vec<Arc<Entity>> {
     if entities.len() < PACK_MIN_ENTITIES {
         return entities;
     }
-    let trained = {
-        let bodies: Vec<Bytes> = entities.iter().map(|e| e.body()).collect();
-        let slices: Vec<&[u8]> = bodies.iter().map(|b| &b[..]).collect();
-        BodyCodec::train(&slices)
-    };
-    let Some(codec) = trained else {
-        return entities;
+    let codec = match dominant_codec(&entities) {
+        Some(codec) => codec,
+        None => {
+            let bodies: Vec<Bytes> = entities.iter().map(|e| e.body()).collect();
+            let slices: Vec<&[u8]> = bodies.iter().map(|b| &b[..]).collect();
+            match BodyCodec::train(&slices) {
+                Some(codec) => codec,
+                None => return entities,
+            }
+        }
     };
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -904,7 +918,10 @@ fn pack_bodies(entities: Vec<Arc<Entity>>) -> Vec<Arc<Entity>> {
             .map(|run| {
                 scope.spawn(move || {
                     run.iter()
-                        .map(|e| Arc::new(e.packed(codec)))
+                        .map(|e| match e.codec() {
+                            Some(own) if Arc::ptr_eq(own, codec) => e.clone(),
+                            _ => Arc::new(e.packed(codec)),
+                        })
                         .collect::<Vec<_>>()
                 })
             })
@@ -914,6 +931,23 @@ fn pack_bodies(entities: Vec<Arc<Entity>>) -> Vec<Arc<Entity>> {
             .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     })
+}
+
+/// The codec that packs more than half of `entities`, if one does.
+fn dominant_codec(entities: &[Arc<Entity>]) -> Option<Arc<BodyCodec>> {
+    // A handful of codecs at most: a list beats a map.
+    let mut counts: Vec<(&Arc<BodyCodec>, usize)> = Vec::new();
+    for codec in entities.iter().filter_map(|e| e.codec()) {
+        match counts.iter_mut().find(|(c, _)| Arc::ptr_eq(c, codec)) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((codec, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|&(_, n)| n)
+        .filter(|&(_, n)| n * 2 > entities.len())
+        .map(|(c, _)| c.clone())
 }
 
 /// The order of one field's values over all documents of a generation.
@@ -1639,6 +1673,86 @@ mod tests {
         }
         let copy = Entity::from_json(index.entity(5).body()).unwrap();
         assert_eq!(index.doc_of(&copy), Some(5));
+    }
+
+    /// Every codec the packed bodies of `index` hold, once each.
+    fn codecs(index: &Index) -> Vec<Arc<crate::codec::BodyCodec>> {
+        let mut out: Vec<Arc<crate::codec::BodyCodec>> = Vec::new();
+        for c in index.entities().filter_map(|e| e.codec()) {
+            if !out.iter().any(|o| Arc::ptr_eq(o, c)) {
+                out.push(c.clone());
+            }
+        }
+        out
+    }
+
+    fn edited(e: &Entity) -> Arc<Entity> {
+        let mut v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        v["metadata"]["etag"] = json!("edited");
+        v["metadata"]["description"] = json!("changed by a sync");
+        Arc::new(Entity::from_json(bytes::Bytes::from(v.to_string())).unwrap())
+    }
+
+    #[test]
+    fn a_generation_holds_one_codec_however_many_came_before() {
+        let limits = IndexLimits::default();
+        let first = Index::build(1, mixed(crate::codec::PACK_MIN_ENTITIES + 100), &limits);
+        let kept = codecs(&first);
+        assert_eq!(kept.len(), 1);
+        // Ten syncs, each editing a different 20 entities: the unchanged
+        // bodies are the previous generation's, the edited ones plain.
+        let mut current = first;
+        for round in 0..10 {
+            let next: Vec<Arc<Entity>> = current
+                .entities()
+                .enumerate()
+                .map(|(i, e)| {
+                    if i / 20 == round {
+                        edited(e)
+                    } else {
+                        e.clone()
+                    }
+                })
+                .collect();
+            let built = Index::build(round as u64 + 2, next, &limits);
+            let held = codecs(&built);
+            assert_eq!(held.len(), 1, "round {round}");
+            assert!(Arc::ptr_eq(&held[0], &kept[0]), "round {round}: retrained");
+            // Unchanged bodies are not copied.
+            assert!(Arc::ptr_eq(
+                current.entities().last().unwrap(),
+                built.entities().last().unwrap()
+            ));
+            current = built;
+        }
+        for (i, e) in current.entities().enumerate() {
+            let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+            assert_eq!(v["metadata"]["etag"] == "edited", i < 200, "entity {i}");
+        }
+    }
+
+    #[test]
+    fn a_generation_packed_by_no_one_codec_is_repacked_with_a_new_one() {
+        let limits = IndexLimits::default();
+        let n = crate::codec::PACK_MIN_ENTITIES + 100;
+        let a = Index::build(1, mixed(n), &limits);
+        let ca = codecs(&a);
+        // Half packed by one codec, half by another: neither is kept.
+        let other = Index::build(3, mixed(n).iter().map(|e| edited(e)).collect(), &limits);
+        let half: Vec<Arc<Entity>> = a
+            .entities()
+            .take(n / 2)
+            .chain(other.entities().skip(n / 2))
+            .cloned()
+            .collect();
+        let sent: Vec<bytes::Bytes> = half.iter().map(|e| e.body()).collect();
+        let mixed_gen = Index::build(4, half, &limits);
+        let held = codecs(&mixed_gen);
+        assert_eq!(held.len(), 1);
+        assert!(!Arc::ptr_eq(&held[0], &ca[0]) && !Arc::ptr_eq(&held[0], &codecs(&other)[0]));
+        for (e, body) in mixed_gen.entities().zip(&sent) {
+            assert_eq!(e.body(), *body);
+        }
     }
 
     static GATE: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());

@@ -29,7 +29,7 @@ use crate::scenario::{
     Timings, Verdict, ADMIN_TOKEN,
 };
 use load::{Load, Shared, KINDS};
-use resources::{pooled_slope, segments, Row};
+use resources::{floors, pooled_slope, segments, Row};
 
 /// What the operator asked for.
 #[derive(Debug, Clone)]
@@ -648,7 +648,7 @@ pub async fn run(opts: &SoakOptions) -> Result<Report, String> {
     let mut checks = Vec::new();
     read_checks(&mut checks, &findings, &timings);
     restart_checks(&mut checks, &soak.integrity);
-    flat_checks(&mut checks, &rows, warmup, rewarm);
+    flat_checks(&mut checks, &rows, warmup, rewarm, interval);
     table_checks(&mut checks, &rows);
     let total_classes = ran.len();
     let missed: Vec<&str> = ran
@@ -925,13 +925,26 @@ fn restart_checks(checks: &mut Vec<Check>, integrity: &[(Duration, String)]) {
     checks.push(c);
 }
 
-fn flat_checks(checks: &mut Vec<Check>, rows: &[Row], warmup: Duration, rewarm: Duration) {
+/// Samples per floor window: the slope is fitted on the lowest sample of
+/// each run of this many (see `resources::floors`).
+pub const FLOOR_SAMPLES: u32 = 10;
+
+fn flat_checks(
+    checks: &mut Vec<Check>,
+    rows: &[Row],
+    warmup: Duration,
+    rewarm: Duration,
+    interval: Duration,
+) {
     let window_min = rows
         .last()
         .map_or(0.0, |r| r.at.saturating_sub(warmup).as_secs_f64() / 60.0);
+    let floor_window = interval * FLOOR_SAMPLES;
     for f in FLAT {
         let metric = flat_metric(f.name);
-        let segs = segments(rows, metric, warmup, rewarm);
+        let samples = segments(rows, metric, warmup, rewarm);
+        let sampled: usize = samples.iter().map(Vec::len).sum();
+        let segs = floors(&samples, floor_window.as_secs_f64() / 60.0);
         let max = rows.iter().filter_map(metric).max().unwrap_or(0);
         let first = segs
             .first()
@@ -971,7 +984,9 @@ fn flat_checks(checks: &mut Vec<Check>, rows: &[Row], warmup: Duration, rewarm: 
                     format!("{}/min, max {}", show(bound), level(f.ceiling)),
                 );
                 c.notes.push(format!(
-                    "least-squares slope over {} samples from {} process(es), {:.1} min after the warm-up; {} → {}; the bound is {}/min or {} over the {:.1}-minute window, whichever is larger",
+                    "least-squares slope over the floors of {} samples (the lowest of each {}s, {} floors) from {} process(es), {:.1} min after the warm-up; floor {} → {}; the bound is {}/min or {} over the {:.1}-minute window, whichever is larger",
+                    sampled,
+                    floor_window.as_secs(),
                     s.points,
                     s.segments,
                     s.minutes,

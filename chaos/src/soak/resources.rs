@@ -7,7 +7,8 @@
 //! of `generations`, `read_through`, `audit`). The slope of a metric is
 //! fitted per sidecar process (a restart starts a new segment, with its
 //! own intercept), on the samples after the warm-up, so that a restart's
-//! drop in RSS does not pass for a downward trend.
+//! drop in RSS does not pass for a downward trend, and on each window's
+//! lowest sample (`floors`), so that passing peaks do not pass for growth.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -215,6 +216,44 @@ pub fn pooled_slope(segments: &[Vec<(f64, f64)>]) -> Option<Slope> {
     })
 }
 
+/// Each segment reduced to its floor: the lowest sample of every `window`
+/// minutes, counted from the segment's first sample, at that sample's time.
+/// A trailing window holding fewer than half the samples of a full one is
+/// left out (its minimum is taken over too few samples to compare).
+///
+/// A leak raises the floor; a passing peak (a sync's connections and
+/// tasks, a burst of client connections, a fault's retries) does not, so
+/// the slope is fitted on floors rather than on every sample.
+pub fn floors(segments: &[Vec<(f64, f64)>], window: f64) -> Vec<Vec<(f64, f64)>> {
+    segments
+        .iter()
+        .map(|seg| {
+            // (bucket, lowest sample, samples in the bucket)
+            let mut buckets: Vec<(i64, (f64, f64), usize)> = Vec::new();
+            let Some(start) = seg.first().map(|p| p.0) else {
+                return Vec::new();
+            };
+            for &(t, y) in seg {
+                let b = ((t - start) / window).floor() as i64;
+                match buckets.last_mut() {
+                    Some((last, low, n)) if *last == b => {
+                        *n += 1;
+                        if y < low.1 {
+                            *low = (t, y);
+                        }
+                    }
+                    _ => buckets.push((b, (t, y), 1)),
+                }
+            }
+            let full = buckets.iter().map(|b| b.2).max().unwrap_or(0);
+            if buckets.len() > 1 && buckets.last().is_some_and(|b| b.2 * 2 < full) {
+                buckets.pop();
+            }
+            buckets.into_iter().map(|b| b.1).collect()
+        })
+        .collect()
+}
+
 /// The samples of one metric, split into segments by sidecar process,
 /// keeping those at or after `warmup` and at least `rewarm` into their
 /// process's life. Time in minutes.
@@ -266,6 +305,31 @@ mod tests {
         all.extend(b);
         assert!(pooled_slope(&[all]).unwrap().per_minute < 0.0);
         assert!(pooled_slope(&[vec![(0.0, 1.0), (1.0, 2.0)]]).is_none());
+    }
+
+    #[test]
+    fn floors_ignore_passing_peaks_and_keep_a_rising_floor() {
+        // A flat floor of 40 with a peak of +30 in every third sample:
+        // a fit on every sample sees whatever the peaks' phase makes of
+        // them; the floors are flat.
+        let flat: Vec<(f64, f64)> = (0..60)
+            .map(|i| {
+                let t = i as f64 / 6.0;
+                (t, if i % 3 == 0 { 70.0 } else { 40.0 })
+            })
+            .collect();
+        let f = floors(std::slice::from_ref(&flat), 1.0);
+        assert_eq!(f[0].len(), 10);
+        assert!(f[0].iter().all(|p| p.1 == 40.0), "{f:?}");
+        assert_eq!(pooled_slope(&f).unwrap().per_minute, 0.0);
+        // A floor that rises 2 a minute under the same peaks.
+        let rising: Vec<(f64, f64)> = flat.iter().map(|&(t, y)| (t, y + 2.0 * t)).collect();
+        let s = pooled_slope(&floors(&[rising], 1.0)).unwrap();
+        assert!((s.per_minute - 2.0).abs() < 0.2, "{s:?}");
+        // A trailing window with under half a window's samples is dropped.
+        let short: Vec<(f64, f64)> = (0..13).map(|i| (i as f64 / 6.0, 1.0)).collect();
+        assert_eq!(floors(&[short], 1.0)[0].len(), 2);
+        assert!(floors(&[Vec::new()], 1.0)[0].is_empty());
     }
 
     #[test]
