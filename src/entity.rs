@@ -119,20 +119,21 @@ impl Entity {
     }
 
     /// This entity with its body packed by `codec` (or as it is, when
-    /// packing does not make it smaller). A body packed by another codec is
-    /// unpacked and packed again, so that the result holds `codec` alone.
-    pub fn packed(&self, codec: &Arc<BodyCodec>) -> Entity {
+    /// packing does not make it smaller): the same allocation when `codec`
+    /// already packs it; a body packed by another codec is unpacked and
+    /// packed again, so that the result holds `codec` alone.
+    pub fn packed(self: &Arc<Self>, codec: &Arc<BodyCodec>) -> Arc<Entity> {
         let body = match &self.body {
+            Body::Packed { codec: own, .. } if Arc::ptr_eq(own, codec) => return self.clone(),
             Body::Plain(plain) => Body::pack(plain, codec),
-            Body::Packed { codec: own, .. } if Arc::ptr_eq(own, codec) => self.body.clone(),
             other @ Body::Packed { .. } => Body::pack(&other.bytes(), codec),
         };
-        Entity {
+        Arc::new(Entity {
             uid: self.uid.clone(),
             entity_ref: self.entity_ref.clone(),
             etag: self.etag.clone(),
             body,
-        }
+        })
     }
 }
 

@@ -915,16 +915,7 @@ fn pack_bodies(entities: Vec<Arc<Entity>>) -> Vec<Arc<Entity>> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = entities
             .chunks(chunk)
-            .map(|run| {
-                scope.spawn(move || {
-                    run.iter()
-                        .map(|e| match e.codec() {
-                            Some(own) if Arc::ptr_eq(own, codec) => e.clone(),
-                            _ => Arc::new(e.packed(codec)),
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
+            .map(|run| scope.spawn(move || run.iter().map(|e| e.packed(codec)).collect::<Vec<_>>()))
             .collect();
         handles
             .into_iter()
