@@ -3,7 +3,8 @@
 //! shared read-only as `Arc<Index>` by the read path and `query`.
 //!
 //! Two halves: the lookup maps (by uid, by ref) are ready when `build`
-//! returns; the inverted query index is built on a background thread, so a
+//! returns; the inverted query index is built in the background (on the
+//! worker [`pool`](crate::pool)), so a
 //! restart or sync serves entity reads at once. Query functions block until
 //! it is complete — never answering from a partial one — and a build that
 //! panicked is redone by the next query (which fails again if it does).
@@ -39,11 +40,13 @@ use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use bytes::Bytes;
+use rayon::prelude::*;
 use roaring::RoaringBitmap;
 use serde_json::Value;
 
 use crate::codec::{BodyCodec, PACK_MIN_ENTITIES};
 use crate::entity::Entity;
+use crate::pool;
 use crate::query::budget::Budget;
 use crate::query::error::QueryError;
 
@@ -748,23 +751,14 @@ fn build_inverted_in_runs(
     run_documents: usize,
 ) -> Option<Inverted> {
     // Parsing and flattening dominate the build; runs of documents are
-    // indexed on separate threads and merged in document order.
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 8);
-    let chunk = entities.len().div_ceil(threads).max(run_documents);
-    let parts: Vec<Option<Vec<Run>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = entities
-            .chunks(chunk)
+    // indexed on the shared worker pool (see `pool`) and merged in
+    // document order. A panic in any run propagates here.
+    let chunk = entities.len().div_ceil(pool::threads()).max(run_documents);
+    let parts: Vec<Option<Vec<Run>>> = pool::run(|| {
+        entities
+            .par_chunks(chunk)
             .enumerate()
-            .map(|(i, part)| {
-                scope.spawn(move || index_part(part, i * chunk, run_documents, abandoned))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .map(|(i, part)| index_part(part, i * chunk, run_documents, abandoned))
             .collect()
     });
     // Every run's postings of a key, in document order, merged key by key.
@@ -877,8 +871,8 @@ fn index_run(
     Some(keys)
 }
 
-/// The entities with their bodies packed by one codec, on up to as many
-/// threads as the inverted build uses; as they are when there are too few
+/// The entities with their bodies packed by one codec, on the worker
+/// pool, as the inverted build is; as they are when there are too few
 /// to train on.
 ///
 /// The codec is the one that already packs more than half of them (the
@@ -906,20 +900,12 @@ fn pack_bodies(entities: Vec<Arc<Entity>>) -> Vec<Arc<Entity>> {
             }
         }
     };
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 8);
-    let chunk = entities.len().div_ceil(threads).max(1024);
+    let chunk = entities.len().div_ceil(pool::threads()).max(1024);
     let codec = &codec;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = entities
-            .chunks(chunk)
-            .map(|run| scope.spawn(move || run.iter().map(|e| e.packed(codec)).collect::<Vec<_>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    pool::run(|| {
+        entities
+            .par_chunks(chunk)
+            .flat_map_iter(|run| run.iter().map(|e| e.packed(codec)))
             .collect()
     })
 }
@@ -1066,8 +1052,8 @@ impl Slot {
 /// An immutable view of one mirror generation, indexed for queries.
 ///
 /// The lookup half (`by_uid`, `by_ref`, `entities`, `len`, `generation`) is
-/// ready when `build` returns; the inverted half is built on a background
-/// thread, and the crate's query functions block until it is ready (check
+/// ready when `build` returns; the inverted half is built on the worker
+/// pool, and the crate's query functions block until it is ready (check
 /// `is_query_ready` before calling them on an async worker).
 pub struct Index {
     generation: u64,
@@ -1102,7 +1088,7 @@ impl Index {
     /// no key. Duplicate uids keep the last entity.
     ///
     /// Returns once the lookup maps are built; the inverted query index is
-    /// built on a background thread (inline for small generations), so
+    /// built on the worker pool (inline for small generations), so
     /// restart and sync are not held up by it.
     pub fn build(generation: u64, entities: Vec<Arc<Entity>>, limits: &IndexLimits) -> Index {
         Index::build_with(generation, entities, limits, build_inverted)
@@ -1147,11 +1133,8 @@ impl Index {
             slot.run(&entities);
         } else {
             let (background, list) = (slot.clone(), entities.clone());
-            let spawned = std::thread::Builder::new()
-                .name("index-build".into())
-                .spawn(move || background.run(&list));
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "cannot start the query index build; the first query builds it");
+            if !pool::spawn(move || background.run(&list)) {
+                tracing::warn!("cannot start the query index build; the first query builds it");
                 *slot.state.lock().unwrap_or_else(|p| p.into_inner()) = BuildState::Failed;
             }
         }

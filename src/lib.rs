@@ -26,7 +26,8 @@
 //! - [`mirror`]: the SQLite file: generations, flags, audit, read-through store; [`snapshot`]:
 //!   export, import, seeding from a peer.
 //! - [`generation`]: the generation readers are served from, swapped atomically; [`index`]: its
-//!   in-memory query index, holding the bodies packed by [`codec`]; [`query`]: Backstage's query
+//!   in-memory query index, holding the bodies packed by [`codec`], built on the [`pool`] of
+//!   long-lived worker threads; [`query`]: Backstage's query
 //!   semantics over it (with [`query::filter`], [`query::predicate`], [`query::cursor`]).
 //! - [`sync`]: the sync loop, what a sync applies, and the mass-deletion guard.
 //! - [`read`]: the read path — `decide` is where fresh, ask, stale or refuse is decided;
@@ -56,6 +57,7 @@ pub mod history;
 pub mod index;
 pub mod metrics;
 pub mod mirror;
+pub mod pool;
 pub mod provenance;
 pub mod proxy;
 pub mod query;

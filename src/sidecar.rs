@@ -306,7 +306,8 @@ impl Sidecar {
 }
 
 /// Every second: expire time-limited overrides, follow the breaker's
-/// transitions into the audit trail and logs, refresh gauges.
+/// transitions into the audit trail and logs, refresh gauges, and run the
+/// metrics recorder's upkeep.
 async fn housekeeping(
     admin: AdminState,
     mirror: Arc<Mirror>,
@@ -326,6 +327,10 @@ async fn housekeeping(
                 }
                 admin.publish_gauges();
                 admin.history.tick(clock.now(), admin.generations.age(), admin.breaker.state());
+                // Drain the samples histograms buffer between renders: they
+                // are otherwise kept until `/metrics` is scraped, so an
+                // unscraped sidecar's memory grew with every request.
+                admin.prometheus.run_upkeep();
             }
             t = transitions.recv() => match t {
                 Ok(t) => {

@@ -296,11 +296,11 @@ async fn main() -> ExitCode {
                 weaken: args.weaken,
                 seed: args.seed,
             };
-            // Ctrl-C ends the run; dropping the lab kills its children by PID.
-            let report = tokio::select! {
-                r = soak::run(&opts) => r,
-                _ = tokio::signal::ctrl_c() => Err("interrupted".to_string()),
-            };
+            // Ctrl-C or SIGTERM ends the run; dropping the lab kills its
+            // children by their PIDs.
+            let report = until_signal(soak::run(&opts))
+                .await
+                .unwrap_or_else(|| Err("interrupted".to_string()));
             match report {
                 Ok(report) => {
                     print!("{}", soak::render(&report));

@@ -546,7 +546,7 @@ pub async fn run(opts: &SoakOptions) -> Result<Report, String> {
         pid: lab.sidecar.pid(),
         ready_at: Some(origin),
         restarts: 0,
-        fault: "none".into(),
+        fault: BASELINE.into(),
     }));
     let entities = lab.entities;
     let mut soak = Soak {
@@ -630,7 +630,7 @@ pub async fn run(opts: &SoakOptions) -> Result<Report, String> {
                 shared.now().as_secs_f64()
             ));
         }
-        lock(&status).fault = "none".into();
+        lock(&status).fault = BASELINE.into();
         let until = (started + slot).min(deadline);
         churn_until(&mut soak, until, &mut next_churn, &mut churn_failed).await;
     }
@@ -929,6 +929,10 @@ fn restart_checks(checks: &mut Vec<Check>, integrity: &[(Duration, String)]) {
 /// each run of this many (see `resources::floors`).
 pub const FLOOR_SAMPLES: u32 = 10;
 
+/// The fault column of the samples taken between faults (and before the
+/// first): the state the resource slopes are fitted in.
+pub const BASELINE: &str = "none";
+
 fn flat_checks(
     checks: &mut Vec<Check>,
     rows: &[Row],
@@ -940,9 +944,20 @@ fn flat_checks(
         .last()
         .map_or(0.0, |r| r.at.saturating_sub(warmup).as_secs_f64() / 60.0);
     let floor_window = interval * FLOOR_SAMPLES;
+    // Resources are compared in one state: the quiet seconds between two
+    // faults, with the upstream healthy. A fault sets its own level (a
+    // refused upstream drops the pooled connections and their tasks, a
+    // slow one holds more), so windows floored during different faults
+    // differ by what the fault did, not by growth; a leak raises the
+    // baseline as it raises everything.
+    let baseline: Vec<Row> = rows
+        .iter()
+        .filter(|r| r.fault == BASELINE)
+        .cloned()
+        .collect();
     for f in FLAT {
         let metric = flat_metric(f.name);
-        let samples = segments(rows, metric, warmup, rewarm);
+        let samples = segments(&baseline, metric, warmup, rewarm);
         let sampled: usize = samples.iter().map(Vec::len).sum();
         let segs = floors(&samples, floor_window.as_secs_f64() / 60.0);
         let max = rows.iter().filter_map(metric).max().unwrap_or(0);
@@ -984,7 +999,7 @@ fn flat_checks(
                     format!("{}/min, max {}", show(bound), level(f.ceiling)),
                 );
                 c.notes.push(format!(
-                    "least-squares slope over the floors of {} samples (the lowest of each {}s, {} floors) from {} process(es), {:.1} min after the warm-up; floor {} → {}; the bound is {}/min or {} over the {:.1}-minute window, whichever is larger",
+                    "least-squares slope over the floors of {} baseline samples (taken between faults; the lowest of each {}s, {} floors) from {} process(es), {:.1} min after the warm-up; floor {} → {}; the bound is {}/min or {} over the {:.1}-minute window, whichever is larger",
                     sampled,
                     floor_window.as_secs(),
                     s.points,
@@ -1102,6 +1117,53 @@ mod tests {
             default_warmup(Duration::from_secs(40)),
             Duration::from_secs(20)
         );
+    }
+
+    /// 30 minutes sampled every 6 s, one process, in 40 s fault slots
+    /// whose last 12 s are the baseline; `fds(minute, in_fault)` is the
+    /// open descriptors then.
+    fn fds_rows(fds: impl Fn(f64, bool) -> u64) -> Vec<Row> {
+        (1..=300u64)
+            .map(|i| {
+                let at = Duration::from_secs(i * 6);
+                let in_fault = (i * 6) % 40 < 28;
+                Row {
+                    at,
+                    fault: if in_fault { "refuse" } else { BASELINE }.into(),
+                    process_age: Some(at),
+                    fds: Some(fds(at.as_secs_f64() / 60.0, in_fault)),
+                    ..Row::default()
+                }
+            })
+            .collect()
+    }
+
+    fn fds_verdict(rows: &[Row]) -> Verdict {
+        let mut checks = Vec::new();
+        let minute = Duration::from_secs(60);
+        flat_checks(
+            &mut checks,
+            rows,
+            5 * minute,
+            2 * minute,
+            Duration::from_secs(6),
+        );
+        checks
+            .into_iter()
+            .find(|c| c.name == "flat fds")
+            .map(|c| c.verdict)
+            .unwrap()
+    }
+
+    #[test]
+    fn resources_are_judged_between_faults_where_a_leak_still_shows() {
+        // A fault that drops five pooled connections, in a rotation whose
+        // windows catch it unevenly, is not growth ...
+        let flat = fds_rows(|_, in_fault| if in_fault { 24 } else { 29 });
+        assert_eq!(fds_verdict(&flat), Verdict::Pass);
+        // ... a descriptor leaked a minute is, in every state.
+        let leak = fds_rows(|min, in_fault| (min as u64) + if in_fault { 24 } else { 29 });
+        assert_eq!(fds_verdict(&leak), Verdict::Fail);
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! own intercept), on the samples after the warm-up, so that a restart's
 //! drop in RSS does not pass for a downward trend, and on each window's
 //! lowest sample (`floors`), so that passing peaks do not pass for growth.
+//! The caller passes only the samples taken between faults (see
+//! `soak::BASELINE`), so every fitted sample is taken in the same state.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
