@@ -4,10 +4,10 @@
 //!
 //! Two halves: the lookup maps (by uid, by ref) are ready when `build`
 //! returns; the inverted query index is built in the background (on the
-//! worker [`pool`](crate::pool)), so a
-//! restart or sync serves entity reads at once. Query functions block until
-//! it is complete — never answering from a partial one — and a build that
-//! panicked is redone by the next query (which fails again if it does).
+//! worker [`pool`](crate::pool)), so a restart or sync serves entity reads
+//! at once. Query functions block until it is complete — never answering
+//! from a partial one — and a build that panicked is redone by the next
+//! query (which fails again if it does).
 //!
 //! Design: document ids are positions in the entity list sorted by uid, so
 //! "order by uid" (Backstage's default) is id order. Each entity is flattened
