@@ -32,7 +32,7 @@ fn pool() -> Option<&'static ThreadPool> {
         match built {
             Ok(pool) => Some(pool),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot start the worker pool; CPU-bound work runs on the calling thread");
+                tracing::warn!(error = %e, "cannot start the worker pool; CPU-bound work falls back to the calling thread and rayon's global pool");
                 None
             }
         }
@@ -49,8 +49,9 @@ pub fn threads() -> usize {
 }
 
 /// Runs `work` (which may use rayon's parallel iterators) on the pool and
-/// waits for it; without a pool, on the calling thread. A panic in `work`
-/// propagates to the caller.
+/// waits for it. Without a pool, `work` starts on the calling thread and
+/// its parallel iterators fall back to rayon's global pool. A panic in
+/// `work` propagates to the caller.
 pub fn run<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     match pool() {
         Some(pool) => pool.install(work),
